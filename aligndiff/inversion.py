@@ -1,0 +1,291 @@
+"""Normalized masked textual inversion: learn one token embedding from a few image+mask shots.
+
+The prompt is "a photo of a <tok> {name}", with <tok> initialized from an adjective so the noun
+keeps the concept even when the object is small. The loss averages the denoising error over
+foreground and background latent pixels separately (that is the normalization) and weights the
+background by λ_bg. Images are fixed, so their VAE latents are computed once per image and flip;
+only the new token vector is a parameter, so a step is one text-encoder and one UNet pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from aligndiff.conditioning import encode_prompts
+from aligndiff.masks import BoolMask
+from aligndiff.models.diffusion import DiffusionModel
+from aligndiff.prompts import INITIALIZER_WORD, inversion_prompt, inversion_token, tokenize_prompts
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """Inversion hyper-parameters. The defaults are the reference's."""
+
+    steps: int = 500
+    batch_size: int = 4
+    gradient_accumulation: int = 2
+    learning_rate: float = 5e-4
+    weight_decay: float = 1e-2
+    lambda_bg: float = 0.6
+    mask_threshold: float = 0.3
+    flip: bool = True
+    resolution: int | None = None  # None: the model's native resolution
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.gradient_accumulation < 1:
+            raise ValueError("steps, batch_size and gradient_accumulation must be >= 1")
+        if self.lambda_bg < 0:
+            raise ValueError("lambda_bg must be >= 0")
+        if not 0 <= self.mask_threshold < 1:
+            raise ValueError("mask_threshold must be in [0, 1)")
+
+    @classmethod
+    def tiny(cls) -> InversionConfig:
+        """Scaled-down defaults for the tiny random model."""
+        return cls(steps=20, batch_size=2, gradient_accumulation=1, learning_rate=5e-3)
+
+
+@dataclass
+class InversionResult:
+    token: str
+    embedding: torch.Tensor  # (D,) float32, on the CPU
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+
+
+def masked_diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, foreground: torch.Tensor, lambda_bg: float
+) -> torch.Tensor:
+    """mean over images of [mean SE over fg pixels + λ_bg · mean SE over bg pixels].
+
+    `prediction`/`target`: (B, C, h, w); `foreground`: (B, h, w) bool. The squared error is
+    averaged over channels, then over each region on its own; an empty region adds 0.
+    """
+    error = (prediction.float() - target.float()).pow(2).mean(dim=1)
+    fg = foreground.float()
+    bg = 1.0 - fg
+    fg_term = (error * fg).sum(dim=(1, 2)) / fg.sum(dim=(1, 2)).clamp_min(1.0)
+    bg_term = (error * bg).sum(dim=(1, 2)) / bg.sum(dim=(1, 2)).clamp_min(1.0)
+    return (fg_term + lambda_bg * bg_term).mean()
+
+
+@dataclass
+class InversionData:
+    """Shots encoded once: VAE posterior parameters and latent-size masks, per image and flip."""
+
+    latent_mean: torch.Tensor  # (N, 4, h, w)
+    latent_std: torch.Tensor  # (N, 4, h, w)
+    foreground: torch.Tensor  # (N, h, w) bool
+
+
+def latent_masks(masks: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """Masks (N, H, W) → latent-size foreground (N, h, w): nearest, then > threshold.
+
+    An object so small that nearest sampling misses it falls back to "any foreground in the
+    cell" (max pooling), so no shot loses its foreground term.
+    """
+    soft = masks.float()[:, None]
+    nearest = F.interpolate(soft, size=size, mode="nearest")[:, 0] > threshold
+    pooled = F.adaptive_max_pool2d(soft, size)[:, 0] > threshold
+    empty = ~nearest.flatten(1).any(dim=1)
+    return torch.where(empty[:, None, None], pooled, nearest)
+
+
+@torch.no_grad()
+def encode_shots(
+    model: DiffusionModel,
+    images: Sequence[npt.NDArray[np.uint8]],
+    masks: Sequence[BoolMask],
+    *,
+    resolution: int,
+    flip: bool,
+    mask_threshold: float,
+) -> InversionData:
+    """Resize shots to the training resolution and VAE-encode them (and their flips) once."""
+    pixels = (
+        torch.stack(
+            [
+                torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1)
+                for img in _resized(images, resolution)
+            ]
+        ).float()
+        / 127.5
+        - 1.0
+    )
+    mask_tensor = torch.stack(
+        [torch.from_numpy(m.astype(np.float32)) for m in _resized_masks(masks, resolution)]
+    )
+    if flip:
+        pixels = torch.cat([pixels, pixels.flip(-1)])
+        mask_tensor = torch.cat([mask_tensor, mask_tensor.flip(-1)])
+    posterior = model.vae.encode(pixels.to(model.device, model.dtype)).latent_dist
+    latent_size = tuple(posterior.mean.shape[-2:])
+    return InversionData(
+        latent_mean=posterior.mean.float(),
+        latent_std=posterior.std.float(),
+        foreground=latent_masks(mask_tensor, latent_size, mask_threshold).to(model.device),  # type: ignore[arg-type]
+    )
+
+
+def _resized(images: Sequence[npt.NDArray[np.uint8]], size: int) -> list[npt.NDArray[np.uint8]]:
+    return [
+        np.asarray(
+            Image.fromarray(img).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        )
+        for img in images
+    ]
+
+
+def _resized_masks(masks: Sequence[BoolMask], size: int) -> list[BoolMask]:
+    return [
+        np.asarray(
+            Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
+        )
+        >= 128
+        for m in masks
+    ]
+
+
+class InversionObjective:
+    """The loss of a candidate token vector on a batch of cached shots (differentiable)."""
+
+    def __init__(
+        self, model: DiffusionModel, data: InversionData, *, class_name: str, lambda_bg: float
+    ):
+        self.model = model
+        self.data = data
+        self.lambda_bg = lambda_bg
+        self.tokens = tokenize_prompts(model.tokenizer, [inversion_prompt(class_name)], class_name)
+        self.prediction_type = model.scheduler.config.get("prediction_type", "epsilon")
+
+    def loss(
+        self,
+        embedding: torch.Tensor,
+        indices: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        latent_noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """Loss for shots `indices` at `timesteps` with diffusion `noise` (all (B, …))."""
+        model, data = self.model, self.data
+        device = model.device
+        indices = indices.to(device)
+        latents = data.latent_mean[indices] + data.latent_std[indices] * latent_noise.to(device)
+        latents = latents * model.vae.config.scaling_factor
+        noise = noise.to(device)
+        timesteps = timesteps.to(device)
+        noisy = model.scheduler.add_noise(latents, noise, timesteps)
+        states = encode_prompts(model.text_encoder, self.tokens, embedding.to(model.dtype))
+        states = states.expand(len(indices), -1, -1)
+        prediction = model.unet(
+            noisy.to(model.dtype), timesteps, encoder_hidden_states=states
+        ).sample
+        if self.prediction_type == "v_prediction":
+            target = model.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return masked_diffusion_loss(prediction, target, data.foreground[indices], self.lambda_bg)
+
+
+def initial_embedding(model: DiffusionModel) -> torch.Tensor:
+    """The initializer word's input embedding (a copy), shape (D,)."""
+    (token_id,) = model.tokenizer(INITIALIZER_WORD, add_special_tokens=False).input_ids
+    return model.text_encoder.get_input_embeddings().weight[token_id].detach().float().clone()
+
+
+def invert(
+    model: DiffusionModel,
+    images: Sequence[npt.NDArray[np.uint8]],
+    masks: Sequence[BoolMask],
+    *,
+    class_name: str,
+    config: InversionConfig,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> InversionResult:
+    """Learn the class token from shots (RGB uint8 images and boolean masks, paired).
+
+    Raises ValueError on unusable input (no shots, unpaired lists, a mask without foreground)
+    before any work is done. Nothing of `model` is modified.
+    """
+    if not images:
+        raise ValueError("at least one shot is needed")
+    if len(images) != len(masks):
+        raise ValueError(f"{len(images)} images but {len(masks)} masks")
+    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        if image.shape[:2] != mask.shape:
+            raise ValueError(f"shot {i}: mask {mask.shape} does not match image {image.shape[:2]}")
+        if not mask.any():
+            raise ValueError(f"shot {i}: the mask has no foreground pixel")
+    resolution = config.resolution or model.default_resolution
+    data = encode_shots(
+        model,
+        images,
+        masks,
+        resolution=resolution,
+        flip=config.flip,
+        mask_threshold=config.mask_threshold,
+    )
+    objective = InversionObjective(model, data, class_name=class_name, lambda_bg=config.lambda_bg)
+    embedding = torch.nn.Parameter(initial_embedding(model).to(model.device))
+    optimizer = torch.optim.AdamW(
+        [embedding], lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.steps))
+    )
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    num_train_timesteps = model.scheduler.config.num_train_timesteps
+    shape = tuple(data.latent_mean.shape[1:])
+    result = InversionResult(token=inversion_token(class_name), embedding=embedding.detach())
+    for step in range(config.steps):
+        if should_stop is not None and should_stop():
+            break
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(config.gradient_accumulation):
+            # Indices span images and their flips: image and mask are flipped together.
+            indices = torch.randint(
+                0, len(data.latent_mean), (config.batch_size,), generator=generator
+            )
+            noise = torch.randn((config.batch_size, *shape), generator=generator)
+            latent_noise = torch.randn((config.batch_size, *shape), generator=generator)
+            timesteps = torch.randint(
+                0, num_train_timesteps, (config.batch_size,), generator=generator
+            )
+            loss = objective.loss(embedding, indices, noise, timesteps, latent_noise)
+            (loss / config.gradient_accumulation).backward()
+            total += loss.item() / config.gradient_accumulation
+        optimizer.step()
+        scheduler.step()
+        result.losses.append(total)
+        if progress is not None:
+            progress(step + 1, config.steps)
+    result.embedding = embedding.detach().float().cpu().clone()
+    return result
+
+
+def save_embedding(path: Path, token: str, embedding: torch.Tensor) -> None:
+    """Write `{token: (1, D) tensor}` safetensors: diffusers' `load_textual_inversion` format."""
+    save_file({token: embedding.detach().float().cpu().reshape(1, -1).contiguous()}, str(path))
+
+
+def load_embedding(path: Path) -> tuple[str, torch.Tensor]:
+    """Read an embedding written by `save_embedding`: (token, (D,) tensor)."""
+    state = load_file(str(path))
+    if len(state) != 1:
+        raise ValueError(f"{path} holds {len(state)} tensors; expected one learned token")
+    ((token, tensor),) = state.items()
+    return token, tensor.reshape(-1)

@@ -1,0 +1,164 @@
+"""Prompts: the sampling prompt bank, per-sample seeds, and tokenization with token spans.
+
+The class-name span (which token positions spell {name}) is what the coarse mask reads from the
+cross-attention; the placeholder slot is where the learned inversion embedding is substituted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import CLIPTokenizer
+
+PromptKind = Literal["inversion", "text"]
+
+INITIALIZER_WORD = "good"
+
+
+def inversion_token(class_name: str) -> str:
+    """The learned token's text, e.g. `<samarra-mosque>` (the key in embedding.safetensors)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", class_name.lower()).strip("-") or "class"
+    return f"<{slug}>"
+
+
+def inversion_prompt(class_name: str) -> str:
+    """The prompt the inversion token is learned with, and inversion samples are drawn from.
+
+    After `pipe.load_textual_inversion(embedding)` the same string works in diffusers.
+    """
+    return f"a photo of a {inversion_token(class_name)} {class_name}"
+
+
+def text_prompt(class_name: str) -> str:
+    return f"a photo of a {class_name}"
+
+
+def derive_seed(class_seed: int, index: int) -> int:
+    """The seed of sample `index`: a stable 63-bit hash of (class seed, index).
+
+    It depends on nothing else (not the batch, worker or device), so any sample can be
+    regenerated on its own.
+    """
+    digest = hashlib.blake2b(f"{class_seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What sample `index` of a class is drawn from."""
+
+    index: int
+    prompt: str
+    prompt_kind: PromptKind
+    seed: int
+
+
+def prompt_bank(
+    class_name: str,
+    *,
+    num_samples: int,
+    class_seed: int,
+    prompts: Sequence[str] = (),
+) -> list[SampleSpec]:
+    """Half the samples from the inversion prompt (even indices), half from text (odd).
+
+    Text samples cycle through the user's prompts, or use "a photo of a {name}" when none are
+    given. A user prompt must mention the class name: its tokens are where the mask comes from.
+    """
+    if num_samples < 1:
+        raise ValueError("num_samples must be at least 1")
+    for prompt in prompts:
+        find_name(prompt, class_name)
+    texts = list(prompts) or [text_prompt(class_name)]
+    specs = []
+    for index in range(num_samples):
+        if index % 2 == 0:
+            prompt, kind = inversion_prompt(class_name), "inversion"
+        else:
+            prompt, kind = texts[(index // 2) % len(texts)], "text"
+        specs.append(SampleSpec(index, prompt, kind, derive_seed(class_seed, index)))  # type: ignore[arg-type]
+    return specs
+
+
+def find_name(prompt: str, class_name: str) -> tuple[int, int]:
+    """(start, end) character span of the class name in a prompt, as whole words."""
+    pattern = r"(?<!\w)" + re.escape(class_name.strip()) + r"(?!\w)"
+    match = re.search(pattern, prompt, flags=re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"prompt {prompt!r} does not mention the class name {class_name!r}")
+    return match.span()
+
+
+@dataclass(frozen=True)
+class TokenizedPrompts:
+    """A batch of prompts as CLIP input ids plus per-position masks."""
+
+    input_ids: torch.Tensor  # (B, 77) long
+    name_mask: torch.Tensor  # (B, 77) bool: the class-name tokens
+    placeholder_mask: torch.Tensor  # (B, 77) bool: the inversion token slot (at most one)
+
+
+def tokenize_prompts(
+    tokenizer: CLIPTokenizer, prompts: Sequence[str], class_name: str
+) -> TokenizedPrompts:
+    """Tokenize prompts, locating the class-name tokens and the inversion token's slot.
+
+    The placeholder is tokenized as the initializer word ("good"): its embedding row is then
+    replaced by the learned one. The tokenizer is never modified, so a process serving many
+    classes keeps a constant vocabulary.
+    """
+    initializer_ids = tokenizer(INITIALIZER_WORD, add_special_tokens=False).input_ids
+    if len(initializer_ids) != 1:
+        raise ValueError(f"initializer {INITIALIZER_WORD!r} is not a single token")
+    length = tokenizer.model_max_length
+    placeholder = inversion_token(class_name)
+    rows, names, slots = [], [], []
+    for prompt in prompts:
+        before, rest = prompt, ""
+        has_placeholder = placeholder in prompt
+        if has_placeholder:
+            before, rest = prompt.split(placeholder, 1)
+        pieces: list[tuple[str, str]] = []  # (text, role)
+        for text, in_rest in ((before, False), (rest, True)):
+            try:
+                start, end = find_name(text, class_name)
+            except ValueError:
+                pieces.append((text, "plain"))
+            else:
+                pieces += [
+                    (text[:start], "plain"),
+                    (text[start:end], "name"),
+                    (text[end:], "plain"),
+                ]
+            if has_placeholder and not in_rest:
+                pieces.append((INITIALIZER_WORD, "placeholder"))
+        ids = [tokenizer.bos_token_id]
+        roles = ["special"]
+        for text, role in pieces:
+            if not text.strip():
+                continue
+            piece_ids = tokenizer(text, add_special_tokens=False).input_ids
+            ids += piece_ids
+            roles += [role] * len(piece_ids)
+        if "name" not in roles:
+            raise ValueError(f"prompt {prompt!r} does not mention the class name {class_name!r}")
+        if len(ids) > length - 1:
+            raise ValueError(f"prompt {prompt!r} is longer than {length - 2} tokens")
+        ids.append(tokenizer.eos_token_id)
+        roles.append("special")
+        pad = length - len(ids)
+        ids += [tokenizer.pad_token_id] * pad
+        roles += ["pad"] * pad
+        rows.append(ids)
+        names.append([r == "name" for r in roles])
+        slots.append([r == "placeholder" for r in roles])
+    return TokenizedPrompts(
+        input_ids=torch.tensor(rows, dtype=torch.long),
+        name_mask=torch.tensor(names, dtype=torch.bool),
+        placeholder_mask=torch.tensor(slots, dtype=torch.bool),
+    )
