@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from aligndiff.fss import Features, FewShotSegmenter, RGBImage
+from aligndiff.fss import Features, FewShotSegmenter
 from aligndiff.masks import BoolMask, iou
 
 CoarseMask = npt.NDArray[np.floating[Any]]  # (H, W), values in [0, 1]
@@ -103,7 +103,10 @@ def consensus_pass(
     for probability, coarse in zip(probabilities, coarse_masks, strict=True):
         prediction = probability > config.fss_threshold
         agreement = iou(prediction, coarse > config.coarse_threshold)
-        consensus = prediction if agreement > config.consensus_iou else None
+        # NOTE: two empty masks agree perfectly (IoU 1) but show no object: such a sample
+        # must not join the support set as a "consensus" on the class.
+        agrees = agreement > config.consensus_iou and bool(prediction.any())
+        consensus = prediction if agrees else None
         results.append(FirstPass(consensus_iou=agreement, consensus_mask=consensus))
     return results
 
@@ -144,9 +147,9 @@ def pseudo_label_pass(
 def annotate(
     segmenter: FewShotSegmenter,
     *,
-    shot_images: Sequence[RGBImage],
+    shots: Features,
     shot_masks: Sequence[BoolMask],
-    images: Sequence[RGBImage],
+    samples: Features,
     coarse_masks: Sequence[CoarseMask],
     config: AnnotationConfig,
     progress: Progress | None = None,
@@ -154,24 +157,26 @@ def annotate(
 ) -> list[Annotation]:
     """Algorithm 1 in one process: one annotation per sample, in input order.
 
-    Shots and samples are embedded once; the FSS is calibrated on the shots, runs pass 1 over
-    every sample, is re-calibrated once on the shots plus the consensus samples, and
+    Shots and samples come embedded (`segmenter.embed`): the caller embeds each image once and
+    reuses the features (the OOD filter does). The FSS is calibrated on the shots, runs pass 1
+    over every sample, is re-calibrated once on the shots plus the consensus samples, and
     pseudo-labels only the samples that did not reach consensus. Predictions run `batch_size`
     samples at a time. `progress(done, total)` counts two units per sample, one per pass (a
     consensus sample's second unit is done at the barrier), so `total` is `2 * len(images)`.
     """
-    if not shot_images:
+    if not len(shots):
         raise ValueError("at least one shot is needed")
-    if len(shot_masks) != len(shot_images):
-        raise ValueError(f"{len(shot_images)} shots but {len(shot_masks)} shot masks")
-    # NOTE: checked here as well as in each pass-1 chunk, so bad input fails before embedding.
-    _check_coarse_masks(coarse_masks, len(images))
+    if len(shot_masks) != len(shots):
+        raise ValueError(f"{len(shots)} shots but {len(shot_masks)} shot masks")
+    # NOTE: checked here as well as in each pass-1 chunk, so bad input fails before any work.
+    _check_coarse_masks(coarse_masks, len(samples))
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if not images:
+    count = len(samples)
+    if not count:
         return []
 
-    total, done = 2 * len(images), 0
+    total, done = 2 * count, 0
 
     def advance(units: int) -> None:
         nonlocal done
@@ -179,13 +184,11 @@ def annotate(
         if progress is not None:
             progress(done, total)
 
-    shots = segmenter.embed(shot_images)
-    samples = segmenter.embed(images)
     prototypes = segmenter.calibrate(shots, shot_masks)
 
     first: list[FirstPass] = []
-    for start in range(0, len(images), batch_size):
-        chunk = range(start, min(start + batch_size, len(images)))
+    for start in range(0, count, batch_size):
+        chunk = range(start, min(start + batch_size, count))
         first += consensus_pass(
             segmenter,
             prototypes,
@@ -200,7 +203,7 @@ def annotate(
         for i, result in enumerate(first)
         if result.consensus_mask is not None
     }
-    rest = [i for i in range(len(images)) if i not in consensus]
+    rest = [i for i in range(count) if i not in consensus]
     advance(len(consensus))
 
     annotations = {
@@ -219,4 +222,4 @@ def annotate(
                     mask=mask, mask_source="pseudo_label", consensus_iou=first[i].consensus_iou
                 )
             advance(len(chunk_ids))
-    return [annotations[i] for i in range(len(images))]
+    return [annotations[i] for i in range(count)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from tqdm import tqdm
@@ -110,16 +110,20 @@ def synth(
         typer.Option("--resolution", help="Pixels (multiple of 64); default: the model's."),
     ] = None,
 ) -> None:
-    """Run the whole pipeline locally, no service: writes images/, masks/, samples.jsonl and
-    embedding.safetensors to --out."""
+    """Run the whole pipeline locally, no service.
+
+    Writes images/*.png, masks/*.png, samples.jsonl (one Sample per line), embedding.safetensors
+    (loadable by diffusers' load_textual_inversion) and summary.json to --out.
+    """
     import dataclasses
 
-    from aligndiff.models.diffusion import load_diffusion_model
     from aligndiff.shots import ShotError, load_shots
-    from aligndiff.synth import SynthConfig, synthesize, write_synthesis
+    from aligndiff.synth import SynthConfig, load_models, synthesize, write_synthesis
 
     settings = Settings()
-    spec = model or settings.diffusion_model
+    if model is not None:
+        settings = settings.model_copy(update={"diffusion_model": model})
+    spec = settings.diffusion_model
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise fail(f"--out {out} exists and is not an empty folder; choose a new one")
     try:
@@ -127,14 +131,14 @@ def synth(
     except ShotError as error:
         raise fail(str(error)) from None
 
-    config = SynthConfig.tiny() if spec == "tiny" else SynthConfig()
+    config = SynthConfig.for_model(spec)
     try:
         inversion = config.inversion
         if inversion_steps is not None:
             inversion = dataclasses.replace(inversion, steps=inversion_steps)
         if resolution is not None:
             inversion = dataclasses.replace(inversion, resolution=resolution)
-        overrides = {
+        overrides: dict[str, Any] = {
             k: v
             for k, v in {
                 "num_steps": sampling_steps,
@@ -152,19 +156,14 @@ def synth(
 
     _quiet_libraries()
     try:
-        diffusion = load_diffusion_model(
-            spec,
-            device=device or settings.device,
-            dtype=dtype or settings.dtype,
-            cache_dir=settings.model_cache_dir,
-        )
+        models = load_models(settings, device=device, dtype=dtype)
     except (OSError, ValueError) as error:
-        raise fail(f"cannot load diffusion model {spec!r}: {error}") from None
+        raise fail(f"cannot load the models: {error}") from None
 
     bars = _StageBars()
     try:
         result = synthesize(
-            diffusion,
+            models,
             shots,
             class_name=class_name,
             num_samples=num_samples,

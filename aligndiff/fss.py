@@ -181,7 +181,7 @@ class PrototypeSegmenter:
         pixels = torch.cat(
             [
                 F.interpolate(
-                    torch.from_numpy(np.ascontiguousarray(image))
+                    torch.from_numpy(np.array(image, copy=True))
                     .to(backbone.device)
                     .permute(2, 0, 1)[None]
                     .float(),

@@ -202,7 +202,9 @@ class InversionObjective:
 def initial_embedding(model: DiffusionModel) -> torch.Tensor:
     """The initializer word's input embedding (a copy), shape (D,)."""
     (token_id,) = model.tokenizer(INITIALIZER_WORD, add_special_tokens=False).input_ids
-    return model.text_encoder.get_input_embeddings().weight[token_id].detach().float().clone()
+    weight = model.text_encoder.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    return weight[token_id].detach().float().clone()
 
 
 def invert(

@@ -16,27 +16,79 @@ import numpy as np
 from PIL import Image
 
 from aligndiff import __version__
+from aligndiff.annotation import AnnotationConfig, annotate
+from aligndiff.fss import FewShotSegmenter, PrototypeSegmenter
 from aligndiff.inversion import InversionConfig, InversionResult, invert, save_embedding
 from aligndiff.masks import mask_to_image
-from aligndiff.models.diffusion import DiffusionModel
+from aligndiff.models.backbone import load_backbone
+from aligndiff.models.clip import load_clip
+from aligndiff.models.diffusion import DiffusionModel, load_diffusion_model, resolve_dtype
+from aligndiff.ood import OodConfig, is_accepted, ood_ious
 from aligndiff.prompts import prompt_bank
-from aligndiff.sampling import GeneratedSample, Sampler, SamplingConfig
+from aligndiff.sampling import Sampler, SamplingConfig
+from aligndiff.scoring import ClipScorer
+from aligndiff.settings import Settings
 from aligndiff.shots import Shot
 
 # (stage, done, total): stages are "inversion", "sampling", "annotation", "scoring".
 StageProgress = Callable[[str, int, int], None]
 
-COARSE_MASK_THRESHOLD = 0.4
-
 
 @dataclass(frozen=True)
 class SynthConfig:
+    """Every stage's settings; the defaults are the reference's."""
+
     inversion: InversionConfig = field(default_factory=InversionConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
+    ood: OodConfig = field(default_factory=OodConfig)
 
     @classmethod
-    def tiny(cls) -> SynthConfig:
-        return cls(inversion=InversionConfig.tiny(), sampling=SamplingConfig.tiny())
+    def for_model(cls, diffusion_model: str) -> SynthConfig:
+        """Reference defaults, scaled down for the tiny random model."""
+        if diffusion_model == "tiny":
+            return cls(inversion=InversionConfig.tiny(), sampling=SamplingConfig.tiny())
+        return cls()
+
+
+@dataclass
+class Models:
+    """Everything the pipeline runs, loaded once per process."""
+
+    diffusion: DiffusionModel
+    segmenter: FewShotSegmenter
+    scorer: ClipScorer
+
+    @property
+    def model_ids(self) -> dict[str, str]:
+        segmenter_id = getattr(getattr(self.segmenter, "backbone", None), "model_id", "custom")
+        return {
+            "diffusion": self.diffusion.model_id,
+            "clip": self.scorer.bundle.model_id,
+            "fss_backbone": segmenter_id,
+        }
+
+
+def load_models(
+    settings: Settings, *, device: str | None = None, dtype: str | None = None
+) -> Models:
+    """Load the diffusion model, the FSS backbone and CLIP named by `settings`."""
+    torch_device = device or settings.device
+    torch_dtype = resolve_dtype(dtype or settings.dtype)
+    cache = settings.model_cache_dir
+    return Models(
+        diffusion=load_diffusion_model(
+            settings.diffusion_model, device=torch_device, dtype=torch_dtype, cache_dir=cache
+        ),
+        segmenter=PrototypeSegmenter(
+            load_backbone(
+                settings.fss_backbone, device=torch_device, dtype=torch_dtype, cache_dir=cache
+            )
+        ),
+        scorer=ClipScorer(
+            load_clip(settings.clip_model, device=torch_device, dtype=torch_dtype, cache_dir=cache)
+        ),
+    )
 
 
 @dataclass
@@ -95,7 +147,7 @@ class _StageClock:
 
 
 def synthesize(
-    model: DiffusionModel,
+    models: Models,
     shots: Sequence[Shot],
     *,
     class_name: str,
@@ -105,10 +157,15 @@ def synthesize(
     config: SynthConfig,
     progress: StageProgress | None = None,
 ) -> SynthesisResult:
-    """Run inversion → sampling on `shots` and return every sample with its mask."""
+    """Run inversion → sampling → annotation (+ OOD filter) → scoring on `shots`.
+
+    Every sample comes back with its final mask, its mask source and all its scores.
+    """
     if not shots:
         raise ValueError("at least one shot is needed")
     specs = prompt_bank(class_name, num_samples=num_samples, class_seed=seed, prompts=prompts)
+    shot_images = [shot.image_array for shot in shots]
+    shot_masks = [shot.mask for shot in shots]
     clock = _StageClock()
 
     def report(stage: str) -> Callable[[int, int], None] | None:
@@ -118,54 +175,86 @@ def synthesize(
 
     with clock.stage("inversion"):
         inversion = invert(
-            model,
-            [shot.image_array for shot in shots],
-            [shot.mask for shot in shots],
+            models.diffusion,
+            shot_images,
+            shot_masks,
             class_name=class_name,
             config=config.inversion,
             progress=report("inversion"),
         )
     with clock.stage("sampling"):
         sampler = Sampler(
-            model,
+            models.diffusion,
             class_name=class_name,
             token_embedding=inversion.embedding,
             config=config.sampling,
         )
         generated = list(sampler.generate(specs, progress=report("sampling")))
+    images = [g.image for g in generated]
+
+    with clock.stage("annotation"):
+        segmenter = models.segmenter
+        shot_features = segmenter.embed(shot_images)
+        sample_features = segmenter.embed(images)
+        annotations = annotate(
+            segmenter,
+            shots=shot_features,
+            shot_masks=shot_masks,
+            samples=sample_features,
+            coarse_masks=[g.coarse_mask for g in generated],
+            config=config.annotation,
+            progress=report("annotation"),
+        )
+        ood = ood_ious(
+            segmenter,
+            samples=sample_features,
+            sample_masks=[a.mask for a in annotations],
+            shots=shot_features,
+            shot_masks=shot_masks,
+            threshold=config.ood.prediction_threshold,
+        )
+    with clock.stage("scoring"):
+        reference = models.scorer.reference(class_name=class_name, shot_images=shot_images)
+        scores = models.scorer.score(images, reference)
+        if progress is not None:
+            progress("scoring", len(images), len(images))
 
     class_id = str(uuid.uuid4())
-    samples = [_coarse_record(class_id, g) for g in generated]
+    created_at = _now()
+    samples = []
+    for sample, annotation, ood_iou, score in zip(generated, annotations, ood, scores, strict=True):
+        spec = sample.spec
+        height, width = sample.image.shape[:2]
+        samples.append(
+            SampleRecord(
+                id=str(uuid.uuid4()),
+                class_id=class_id,
+                index=spec.index,
+                prompt=spec.prompt,
+                prompt_kind=spec.prompt_kind,
+                seed=spec.seed,
+                width=width,
+                height=height,
+                clip_score=score.clip_score,
+                shot_similarity=score.shot_similarity,
+                consensus_iou=annotation.consensus_iou,
+                ood_iou=ood_iou,
+                accepted=is_accepted(
+                    prompt_kind=spec.prompt_kind, ood_iou=ood_iou, config=config.ood
+                ),
+                mask_source=annotation.mask_source,
+                created_at=created_at,
+                image=sample.image,
+                mask=annotation.mask,
+            )
+        )
     return SynthesisResult(
         class_id=class_id,
         class_name=class_name,
         inversion=inversion,
         samples=samples,
         stage_seconds=clock.seconds,
-        model_ids={"diffusion": model.model_id},
-    )
-
-
-def _coarse_record(class_id: str, sample: GeneratedSample) -> SampleRecord:
-    height, width = sample.image.shape[:2]
-    return SampleRecord(
-        id=str(uuid.uuid4()),
-        class_id=class_id,
-        index=sample.spec.index,
-        prompt=sample.spec.prompt,
-        prompt_kind=sample.spec.prompt_kind,
-        seed=sample.spec.seed,
-        width=width,
-        height=height,
-        clip_score=None,
-        shot_similarity=None,
-        consensus_iou=None,
-        ood_iou=None,
-        accepted=True,
-        mask_source="coarse",
-        created_at=_now(),
-        image=sample.image,
-        mask=sample.coarse_mask > COARSE_MASK_THRESHOLD,
+        model_ids=models.model_ids,
     )
 
 

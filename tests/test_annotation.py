@@ -151,9 +151,9 @@ def annotate_samples(
     segmenter = segmenter_for(samples)
     annotations = annotate(
         segmenter,
-        shot_images=[image(i) for i in SHOT_IDS],
+        shots=segmenter.embed([image(i) for i in SHOT_IDS]),
         shot_masks=shot_masks(),
-        images=[image(i) for i in range(len(samples))],
+        samples=segmenter.embed([image(i) for i in range(len(samples))]),
         coarse_masks=[s.coarse for s in samples],
         config=config or AnnotationConfig(),
         batch_size=batch_size,
@@ -183,6 +183,19 @@ def test_a_sample_below_or_exactly_at_the_consensus_iou_is_pseudo_labelled():
 
     # then
     assert [a.mask_source for a in annotations] == ["pseudo_label", "pseudo_label"]
+
+
+def test_an_empty_prediction_agreeing_with_an_empty_coarse_mask_is_not_consensus():
+    # given: the FSS finds nothing and the coarse mask is empty too (IoU of two empties is 1)
+    nothing = sample(coarse_pixels=0, predicted_pixels=0)
+
+    # when
+    segmenter, [annotation] = annotate_samples([nothing])
+
+    # then: it is pseudo-labelled and never joins the support set as an object's example
+    assert annotation.consensus_iou == 1.0
+    assert annotation.mask_source == "pseudo_label"
+    assert segmenter.calibrations[1].support_ids == list(SHOT_IDS)
 
 
 def test_every_sample_records_its_consensus_iou_whatever_its_mask_source():
@@ -348,9 +361,9 @@ def test_a_coarse_mask_missing_for_a_sample_is_rejected():
     with pytest.raises(ValueError, match="coarse masks"):
         annotate(
             segmenter,
-            shot_images=[image(i) for i in SHOT_IDS],
+            shots=segmenter.embed([image(i) for i in SHOT_IDS]),
             shot_masks=shot_masks(),
-            images=[image(i) for i in range(len(samples))],
+            samples=segmenter.embed([image(i) for i in range(len(samples))]),
             coarse_masks=[samples[0].coarse],
             config=AnnotationConfig(),
         )

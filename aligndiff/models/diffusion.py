@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -102,6 +103,7 @@ def tiny_vae() -> AutoencoderKL:
 
 
 def tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    bos, eos = (int(tokenizer.convert_tokens_to_ids(t)) for t in (BOS, EOS))  # type: ignore[arg-type]
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -110,9 +112,9 @@ def tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
         num_attention_heads=2,
         max_position_embeddings=CONTEXT_LENGTH,
         projection_dim=64,
-        bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
-        eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
-        pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
     )
     return CLIPTextModel(config)
 
@@ -123,7 +125,7 @@ def save_tiny_diffusion(directory: Path) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(str(directory / "tokenizer"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        parts = {
+        parts: dict[str, Any] = {
             "unet": tiny_unet(),
             "vae": tiny_vae(),
             "text_encoder": tiny_text_encoder(tokenizer),
@@ -192,7 +194,7 @@ def load_diffusion_model(
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
         module.eval()
-        module.to(torch_device)
+        module.to(torch_device)  # type: ignore[arg-type]
     return DiffusionModel(
         unet=unet,
         vae=vae,

@@ -1,0 +1,116 @@
+"""Cross-attention capture: exact maps, unchanged outputs, constant-size state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from aligndiff.attention import (
+    AttentionCapture,
+    CapturingCrossAttnProcessor,
+    capturing_cross_attention,
+)
+from aligndiff.models.diffusion import DiffusionModel
+from aligndiff.prompts import prompt_bank
+from aligndiff.sampling import Sampler, SamplingConfig
+
+
+@pytest.fixture
+def cross_attention(tiny_sd: DiffusionModel) -> torch.nn.Module:
+    return tiny_sd.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+
+
+def random_inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn((batch, 256, 32), generator=generator)
+    text = torch.randn((batch, 77, 64), generator=generator)
+    weights = (torch.rand((batch // 2, 77), generator=generator) > 0.8).float()
+    return hidden, text, weights
+
+
+def test_captured_maps_equal_an_explicit_softmax_reference(cross_attention) -> None:
+    # given: a [uncond; cond] batch and token weights for the conditional half
+    hidden, text, weights = random_inputs(batch=4)
+    capture = AttentionCapture(weights, conditional_offset=2)
+
+    # when: the capturing processor runs once
+    with torch.inference_mode():
+        CapturingCrossAttnProcessor(capture)(cross_attention, hidden, text)
+
+    # then: the sum equals softmax(QKᵀ·scale) weighted over tokens, averaged over heads
+    attn = cross_attention
+    with torch.inference_mode():
+        q = attn.to_q(hidden[2:]).view(2, 256, attn.heads, -1).transpose(1, 2)
+        k = attn.to_k(text[2:]).view(2, 77, attn.heads, -1).transpose(1, 2)
+        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)
+        expected = (probs * weights[:, None, None, :]).sum(-1).mean(1)
+    assert capture.counts == {256: 1}
+    torch.testing.assert_close(capture.sums[256], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_capturing_does_not_change_the_attention_output(cross_attention) -> None:
+    hidden, text, weights = random_inputs(batch=4)
+
+    with torch.inference_mode():
+        stock = AttnProcessor2_0()(cross_attention, hidden, text)
+        captured = CapturingCrossAttnProcessor(AttentionCapture(weights, conditional_offset=2))(
+            cross_attention, hidden, text
+        )
+
+    torch.testing.assert_close(captured, stock, rtol=1e-5, atol=1e-5)
+
+
+def test_only_cross_attention_captures_and_processors_come_back(tiny_sd: DiffusionModel) -> None:
+    before = {n: type(p) for n, p in tiny_sd.unet.attn_processors.items()}
+
+    with capturing_cross_attention(tiny_sd.unet, AttentionCapture(torch.ones(1, 77))):
+        during = tiny_sd.unet.attn_processors
+        for name, processor in during.items():
+            expected = CapturingCrossAttnProcessor if "attn2" in name else AttnProcessor2_0
+            assert type(processor) is expected, name
+
+    assert {n: type(p) for n, p in tiny_sd.unet.attn_processors.items()} == before
+
+
+def test_capture_state_does_not_grow_with_the_number_of_steps(tiny_sd: DiffusionModel) -> None:
+    # given: two samplings differing only in step count, capturing into inspectable states
+    specs = prompt_bank("dog", num_samples=2, class_seed=0)
+    sizes, calls = {}, {}
+    for steps in (2, 6):
+        captures: list[AttentionCapture] = []
+        original = AttentionCapture.__init__
+
+        def spy(self, *args, _original=original, _captures=captures, **kwargs):
+            _original(self, *args, **kwargs)
+            _captures.append(self)
+
+        AttentionCapture.__init__ = spy  # type: ignore[method-assign]
+        try:
+            config = SamplingConfig(num_steps=steps, batch_size=2)
+            sampler = Sampler(
+                tiny_sd, class_name="dog", token_embedding=torch.zeros(64), config=config
+            )
+            list(sampler.generate(specs))
+        finally:
+            AttentionCapture.__init__ = original  # type: ignore[method-assign]
+        (capture,) = captures
+        sizes[steps] = sum(t.numel() * t.element_size() for t in capture.sums.values())
+        calls[steps] = capture.counts[256]
+
+    # then: three times the layer calls are summed into a state of the same size
+    assert calls[6] == 3 * calls[2]
+    assert sizes[2] == sizes[6]
+    assert sizes[2] < 64 * 1024
+
+
+def test_coarse_masks_are_soft_masks_at_image_size() -> None:
+    capture = AttentionCapture(torch.ones(2, 77))
+    generator = torch.Generator().manual_seed(0)
+    for positions in (192, 48, 12, 3):  # a 16x12 latent at four UNet levels
+        capture.add(torch.rand((2, 2, positions, 77), generator=generator).softmax(-1))
+
+    masks = capture.coarse_masks(height=128, width=96, latent_size=(16, 12), resolutions=3)
+
+    assert masks.shape == (2, 128, 96)
+    assert float(masks.min()) >= 0.0 and float(masks.max()) <= 1.0
