@@ -1,0 +1,1 @@
+"""The AlignDiff web service: FastAPI routes, persistence, storage and auth around the core."""

@@ -1,0 +1,79 @@
+"""API keys: generated once, stored as a SHA-256 hash, compared in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.models import ApiKey, Owner
+from service.problems import Problem
+
+KEY_PREFIX = "adk_"
+_PREFIX_CHARS = 12
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: an owner, through one key, possibly an admin key."""
+
+    owner_id: uuid.UUID
+    key_id: uuid.UUID
+    is_admin: bool
+
+    def can_see(self, owner_id: uuid.UUID) -> bool:
+        return self.is_admin or owner_id == self.owner_id
+
+
+def hash_key(key: str) -> str:
+    # NOTE: keys carry 256 bits of randomness, so a fast hash is enough (no password KDF).
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(
+    session: Session, *, name: str, admin: bool, owner_id: uuid.UUID | None = None
+) -> str:
+    """Create a key (and its owner, named `name`, unless `owner_id` is given); return the
+    plaintext key, which is never stored and cannot be shown again."""
+    if owner_id is None:
+        owner = Owner(name=name)
+        session.add(owner)
+        session.flush()
+        owner_id = owner.id
+    lookup = secrets.token_hex(_PREFIX_CHARS // 2)
+    key = f"{KEY_PREFIX}{lookup}{secrets.token_urlsafe(32)}"
+    session.add(
+        ApiKey(owner_id=owner_id, name=name, prefix=lookup, key_hash=hash_key(key), is_admin=admin)
+    )
+    session.flush()
+    return key
+
+
+def authenticate(session: Session, authorization: str | None) -> Principal:
+    """The principal behind an `Authorization: Bearer <key>` header; 401 otherwise."""
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise Problem(401, "an API key is required: Authorization: Bearer <key>", headers=challenge)
+    key = authorization[7:].strip()
+    lookup = (
+        key[len(KEY_PREFIX) : len(KEY_PREFIX) + _PREFIX_CHARS] if key.startswith(KEY_PREFIX) else ""
+    )
+    row = (
+        session.execute(select(ApiKey).where(ApiKey.prefix == lookup)).scalar_one_or_none()
+        if lookup
+        else None
+    )
+    # Compare against a dummy hash when the prefix is unknown, so timing reveals nothing.
+    expected = row.key_hash if row is not None else hash_key("")
+    if (
+        not hmac.compare_digest(expected, hash_key(key))
+        or row is None
+        or row.revoked_at is not None
+    ):
+        raise Problem(401, "the API key is not valid", headers=challenge)
+    return Principal(owner_id=row.owner_id, key_id=row.id, is_admin=row.is_admin)

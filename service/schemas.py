@@ -1,0 +1,85 @@
+"""The public shapes of the API (../shared/API.md): names and fields are the contract."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+Stage = Literal["inversion", "sampling", "annotation", "scoring"]
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = Field(
+        description="Pass as ?cursor= for the next page; null at the end."
+    )
+
+
+class ClassPublic(BaseModel):
+    id: uuid.UUID
+    name: str
+    status: JobStatus
+    stage: Stage | None
+    progress: float = Field(ge=0, le=1)
+    num_shots: int
+    num_samples_requested: int
+    num_samples_done: int
+    num_accepted: int
+    clip_score_mean: float | None
+    job_id: uuid.UUID | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class SamplePublic(BaseModel):
+    id: uuid.UUID
+    class_id: uuid.UUID
+    index: int
+    prompt: str
+    prompt_kind: Literal["inversion", "text"]
+    seed: int
+    width: int
+    height: int
+    clip_score: float | None
+    shot_similarity: float | None
+    consensus_iou: float | None
+    ood_iou: float | None
+    accepted: bool
+    mask_source: Literal["consensus", "pseudo_label"]
+    image_url: str
+    mask_url: str
+    created_at: datetime
+
+
+class JobPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    kind: Literal["synthesis", "training"]
+    status: JobStatus
+    stage: str | None
+    progress: float
+    attempts: int
+    error: str | None
+    owner_id: uuid.UUID
+    target_id: uuid.UUID
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class ProblemDetail(BaseModel):
+    """RFC 9457 problem details, as every error is answered."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, str]] | None = None

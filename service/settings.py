@@ -1,0 +1,54 @@
+"""The service's settings: the core's settings plus database, broker, storage and limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from aligndiff.settings import Settings as CoreSettings
+
+
+def _data_dir() -> Path:
+    return Path.cwd() / "aligndiff-data"
+
+
+class Settings(CoreSettings):
+    """Everything configurable, from `ALIGNDIFF_*` environment variables.
+
+    Unset URLs default to the embedded single-machine setup under `data_dir`: SQLite, a local
+    blob folder, and a broker that needs no server.
+    """
+
+    data_dir: Path = Field(default_factory=_data_dir)
+    database_url: str | None = None
+    broker_url: str | None = None
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    presign_seconds: int = 900
+
+    # Limits
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_shots: int = 10
+    max_num_samples: int = 1000
+
+    # Workers
+    sample_chunk_size: int = 8
+    annotation_chunk_size: int = 32
+    task_visibility_timeout: int = 7200
+    job_lease_seconds: int = 600
+    max_job_attempts: int = 3
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'aligndiff.db'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"file://{self.data_dir / 'blobs'}"

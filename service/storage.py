@@ -1,0 +1,153 @@
+"""Blob storage: one interface, a local folder or S3. Keys are derived from ids."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+from urllib.parse import urlparse
+
+
+class BlobNotFound(KeyError):
+    """No blob under that key."""
+
+
+class StorageUnavailable(RuntimeError):
+    """The blob store cannot be reached."""
+
+
+class Storage(Protocol):
+    def put(self, key: str, data: bytes, *, content_type: str) -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete_prefix(self, prefix: str) -> int: ...
+
+    def list_keys(self, prefix: str) -> Iterator[str]: ...
+
+    def presigned_url(self, key: str, *, expires_seconds: int) -> str | None:
+        """A time-limited GET URL, or None when blobs are served by the API itself."""
+        ...
+
+    def check(self) -> None:
+        """Raise StorageUnavailable unless the store is reachable and writable."""
+        ...
+
+
+def validate_key(key: str) -> str:
+    """Keys are relative POSIX paths without '..', '.' or empty parts."""
+    path = PurePosixPath(key)
+    if not key or path.is_absolute() or any(p in ("", ".", "..") for p in key.split("/")):
+        raise ValueError(f"invalid blob key {key!r}")
+    return key
+
+
+# Keys: derived from ids, so a retried task writes the same key, never a second copy.
+def class_prefix(class_id: uuid.UUID) -> str:
+    return f"classes/{class_id}/"
+
+
+def shot_key(class_id: uuid.UUID, position: int, name: str) -> str:
+    return f"{class_prefix(class_id)}shots/{position:02d}/{name}"
+
+
+def sample_key(class_id: uuid.UUID, index: int, name: str) -> str:
+    return f"{class_prefix(class_id)}samples/{index:05d}/{name}"
+
+
+def class_key(class_id: uuid.UUID, name: str) -> str:
+    return f"{class_prefix(class_id)}{name}"
+
+
+class LocalStorage:
+    """Blobs as files under a root folder; writes are atomic (temporary file, then rename)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    def put(self, key: str, data: bytes, *, content_type: str) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".put-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise BlobNotFound(key) from None
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        try:
+            handle = self._path(key).open("rb")
+        except FileNotFoundError:
+            raise BlobNotFound(key) from None
+        with handle:
+            while chunk := handle.read(chunk_size):
+                yield chunk
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        base = self.root / prefix if prefix else self.root
+        if not base.exists():
+            return
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.startswith(".put-"):
+                yield path.relative_to(self.root).as_posix()
+
+    def delete_prefix(self, prefix: str) -> int:
+        validate_key(prefix.rstrip("/"))
+        base = self.root / prefix
+        count = sum(1 for _ in self.list_keys(prefix))
+        shutil.rmtree(base, ignore_errors=True)
+        return count
+
+    def presigned_url(self, key: str, *, expires_seconds: int) -> str | None:
+        return None
+
+    def check(self) -> None:
+        try:
+            probe = self.root / ".ready"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as error:
+            raise StorageUnavailable(str(error)) from error
+
+
+def make_storage(
+    url: str, *, endpoint_url: str | None = None, region: str = "us-east-1"
+) -> Storage:
+    """`file:///path` → LocalStorage; `s3://bucket/prefix` → S3Storage."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return LocalStorage(Path(parsed.path))
+    if parsed.scheme == "s3":
+        from service.s3 import S3Storage
+
+        return S3Storage(
+            bucket=parsed.netloc,
+            prefix=parsed.path.lstrip("/"),
+            endpoint_url=endpoint_url,
+            region=region,
+        )
+    raise ValueError(f"unsupported storage URL {url!r}: use file://… or s3://bucket/prefix")

@@ -1,0 +1,1 @@
+"""Celery workers: tasks take ids, load rows, call one aligndiff function, store results."""
