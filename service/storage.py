@@ -8,7 +8,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
 
@@ -67,6 +67,10 @@ def class_key(class_id: uuid.UUID, name: str) -> str:
     return f"{class_prefix(class_id)}{name}"
 
 
+# A folder where a blob was asked for, or a blob where a folder would be: no blob either way.
+_NOT_A_BLOB = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
 class LocalStorage:
     """Blobs as files under a root folder; writes are atomic (temporary file, then rename)."""
 
@@ -92,14 +96,20 @@ class LocalStorage:
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
+        except _NOT_A_BLOB:
             raise BlobNotFound(key) from None
 
     def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        # NOTE: not a generator itself, so a missing blob raises here (a 404 can still be
+        # answered) rather than on the first chunk, after a streamed response has begun.
         try:
             handle = self._path(key).open("rb")
-        except FileNotFoundError:
+        except _NOT_A_BLOB:
             raise BlobNotFound(key) from None
+        return self._read_chunks(handle, chunk_size)
+
+    @staticmethod
+    def _read_chunks(handle: BinaryIO, chunk_size: int) -> Iterator[bytes]:
         with handle:
             while chunk := handle.read(chunk_size):
                 yield chunk
@@ -108,6 +118,8 @@ class LocalStorage:
         return self._path(key).is_file()
 
     def list_keys(self, prefix: str) -> Iterator[str]:
+        if prefix:
+            validate_key(prefix.removesuffix("/"))
         base = self.root / prefix if prefix else self.root
         if not base.exists():
             return
@@ -126,10 +138,13 @@ class LocalStorage:
         return None
 
     def check(self) -> None:
+        # NOTE: a probe name of its own per call (two processes may check at once), and the
+        # temporary-file prefix, so list_keys never reports it.
         try:
-            probe = self.root / ".ready"
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            fd, probe = tempfile.mkstemp(prefix=".put-ready-", dir=self.root)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(b"ok")
+            Path(probe).unlink()
         except OSError as error:
             raise StorageUnavailable(str(error)) from error
 
@@ -140,7 +155,10 @@ def make_storage(
     """`file:///path` → LocalStorage; `s3://bucket/prefix` → S3Storage."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
-        return LocalStorage(Path(parsed.path))
+        # `file://data/blobs` (a relative folder) parses as host "data", path "/blobs": keep
+        # the host as the path's first part rather than silently writing to `/blobs`.
+        host = parsed.netloc if parsed.netloc not in ("", "localhost") else ""
+        return LocalStorage(Path(host + parsed.path))
     if parsed.scheme == "s3":
         from service.s3 import S3Storage
 

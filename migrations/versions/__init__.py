@@ -1,0 +1,1 @@
+"""Alembic revisions, one file each, named `<rev>_<slug>.py`."""

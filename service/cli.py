@@ -1,0 +1,163 @@
+"""The `aligndiff` command: the core's `synth` plus the service's serve, worker, keys and db."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+from sqlalchemy import select
+
+from aligndiff.cli import app as core_app
+from service.settings import Settings
+
+app = typer.Typer(
+    name="aligndiff",
+    help="AlignDiff: turn a few image+mask shots of a class into a synthetic segmentation dataset.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+for command in core_app.registered_commands:
+    app.registered_commands.append(command)
+
+keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+db_app = typer.Typer(help="Manage the database.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def _upgrade(settings: Settings) -> None:
+    from service.migrate import upgrade
+
+    try:
+        upgrade(settings.resolved_database_url)
+    except Exception as error:  # any failure here is reported to the user, not traced
+        raise _fail(
+            f"cannot migrate the database at {settings.resolved_database_url}: {error}"
+        ) from None
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Run the database migrations up to the newest revision."""
+    settings = Settings()
+    _upgrade(settings)
+    typer.echo("database is up to date")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="Who the key is for (a new owner).")],
+    admin: Annotated[
+        bool, typer.Option("--admin", help="An admin key: sees every owner's data.")
+    ] = False,
+) -> None:
+    """Create an API key. It is printed once, alone on the last line of stdout."""
+    from service.auth import create_key
+    from service.db import make_engine, make_session_factory, session_scope
+
+    if not name.strip() or len(name) > 128:
+        raise _fail("--name must be 1 to 128 characters")
+    settings = Settings()
+    _upgrade(settings)
+    engine = make_engine(settings.resolved_database_url)
+    with session_scope(make_session_factory(engine)) as session:
+        key = create_key(session, name=name.strip(), admin=admin)
+    engine.dispose()
+    typer.echo(
+        f"created {'an admin' if admin else 'a'} key for {name.strip()!r}; it is shown only once:"
+    )
+    typer.echo(key)
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Worker processes.")] = 1,
+    pool: Annotated[str, typer.Option("--pool", help="solo or prefork.")] = "solo",
+    loglevel: Annotated[str, typer.Option("--loglevel")] = "info",
+) -> None:
+    """Run a Celery worker (GPU work). Run one per GPU."""
+    from worker.main import run_worker
+
+    run_worker(Settings(), concurrency=concurrency, pool=pool, loglevel=loglevel)
+
+
+def _first_admin_key(settings: Settings) -> str | None:
+    """Create an admin key when the database has none yet (first start); else None."""
+    from service.auth import create_key
+    from service.db import make_engine, make_session_factory, session_scope
+    from service.models import ApiKey
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            if session.execute(select(ApiKey.id).where(ApiKey.is_admin.is_(True))).first():
+                return None
+            return create_key(session, name="admin", admin=True)
+    finally:
+        engine.dispose()
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    embedded_worker: Annotated[
+        bool,
+        typer.Option(
+            "--embedded-worker/--no-embedded-worker", help="Also run a worker in a child process."
+        ),
+    ] = True,
+) -> None:
+    """Run the API, the dashboard and an embedded worker on one machine.
+
+    Defaults need no server: SQLite, a local blob folder and a SQLite-backed broker, all under
+    ./aligndiff-data (ALIGNDIFF_DATA_DIR).
+    """
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _upgrade(settings)
+    admin_key = _first_admin_key(settings)
+
+    child: subprocess.Popen[bytes] | None = None
+    if embedded_worker:
+        env = {**os.environ, "ALIGNDIFF_DATA_DIR": str(settings.data_dir.resolve())}
+        child = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker", "--pool", "solo"],
+            env=env,
+            start_new_session=True,
+        )
+    typer.echo(f"AlignDiff is serving on http://{host}:{port} (data in {settings.data_dir})")
+    if admin_key is not None:
+        typer.echo("first start: an admin API key was created; it is shown only once:")
+        typer.echo(admin_key)
+    sys.stdout.flush()
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    finally:
+        if child is not None and child.poll() is None:
+            os.killpg(child.pid, signal.SIGTERM)
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
