@@ -55,6 +55,11 @@ class ShotError(ValueError):
         return f"{self.source}: {self.detail}"
 
 
+class ShotFormatError(ShotError):
+    """A shot file is not of an accepted type: bytes in no known image format, or a format
+    other than those allowed (JPEG, PNG or WEBP images; PNG masks)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Shot:
     """One real example of a class: an RGB image and its foreground mask, of one size.
@@ -213,7 +218,9 @@ def _pillow_errors(source: str) -> Iterator[None]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ShotError(f"image is too large to decode safely ({error})", source) from None
     except UnidentifiedImageError:
-        raise ShotError("is not an image: its bytes are in no known image format", source) from None
+        raise ShotFormatError(
+            "is not an image: its bytes are in no known image format", source
+        ) from None
     except _DECODE_ERRORS as error:
         raise ShotError(
             f"is corrupt or truncated and cannot be decoded ({error})", source
@@ -227,7 +234,7 @@ def _check_format(image: Image.Image, allowed: tuple[str, ...], *, source: str, 
     if found not in allowed:
         names = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
         reason = "; JPEG-style compression would blur its edges" if kind == "mask" else ""
-        raise ShotError(f"{kind} must be {names}, found {found}{reason}", source)
+        raise ShotFormatError(f"{kind} must be {names}, found {found}{reason}", source)
 
 
 def _check_single_frame(image: Image.Image, *, source: str) -> None:

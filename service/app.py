@@ -5,7 +5,11 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from aligndiff import __version__
+from service.api.middleware import BodySizeLimit, RequestMetrics
+from service.api.openapi import install_openapi, operation_id
+from service.api.routes import api_router
 from service.db import make_engine, make_session_factory
+from service.metrics import Metrics
 from service.problems import install_problem_handlers
 from service.queue import TaskQueue
 from service.settings import Settings
@@ -24,6 +28,7 @@ def create_app(
         title="AlignDiff",
         version=__version__,
         description="Few-shot image+mask shots in, a scored synthetic segmentation dataset out.",
+        generate_unique_id_function=operation_id,
     )
     engine = make_engine(settings.resolved_database_url)
     app.state.settings = settings
@@ -40,5 +45,11 @@ def create_app(
 
         queue = CeleryQueue(make_celery(settings))
     app.state.queue = queue
+    app.state.metrics = Metrics(app.state.session_factory)
     install_problem_handlers(app)
+    app.include_router(api_router)
+    install_openapi(app)
+    # The metrics middleware, added last, is the outermost: refused requests are counted too.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     return app

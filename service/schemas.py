@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Generic, Literal, TypeVar
+from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -83,3 +83,31 @@ class ProblemDetail(BaseModel):
     status: int
     detail: str
     errors: list[dict[str, str]] | None = None
+
+
+MAX_SEED = 2**63 - 1
+
+
+class ClassCreate(BaseModel):
+    """The fields of `POST /v1/classes` besides its files (sent as multipart form fields)."""
+
+    name: str = Field(min_length=1, max_length=64, description="The class name, e.g. 'pidan'.")
+    prompts: list[Annotated[str, Field(min_length=1, max_length=500)]] = Field(
+        default_factory=list,
+        max_length=50,
+        description="Text prompts for the text-conditioned half of the samples (repeat the "
+        "field); each must mention the class name. Default: 'a photo of a {name}'.",
+    )
+    num_samples: int = Field(ge=1, description="How many samples to synthesize (server max).")
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="The class seed; random when absent."
+    )
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ok"] = "ok"
+    checks: dict[str, str] = Field(description="Each dependency checked, with its state.")

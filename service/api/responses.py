@@ -1,0 +1,64 @@
+"""Building answers: documented problem responses, stored (replayable) answers, and blobs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import Response
+from fastapi.responses import RedirectResponse, StreamingResponse
+
+from service.contexts.idempotency import Answer
+from service.problems import TITLES, not_found
+from service.schemas import ProblemDetail
+from service.storage import BlobNotFound, Storage
+
+log = logging.getLogger(__name__)
+
+PNG = "image/png"
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for error answers (problem+json, see `openapi.py`)."""
+    return {status: {"model": ProblemDetail, "description": TITLES[status]} for status in statuses}
+
+
+def answer_response(answer: Answer) -> Response:
+    """A stored answer as sent, the first time and on every replay."""
+    headers = {"Location": answer.location} if answer.location else {}
+    if answer.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return Response(
+        answer.body,
+        status_code=answer.status_code,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def blob_response(
+    storage: Storage,
+    key: str,
+    *,
+    media_type: str,
+    filename: str,
+    disposition: str = "inline",
+    presign_seconds: int | None = None,
+) -> Response:
+    """Stream a blob from storage; with `presign_seconds`, redirect (307) to a presigned URL
+    instead when the store offers one (S3), so the bytes bypass the API."""
+    if presign_seconds is not None:
+        url = storage.presigned_url(key, expires_seconds=presign_seconds)
+        if url is not None:
+            return RedirectResponse(url, status_code=307)
+    try:
+        chunks = storage.iter_chunks(key)
+    except BlobNotFound:
+        # The row names a blob that is gone: the store and the database disagree.
+        log.error("blob %s is missing from storage", key)
+        raise not_found("blob") from None
+    return StreamingResponse(
+        chunks,
+        media_type=media_type,
+        headers={"Content-Disposition": f'{disposition}; filename="{filename}"'},
+    )

@@ -1,0 +1,133 @@
+"""`/v1/classes`: create a class from shots (202, its synthesis job queued), read, list,
+delete, and download its learned embedding."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+
+from service.api.deps import (
+    CurrentPrincipal,
+    Cursor,
+    IdempotencyKey,
+    Limit,
+    QueueDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    require_multipart,
+)
+from service.api.responses import answer_response, blob_response, problem_responses
+from service.contexts import classes, job_control
+from service.contexts.classes import Upload
+from service.pagination import DEFAULT_LIMIT
+from service.schemas import ClassCreate, ClassPublic, Page
+
+router = APIRouter(prefix="/v1/classes", tags=["classes"])
+
+LOCATION = {"Location": {"description": "The new class's URL.", "schema": {"type": "string"}}}
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=ClassPublic,
+    dependencies=[Depends(require_multipart)],
+    responses={
+        202: {"description": "The class, its synthesis job queued.", "headers": LOCATION},
+        **problem_responses(401, 413, 415, 422),
+    },
+)
+def create_class(
+    request: Request,
+    session: SessionDep,
+    storage: StorageDep,
+    queue: QueueDep,
+    settings: SettingsDep,
+    principal: CurrentPrincipal,
+    class_in: Annotated[ClassCreate, Form()],
+    images: Annotated[list[UploadFile], File(description="1–10 shot images: JPEG, PNG, WEBP.")],
+    masks: Annotated[
+        list[UploadFile], File(description="One PNG mask per image, in the images' order.")
+    ],
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Create a class from a few real image + mask shots and queue its synthesis."""
+    accepted = classes.create_class(
+        session=session,
+        storage=storage,
+        settings=settings,
+        owner_id=principal.owner_id,
+        class_in=class_in,
+        images=[_read(upload) for upload in images],
+        masks=[_read(upload) for upload in masks],
+        idempotency_key=idempotency_key,
+        location_of=lambda class_id: str(request.url_for("get_class", class_id=class_id)),
+    )
+    job_control.start_job(queue=queue, start=accepted.start)
+    return answer_response(accepted.answer)
+
+
+@router.get("", response_model=Page[ClassPublic], responses=problem_responses(400, 401, 422))
+def list_classes(
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> Page[ClassPublic]:
+    """The caller's classes, newest first."""
+    return classes.list_classes(session=session, principal=principal, limit=limit, cursor=cursor)
+
+
+@router.get("/{class_id}", response_model=ClassPublic, responses=problem_responses(401, 404, 422))
+def get_class(session: SessionDep, principal: CurrentPrincipal, class_id: uuid.UUID) -> ClassPublic:
+    """A class, with the state of its synthesis job."""
+    return classes.get_class(session=session, principal=principal, class_id=class_id)
+
+
+@router.delete(
+    "/{class_id}",
+    status_code=204,
+    response_class=Response,
+    responses=problem_responses(401, 404, 422),
+)
+def delete_class(
+    session: SessionDep, storage: StorageDep, principal: CurrentPrincipal, class_id: uuid.UUID
+) -> Response:
+    """Delete a class, its shots, samples and blobs; its job, if active, is cancelled."""
+    classes.delete_class(session=session, storage=storage, principal=principal, class_id=class_id)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{class_id}/embedding",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The learned token as safetensors (diffusers' "
+            "`load_textual_inversion` loads it).",
+            "content": {"application/octet-stream": {}},
+        },
+        **problem_responses(401, 404, 409, 422),
+    },
+)
+def get_class_embedding(
+    session: SessionDep, storage: StorageDep, principal: CurrentPrincipal, class_id: uuid.UUID
+) -> Response:
+    """Download the class's learned embedding; 409 until its inversion stage has finished."""
+    key, filename = classes.embedding_blob(session=session, principal=principal, class_id=class_id)
+    return blob_response(
+        storage,
+        key,
+        media_type="application/octet-stream",
+        filename=filename,
+        disposition="attachment",
+    )
+
+
+def _read(upload: UploadFile) -> Upload:
+    # NOTE: the body is already parsed (spooled to disk past 1 MB) and capped by the body size
+    # limit, so reading a whole file here is bounded.
+    return Upload(filename=upload.filename or "", data=upload.file.read())

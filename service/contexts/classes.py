@@ -1,0 +1,366 @@
+"""Classes: creating one from uploaded shots (which queues its synthesis job), reading,
+listing and deleting them, and the learned embedding."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import uuid
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import PurePosixPath
+
+from PIL import Image
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
+
+from aligndiff.masks import mask_to_image
+from aligndiff.prompts import find_name, inversion_token
+from aligndiff.shots import Shot, ShotError, ShotFormatError, load_shot
+from service.auth import Principal
+from service.contexts import jobs
+from service.contexts.access import visible_to
+from service.contexts.idempotency import Answer, claim_for, commit_with_answer, find_answer
+from service.contexts.idempotency import fingerprint as request_fingerprint
+from service.contexts.job_control import Accepted, StartTask
+from service.models import Job, SegClass
+from service.models import Shot as ShotRow
+from service.pagination import newest_first, newest_first_cursor, split_page
+from service.problems import Problem, not_found
+from service.schemas import MAX_SEED, ClassCreate, ClassPublic, Page
+from service.settings import Settings
+from service.storage import Storage, class_prefix, shot_key
+
+log = logging.getLogger(__name__)
+
+SYNTHESIS = "synthesis"
+PNG = "image/png"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file: the name the client gave it, and its bytes."""
+
+    filename: str
+    data: bytes
+
+
+def create_class(
+    *,
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    owner_id: uuid.UUID,
+    class_in: ClassCreate,
+    images: Sequence[Upload],
+    masks: Sequence[Upload],
+    idempotency_key: str | None,
+    location_of: Callable[[uuid.UUID], str],
+) -> Accepted:
+    """Check the shots, store them, and record the class with its queued synthesis job.
+
+    Nothing is kept from a request that fails: the shots are all checked before anything is
+    written; blobs are written before the rows that name them and deleted again when the rows
+    cannot be committed. The caller starts the job (`job_control.start_job`) afterwards.
+    Invalid fields or shots answer 422, files of a type other than JPEG/PNG/WEBP images and
+    PNG masks 415, each with the fields concerned (`images[0]`, `masks[1]`, …).
+    """
+    claim = claim_for(owner_id, idempotency_key, _fingerprint(class_in, images, masks))
+    if (replay := find_answer(session, claim)) is not None:
+        return Accepted(replay, start=None)
+    # NOTE: decoding and storing the shots takes a while; the connection goes back to the
+    # pool meanwhile rather than sit idle in a transaction.
+    session.rollback()
+
+    name = class_in.name.strip()
+    _check_fields(class_in, name=name, images=images, masks=masks, settings=settings)
+    shots = _load_shots(images, masks, settings=settings)
+
+    class_id = uuid.uuid4()
+    try:
+        shot_rows = _store_shots(storage, class_id, shots, images=images, masks=masks)
+        job = jobs.create_job(session, kind=SYNTHESIS, owner_id=owner_id, target_id=class_id)
+        seg_class = SegClass(
+            id=class_id,
+            owner_id=owner_id,
+            name=name,
+            seed=secrets.randbelow(MAX_SEED + 1) if class_in.seed is None else class_in.seed,
+            prompts=list(class_in.prompts),
+            num_shots=len(shots),
+            num_samples_requested=class_in.num_samples,
+            job_id=job.id,
+        )
+        session.add(seg_class)
+        session.add_all(shot_rows)
+        session.flush()
+        body = class_public(seg_class, job).model_dump_json()
+        answer = commit_with_answer(session, claim, Answer(202, body, location_of(class_id)))
+    except BaseException:
+        session.rollback()
+        _delete_blobs(storage, class_id)
+        raise
+    if answer.replayed:
+        # A concurrent request with the same Idempotency-Key won: this one's rows were rolled
+        # back, and its blobs go too.
+        _delete_blobs(storage, class_id)
+        return Accepted(answer, start=None)
+    return Accepted(answer, start=StartTask(SYNTHESIS, job.id))
+
+
+def list_classes(
+    *, session: Session, principal: Principal, limit: int, cursor: str | None
+) -> Page[ClassPublic]:
+    """The classes `principal` may see, newest first."""
+    statement = newest_first(
+        _classes_with_jobs().where(visible_to(principal, SegClass.owner_id)),
+        created_at=SegClass.created_at,
+        id_=SegClass.id,
+        cursor=cursor,
+        limit=limit,
+    )
+    rows, next_cursor = split_page(
+        session.execute(statement).tuples().all(),
+        limit=limit,
+        cursor_after=lambda row: newest_first_cursor(row[0].created_at, row[0].id),
+    )
+    return Page[ClassPublic](
+        items=[class_public(seg_class, job) for seg_class, job in rows], next_cursor=next_cursor
+    )
+
+
+def get_class(*, session: Session, principal: Principal, class_id: uuid.UUID) -> ClassPublic:
+    return class_public(*_visible_class(session, principal, class_id))
+
+
+def delete_class(
+    *, session: Session, storage: Storage, principal: Principal, class_id: uuid.UUID
+) -> None:
+    """Delete a class: cancel its job if still active, delete its rows (its shots and samples
+    go with it) and then its blobs. The job row stays, `cancelled` if it was active, as the
+    record of the work done."""
+    seg_class, job = _visible_class(session, principal, class_id)
+    if job is not None and job.status in jobs.ACTIVE:
+        # It may finish between the read and the cancel: then there is nothing to stop.
+        with suppress(Problem):
+            jobs.request_cancel(session, job)
+    session.delete(seg_class)
+    session.commit()
+    # NOTE: blobs go after the commit: a blob without a row is harmless, a row without its blob
+    # is a broken resource. Should this fail, the class is still deleted as asked and the
+    # orphaned blobs are logged.
+    _delete_blobs(storage, class_id)
+
+
+def embedding_blob(
+    *, session: Session, principal: Principal, class_id: uuid.UUID
+) -> tuple[str, str]:
+    """The blob key of a class's learned embedding and a file name for it; 409 until the
+    inversion stage has stored it."""
+    seg_class, _ = _visible_class(session, principal, class_id)
+    if seg_class.embedding_key is None:
+        raise Problem(409, "the class's embedding is not learned yet; wait for its job")
+    return seg_class.embedding_key, f"{inversion_token(seg_class.name).strip('<>')}.safetensors"
+
+
+def class_public(seg_class: SegClass, job: Job | None) -> ClassPublic:
+    """A class as the API shows it: its state comes from its job."""
+    return ClassPublic(
+        id=seg_class.id,
+        name=seg_class.name,
+        status=job.status if job is not None else "queued",  # type: ignore[arg-type]
+        stage=job.stage if job is not None else None,  # type: ignore[arg-type]
+        progress=job.progress if job is not None else 0.0,
+        num_shots=seg_class.num_shots,
+        num_samples_requested=seg_class.num_samples_requested,
+        num_samples_done=seg_class.num_samples_done,
+        num_accepted=seg_class.num_accepted,
+        clip_score_mean=seg_class.clip_score_mean,
+        job_id=seg_class.job_id,
+        error=job.error if job is not None else None,
+        created_at=seg_class.created_at,
+        updated_at=seg_class.updated_at,
+    )
+
+
+def visible_class_id(session: Session, principal: Principal, class_id: uuid.UUID) -> None:
+    """Raise 404 unless `principal` may see the class."""
+    found = session.execute(
+        select(SegClass.id).where(SegClass.id == class_id, visible_to(principal, SegClass.owner_id))
+    ).first()
+    if found is None:
+        raise not_found("class")
+
+
+def _classes_with_jobs() -> Select[SegClass, Job]:
+    return select(SegClass, Job).outerjoin(Job, Job.id == SegClass.job_id)
+
+
+def _visible_class(
+    session: Session, principal: Principal, class_id: uuid.UUID
+) -> tuple[SegClass, Job | None]:
+    row = (
+        session.execute(
+            _classes_with_jobs().where(
+                SegClass.id == class_id, visible_to(principal, SegClass.owner_id)
+            )
+        )
+        .tuples()
+        .one_or_none()
+    )
+    if row is None:
+        raise not_found("class")
+    return row
+
+
+def _fingerprint(class_in: ClassCreate, images: Sequence[Upload], masks: Sequence[Upload]) -> str:
+    def files(uploads: Sequence[Upload]) -> list[list[str]]:
+        return [[u.filename, hashlib.sha256(u.data).hexdigest()] for u in uploads]
+
+    fields = {**class_in.model_dump(), "images": files(images), "masks": files(masks)}
+    return request_fingerprint("create_class", fields)
+
+
+def _check_fields(
+    class_in: ClassCreate,
+    *,
+    name: str,
+    images: Sequence[Upload],
+    masks: Sequence[Upload],
+    settings: Settings,
+) -> None:
+    """The checks that need no decoding: the name, counts and prompts (422)."""
+    errors = []
+    if not name:
+        errors.append({"field": "name", "message": "must not be blank"})
+    if class_in.num_samples > settings.max_num_samples:
+        errors.append(
+            {
+                "field": "num_samples",
+                "message": f"must be at most {settings.max_num_samples} on this server",
+            }
+        )
+    if len(images) > settings.max_shots:
+        errors.append(
+            {
+                "field": "images",
+                "message": f"at most {settings.max_shots} images, got {len(images)}",
+            }
+        )
+    if len(masks) != len(images):
+        errors.append(
+            {
+                "field": "masks",
+                "message": f"{len(masks)} masks for {len(images)} images; send one mask per "
+                "image, in the same order",
+            }
+        )
+    if name:
+        for index, prompt in enumerate(class_in.prompts):
+            try:
+                find_name(prompt, name)
+            except ValueError:
+                errors.append(
+                    {
+                        "field": f"prompts[{index}]",
+                        "message": f"must mention the class name {name!r}: the sample's mask "
+                        "is read from the attention to those words",
+                    }
+                )
+    if errors:
+        raise Problem(422, "the request is not valid", errors=errors)
+
+
+def _load_shots(
+    images: Sequence[Upload], masks: Sequence[Upload], *, settings: Settings
+) -> list[Shot]:
+    """Decode and check every pair, reporting every bad file at once: 415 when a file is of
+    a type that is not accepted, else 422."""
+    shots, errors, wrong_type = [], [], False
+    for position, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        try:
+            shots.append(
+                load_shot(
+                    image.data,
+                    mask.data,
+                    stem=str(position),
+                    max_pixels=settings.max_image_pixels,
+                    image_source=f"images[{position}]",
+                    mask_source=f"masks[{position}]",
+                )
+            )
+        except ShotError as error:
+            wrong_type = wrong_type or isinstance(error, ShotFormatError)
+            errors.append({"field": error.source, "message": error.detail})
+    if wrong_type:
+        raise Problem(
+            415,
+            "an uploaded file is not of an accepted type: images must be JPEG, PNG or WEBP, "
+            "masks PNG",
+            errors=errors,
+        )
+    if errors:
+        raise Problem(422, "the uploaded shots are not valid", errors=errors)
+    return shots
+
+
+def _store_shots(
+    storage: Storage,
+    class_id: uuid.UUID,
+    shots: Sequence[Shot],
+    *,
+    images: Sequence[Upload],
+    masks: Sequence[Upload],
+) -> list[ShotRow]:
+    """Write each shot's original files and normalized PNGs (RGB image, 0/255 mask); return
+    the rows that name them, not yet added to a session."""
+    rows = []
+    for position, (shot, upload, mask_upload) in enumerate(zip(shots, images, masks, strict=True)):
+        original_key = shot_key(class_id, position, "original-image")
+        original_mask_key = shot_key(class_id, position, "original-mask.png")
+        image_key = shot_key(class_id, position, "image.png")
+        mask_key = shot_key(class_id, position, "mask.png")
+        storage.put(original_key, upload.data, content_type="application/octet-stream")
+        storage.put(original_mask_key, mask_upload.data, content_type=PNG)
+        storage.put(image_key, _png(shot.image), content_type=PNG)
+        storage.put(mask_key, _png(mask_to_image(shot.mask)), content_type=PNG)
+        rows.append(
+            ShotRow(
+                class_id=class_id,
+                position=position,
+                filename=_display_name(upload.filename, position),
+                width=shot.image.width,
+                height=shot.image.height,
+                original_key=original_key,
+                original_mask_key=original_mask_key,
+                image_key=image_key,
+                mask_key=mask_key,
+            )
+        )
+    return rows
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _display_name(filename: str, position: int) -> str:
+    """The client's file name without any folder part (kept for display and exports)."""
+    name = PurePosixPath(filename.replace("\\", "/")).name
+    return name[:255] or f"shot-{position:02d}"
+
+
+def _delete_blobs(storage: Storage, class_id: uuid.UUID) -> None:
+    """Delete a class's blobs; a failure is logged, never raised (it must not hide the error
+    or the outcome that led here)."""
+    prefix = class_prefix(class_id)
+    try:
+        storage.delete_prefix(prefix)
+    except Exception:
+        log.exception(
+            "could not delete the blobs of class %s: they remain under %s", class_id, prefix
+        )

@@ -1,0 +1,111 @@
+"""Samples: a class's finalized synthetic samples, filtered and paged by index, and their
+blobs."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.auth import Principal
+from service.contexts.access import visible_to
+from service.contexts.classes import visible_class_id
+from service.models import Sample, SegClass
+from service.pagination import decode_cursor, encode_cursor, invalid_cursor, split_page
+from service.problems import not_found
+from service.schemas import Page, SamplePublic
+
+# The absolute (image_url, mask_url) of a sample, built by the API from its own routes.
+SampleUrls = Callable[[uuid.UUID], tuple[str, str]]
+
+
+def list_samples(
+    *,
+    session: Session,
+    principal: Principal,
+    class_id: uuid.UUID,
+    accepted: bool | None,
+    min_clip_score: float | None,
+    limit: int,
+    cursor: str | None,
+    urls: SampleUrls,
+) -> Page[SamplePublic]:
+    """A class's finalized samples in index order, optionally only those `accepted` (or not)
+    and scoring at least `min_clip_score`. Samples still being worked on are not listed."""
+    visible_class_id(session, principal, class_id)
+    # NOTE: keyset on the index (unique per class), so a page costs the same at any depth.
+    statement = select(Sample).where(Sample.class_id == class_id, Sample.finalized_at.is_not(None))
+    if cursor is not None:
+        (after,) = decode_cursor(cursor, arity=1)
+        if not isinstance(after, int) or isinstance(after, bool):
+            raise invalid_cursor()
+        statement = statement.where(Sample.index > after)
+    if accepted is not None:
+        statement = statement.where(Sample.accepted.is_(accepted))
+    if min_clip_score is not None:
+        statement = statement.where(Sample.clip_score >= min_clip_score)
+    statement = statement.order_by(Sample.index).limit(limit + 1)
+    rows, next_cursor = split_page(
+        session.execute(statement).scalars().all(),
+        limit=limit,
+        cursor_after=lambda sample: encode_cursor([sample.index]),
+    )
+    return Page[SamplePublic](
+        items=[sample_public(sample, urls) for sample in rows], next_cursor=next_cursor
+    )
+
+
+def sample_blob(
+    *,
+    session: Session,
+    principal: Principal,
+    sample_id: uuid.UUID,
+    which: Literal["image", "mask"],
+) -> tuple[str, int]:
+    """The blob key of a finalized sample's image or final mask, and the sample's index."""
+    row = (
+        session.execute(
+            select(Sample.image_key, Sample.mask_key, Sample.index)
+            .join(SegClass, SegClass.id == Sample.class_id)
+            .where(
+                Sample.id == sample_id,
+                Sample.finalized_at.is_not(None),
+                visible_to(principal, SegClass.owner_id),
+            )
+        )
+        .tuples()
+        .one_or_none()
+    )
+    if row is None:
+        raise not_found("sample")
+    image_key, mask_key, index = row
+    key = image_key if which == "image" else mask_key
+    if key is None:
+        raise not_found(f"sample {which}")
+    return key, index
+
+
+def sample_public(sample: Sample, urls: SampleUrls) -> SamplePublic:
+    image_url, mask_url = urls(sample.id)
+    return SamplePublic(
+        id=sample.id,
+        class_id=sample.class_id,
+        index=sample.index,
+        prompt=sample.prompt,
+        prompt_kind=sample.prompt_kind,  # type: ignore[arg-type]
+        seed=sample.seed,
+        width=sample.width,
+        height=sample.height,
+        clip_score=sample.clip_score,
+        shot_similarity=sample.shot_similarity,
+        consensus_iou=sample.consensus_iou,
+        ood_iou=sample.ood_iou,
+        accepted=bool(sample.accepted),
+        mask_source=sample.mask_source,  # type: ignore[arg-type]
+        image_url=image_url,
+        mask_url=mask_url,
+        created_at=sample.created_at,
+    )
