@@ -8,6 +8,7 @@ from aligndiff import __version__
 from service.api.middleware import BodySizeLimit, RequestMetrics
 from service.api.openapi import install_openapi, operation_id
 from service.api.routes import api_router
+from service.auth import PrincipalCache
 from service.db import make_engine, make_session_factory
 from service.metrics import Metrics
 from service.problems import install_problem_handlers
@@ -32,6 +33,7 @@ def create_app(
     )
     engine = make_engine(settings.resolved_database_url)
     app.state.settings = settings
+    app.state.principal_cache = PrincipalCache(settings.auth_cache_seconds)
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.storage = storage or make_storage(

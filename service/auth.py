@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -54,12 +56,53 @@ def create_key(
     return key
 
 
-def authenticate(session: Session, authorization: str | None) -> Principal:
-    """The principal behind an `Authorization: Bearer <key>` header; 401 otherwise."""
-    challenge = {"WWW-Authenticate": "Bearer"}
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def bearer_key(authorization: str | None) -> str:
+    """The key of an `Authorization: Bearer <key>` header; 401 when there is none."""
     if not authorization or not authorization.lower().startswith("bearer "):
-        raise Problem(401, "an API key is required: Authorization: Bearer <key>", headers=challenge)
-    key = authorization[7:].strip()
+        raise Problem(
+            401, "an API key is required: Authorization: Bearer <key>", headers=_CHALLENGE
+        )
+    return authorization[7:].strip()
+
+
+class PrincipalCache:
+    """Recently verified keys (by hash), so a busy client costs no key lookup per request.
+
+    A revoked key keeps working for at most `ttl_seconds` in a process that verified it.
+    """
+
+    def __init__(self, ttl_seconds: float, max_entries: int = 10_000) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Principal | None:
+        entry = self._entries.get(digest)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, digest: str, principal: Principal) -> None:
+        if self.ttl_seconds <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[digest] = (time.monotonic() + self.ttl_seconds, principal)
+
+
+def authenticate(
+    session: Session, authorization: str | None, cache: PrincipalCache | None = None
+) -> Principal:
+    """The principal behind an `Authorization: Bearer <key>` header; 401 otherwise."""
+    key = bearer_key(authorization)
+    digest = hash_key(key)
+    if cache is not None and (cached := cache.get(digest)) is not None:
+        return cached
     lookup = (
         key[len(KEY_PREFIX) : len(KEY_PREFIX) + _PREFIX_CHARS] if key.startswith(KEY_PREFIX) else ""
     )
@@ -70,10 +113,9 @@ def authenticate(session: Session, authorization: str | None) -> Principal:
     )
     # Compare against a dummy hash when the prefix is unknown, so timing reveals nothing.
     expected = row.key_hash if row is not None else hash_key("")
-    if (
-        not hmac.compare_digest(expected, hash_key(key))
-        or row is None
-        or row.revoked_at is not None
-    ):
-        raise Problem(401, "the API key is not valid", headers=challenge)
-    return Principal(owner_id=row.owner_id, key_id=row.id, is_admin=row.is_admin)
+    if not hmac.compare_digest(expected, digest) or row is None or row.revoked_at is not None:
+        raise Problem(401, "the API key is not valid", headers=_CHALLENGE)
+    principal = Principal(owner_id=row.owner_id, key_id=row.id, is_admin=row.is_admin)
+    if cache is not None:
+        cache.put(digest, principal)
+    return principal

@@ -27,6 +27,8 @@ class Settings(CoreSettings):
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     presign_seconds: int = 900
+    # How long a process trusts a key it verified (a revoked key works that much longer there).
+    auth_cache_seconds: float = 10.0
 
     # Limits
     max_upload_bytes: int = 64 * 1024 * 1024

@@ -1,4 +1,8 @@
-"""Request dependencies as `Annotated` aliases; tests swap them with dependency_overrides."""
+"""Request dependencies as `Annotated` aliases; tests swap them with dependency_overrides.
+
+Dependencies that do no I/O are `async def`: FastAPI runs sync ones in the thread pool, a hop
+per dependency per request.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,10 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from service.auth import Principal, authenticate
+from service.auth import Principal, authenticate, bearer_key, hash_key
 from service.metrics import Metrics
 from service.pagination import MAX_LIMIT
 from service.problems import Problem
@@ -17,7 +22,7 @@ from service.settings import Settings
 from service.storage import Storage
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
@@ -29,15 +34,15 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage  # type: ignore[no-any-return]
 
 
-def get_queue(request: Request) -> TaskQueue:
+async def get_queue(request: Request) -> TaskQueue:
     return request.app.state.queue  # type: ignore[no-any-return]
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
 
@@ -64,10 +69,21 @@ IdempotencyKey = Annotated[
 ]
 
 
-def get_principal(
-    session: SessionDep, authorization: Annotated[str | None, Header()] = None
+async def get_principal(
+    request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
-    return authenticate(session, authorization)
+    # NOTE: async so that a recently verified key (the common case) costs no thread hop and no
+    # query; only a cache miss goes to the database, in the thread pool.
+    cache = request.app.state.principal_cache
+    cached = cache.get(hash_key(bearer_key(authorization)))
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+
+    def verify() -> Principal:
+        with request.app.state.session_factory() as session:
+            return authenticate(session, authorization, cache)
+
+    return await run_in_threadpool(verify)
 
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]

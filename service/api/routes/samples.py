@@ -39,16 +39,18 @@ def list_samples(
     ] = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
-) -> Page[SamplePublic]:
+) -> Response:
     """A class's finished samples, in index order."""
+    # One route lookup per page, not two per sample: the URLs differ only in the id.
+    marker = uuid.UUID(int=0)
+    image_url = str(request.url_for("get_sample_image", sample_id=marker))
+    mask_url = str(request.url_for("get_sample_mask", sample_id=marker))
 
     def urls(sample_id: uuid.UUID) -> tuple[str, str]:
-        return (
-            str(request.url_for("get_sample_image", sample_id=sample_id)),
-            str(request.url_for("get_sample_mask", sample_id=sample_id)),
-        )
+        text = str(sample_id)
+        return image_url.replace(str(marker), text), mask_url.replace(str(marker), text)
 
-    return samples.list_samples(
+    page = samples.list_samples(
         session=session,
         principal=principal,
         class_id=class_id,
@@ -58,6 +60,8 @@ def list_samples(
         cursor=cursor,
         urls=urls,
     )
+    # NOTE: serialized straight by pydantic-core; FastAPI would validate all items again.
+    return Response(page.model_dump_json(), media_type="application/json")
 
 
 @router.get(
