@@ -90,6 +90,15 @@ def worker(
     run_worker(Settings(), concurrency=concurrency, pool=pool, loglevel=loglevel)
 
 
+def _die_with_parent() -> None:
+    """In a child process: ask Linux to send SIGTERM when the parent exits."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _first_admin_key(settings: Settings) -> str | None:
     """Create an admin key when the database has none yet (first start); else None."""
     from service.auth import create_key
@@ -134,10 +143,13 @@ def serve(
     child: subprocess.Popen[bytes] | None = None
     if embedded_worker:
         env = {**os.environ, "ALIGNDIFF_DATA_DIR": str(settings.data_dir.resolve())}
+        # NOTE: the worker stays in serve's process group (Ctrl-C reaches both) and the kernel
+        # signals it when serve dies, however serve dies: uvicorn re-raises SIGTERM on shutdown,
+        # so code after uvicorn.run() does not run then.
         child = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "worker", "--pool", "solo"],
             env=env,
-            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     typer.echo(f"AlignDiff is serving on http://{host}:{port} (data in {settings.data_dir})")
     if admin_key is not None:
@@ -148,11 +160,11 @@ def serve(
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
         if child is not None and child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)
+            child.terminate()
             try:
                 child.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
+                child.kill()
 
 
 def main() -> None:

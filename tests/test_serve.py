@@ -74,12 +74,13 @@ def server(tmp_path: Path, model_cache: Path) -> Iterator[Server]:
                 time.sleep(0.3)
         yield Server(url=url, admin_key=key, process=process, workdir=tmp_path)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def post_dog(client: httpx.Client, num_samples: int) -> httpx.Response:
@@ -126,3 +127,36 @@ def test_serve_runs_a_class_end_to_end_on_defaults(server: Server) -> None:
 
     # and: the data lives under the working folder
     assert (server.workdir / "aligndiff-data").is_dir()
+
+
+def test_stopping_serve_stops_its_embedded_worker(server: Server) -> None:
+    # given: serve's embedded worker is running
+    children = worker_children(server.process.pid)
+    assert children, "serve started no worker"
+
+    # when: serve is stopped the way a process manager stops it
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(timeout=30)
+
+    # then: no worker is left behind
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in children)
+
+
+def worker_children(parent: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie has exited; it only waits for its parent to collect it
+    status = (
+        Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}").exists() else "Z"
+    )
+    return status != "Z"
