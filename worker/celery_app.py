@@ -2,26 +2,56 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from service.settings import Settings
+from worker.context import WorkerContext
+
+TASK_MODULES = ["worker.tasks"]
 
 
-def make_celery(settings: Settings) -> Celery:
+class AlignDiffCelery(Celery):
+    """A Celery app that carries its worker context (`app.context`), so tasks reach settings,
+    database, storage and models through the app that runs them, never a module global."""
+
+    context: WorkerContext
+
+
+def make_celery(settings: Settings, **context: Any) -> AlignDiffCelery:
     """A Celery app on the configured broker (Redis in production; a SQLite-backed kombu
-    transport that needs no server in the embedded single-machine mode)."""
+    transport that needs no server in the embedded single-machine mode).
+
+    Keyword arguments go to the app's `WorkerContext` (a queue, storage or models to use
+    instead of building them). Sending tasks by name needs nothing from `worker.tasks`; a worker
+    imports it at start.
+    """
     broker = settings.resolved_broker_url
-    if broker.startswith("sqla+sqlite"):
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = Celery("aligndiff", broker=broker)
+    if broker.startswith("sqla+"):
+        if broker.startswith("sqla+sqlite"):
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # NOTE: kombu's SQLAlchemy transport hands its options to `create_engine`, so it gets
+        # none of Redis's. It has no visibility timeout either: a task taken by a worker that
+        # dies is gone, and the job resumes when a worker starts (see `worker.tasks`).
+        transport_options: dict[str, Any] = (
+            {"connect_args": {"timeout": 30}} if broker.startswith("sqla+sqlite") else {}
+        )
+    else:
+        # NOTE: Redis hands an unacknowledged task to another worker after this many seconds,
+        # so it must be longer than any task; a job's lease (`job_lease_seconds`, renewed
+        # after every batch) is what tells a dead worker's job from a slow one.
+        transport_options = {"visibility_timeout": settings.task_visibility_timeout}
+    app = AlignDiffCelery("aligndiff", broker=broker, include=TASK_MODULES)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue="aligndiff",
-        broker_transport_options={"visibility_timeout": settings.task_visibility_timeout},
+        broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         task_ignore_result=True,
         worker_hijack_root_logger=False,
     )
+    app.context = WorkerContext(settings, celery_app=app, **context)
     return app

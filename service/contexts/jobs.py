@@ -4,6 +4,11 @@ racing API calls, workers and redeliveries can only move a job along legal edges
     queued ──claim──▶ running ──complete──▶ succeeded
       │                 │ ├──fail──────────▶ failed ──retry──▶ queued
       └──cancel──▶ cancelled ◀──(cancel requested, seen between batches)
+
+While running, `stage` only moves forward (inversion → sampling → annotation → scoring) and
+`progress` never goes back, so a straggler task of an earlier stage (a redelivered message)
+cannot undo a later stage's advance. Progress reports extend the job's lease; a running job
+whose lease expired has lost its worker, and `claim` may take it over (counting an attempt).
 """
 
 from __future__ import annotations
@@ -11,14 +16,23 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import case, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from service.models import Job, utcnow
 from service.problems import Problem
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
+STAGES = ("inversion", "sampling", "annotation", "scoring")
+
+
+def _earlier_or_no_stage(stage: str) -> ColumnElement[bool]:
+    """SQL: the job's stage is before `stage` (or not set yet)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    return or_(Job.stage.is_(None), Job.stage.in_(STAGES[: STAGES.index(stage)]))
 
 
 def create_job(session: Session, *, kind: str, owner_id: uuid.UUID, target_id: uuid.UUID) -> Job:
@@ -109,19 +123,31 @@ def claim(
 def report_progress(
     session: Session, job_id: uuid.UUID, *, stage: str, progress: float, lease_seconds: int
 ) -> bool:
-    """Record stage and progress and extend the lease. False when the job should stop
-    (cancel requested, or no longer running)."""
-    moved = _cas(
+    """Record progress in `stage` and extend the lease. The stage only moves forward and the
+    progress only up (concurrent chunk tasks report out of order). False when the job should
+    stop (cancel requested, or no longer running)."""
+    value = max(0.0, min(1.0, progress))
+    return _cas(
         session,
         job_id,
         [Job.status == "running", Job.cancel_requested.is_(False)],
         {
-            "stage": stage,
-            "progress": max(0.0, min(1.0, progress)),
+            "stage": case((_earlier_or_no_stage(stage), stage), else_=Job.stage),
+            "progress": case((Job.progress < value, value), else_=Job.progress),
             "lease_expires_at": utcnow() + timedelta(seconds=lease_seconds),
         },
     )
-    return moved
+
+
+def advance_stage(session: Session, job_id: uuid.UUID, *, stage: str) -> bool:
+    """Move a running job to `stage` if that is a step forward. True for the one caller that
+    moved it (the compare-and-set that makes a stage's fan-out happen once)."""
+    return _cas(
+        session,
+        job_id,
+        [Job.status == "running", Job.cancel_requested.is_(False), _earlier_or_no_stage(stage)],
+        {"stage": stage},
+    )
 
 
 def should_stop(session: Session, job_id: uuid.UUID) -> bool:
@@ -169,10 +195,28 @@ def fail(session: Session, job_id: uuid.UUID, error: str) -> bool:
     )
 
 
-def stale_running_jobs(session: Session, *, now: datetime | None = None) -> list[uuid.UUID]:
+def stale_running_jobs(
+    session: Session, *, now: datetime | None = None, kind: str | None = None
+) -> list[uuid.UUID]:
     """Running jobs whose lease expired: their worker died; they can be claimed again."""
     moment = now or utcnow()
-    rows = session.execute(
-        select(Job.id).where(Job.status == "running", Job.lease_expires_at < moment)
+    query = select(Job.id).where(Job.status == "running", Job.lease_expires_at < moment)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    return [row[0] for row in session.execute(query)]
+
+
+def unclaimed_queued_jobs(
+    session: Session, *, older_than: timedelta, kind: str | None = None
+) -> list[uuid.UUID]:
+    """Queued jobs no worker has claimed for `older_than`: their start message may be lost
+    (the API stopped between commit and enqueue). Enqueueing one again is harmless: a second
+    start finds it claimed and does nothing."""
+    query = select(Job.id).where(
+        Job.status == "queued",
+        Job.cancel_requested.is_(False),
+        Job.updated_at < utcnow() - older_than,
     )
-    return [row[0] for row in rows]
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    return [row[0] for row in session.execute(query)]

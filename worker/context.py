@@ -1,0 +1,118 @@
+"""What a worker process needs to run tasks, created lazily and once per process."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import make_engine, make_session_factory, session_scope
+from service.queue import CeleryQueue, TaskQueue
+from service.settings import Settings
+from service.storage import Storage, make_storage
+
+if TYPE_CHECKING:
+    from aligndiff.synth import Models, SynthConfig
+
+
+class WorkerContext:
+    """Settings, database, blob storage, task queue and models of one worker process.
+
+    Everything but the settings is built on first use, so importing the Celery app (the API
+    does, to send tasks) loads no model and opens no connection. The database engine, storage
+    and models belong to the process that built them: a forked pool child builds its own.
+    `queue`, `storage` and `models` may be given (tests run the tasks in process with them).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        celery_app: Any = None,
+        queue: TaskQueue | None = None,
+        storage: Storage | None = None,
+        models: Models | None = None,
+    ) -> None:
+        self.settings = settings
+        self._celery_app = celery_app
+        self._given_queue, self._given_storage, self._given_models = queue, storage, models
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._engine: Engine | None = None
+        self._session_factory: sessionmaker[Session] | None = None
+        self._queue: TaskQueue | None = self._given_queue
+        self._storage: Storage | None = self._given_storage
+        self._models: Models | None = self._given_models
+
+    def _own_process(self) -> None:
+        # NOTE: a prefork child inherits its parent's objects; pooled connections (and CUDA
+        # state) must not be shared across processes, so the child drops them and rebuilds.
+        if os.getpid() != self._pid:
+            if self._engine is not None:
+                self._engine.dispose(close=False)
+            self._reset()
+
+    @property
+    def worker_name(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def engine(self) -> Engine:
+        self._own_process()
+        if self._engine is None:
+            self._engine = make_engine(self.settings.resolved_database_url)
+        return self._engine
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A short transaction: commits on success, rolls back on error."""
+        engine = self.engine
+        if self._session_factory is None:
+            self._session_factory = make_session_factory(engine)
+        with session_scope(self._session_factory) as session:
+            yield session
+
+    @property
+    def storage(self) -> Storage:
+        self._own_process()
+        if self._storage is None:
+            self._storage = make_storage(
+                self.settings.resolved_storage_url,
+                endpoint_url=self.settings.s3_endpoint_url,
+                region=self.settings.s3_region,
+            )
+        return self._storage
+
+    @property
+    def queue(self) -> TaskQueue:
+        self._own_process()
+        if self._queue is None:
+            if self._celery_app is None:
+                raise RuntimeError("this worker context has neither a queue nor a Celery app")
+            self._queue = CeleryQueue(self._celery_app)
+        return self._queue
+
+    @property
+    def models(self) -> Models:
+        """The pipeline's models, loaded on first use and kept for the life of the process."""
+        self._own_process()
+        if self._models is None:
+            from aligndiff.synth import load_models
+
+            self._models = load_models(self.settings)
+        return self._models
+
+    @property
+    def config(self) -> SynthConfig:
+        """Every stage's settings; the same on every worker of one model, so a sample's bits
+        do not depend on which worker drew it."""
+        from aligndiff.synth import SynthConfig
+
+        return SynthConfig.for_model(self.settings.diffusion_model)

@@ -1,0 +1,59 @@
+"""Starting a worker: `run_worker(settings)`, or `python -m worker.main`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+
+from service.settings import Settings
+from worker.celery_app import make_celery
+
+POOLS = ("solo", "prefork")
+
+
+def run_worker(
+    settings: Settings, *, concurrency: int = 1, pool: str = "solo", loglevel: str = "INFO"
+) -> None:
+    """Run a Celery worker on the configured broker until it is stopped (blocks; it installs
+    signal handlers, so call it from a process's main thread).
+
+    One worker process per GPU: `pool="solo"` runs tasks in this process (the choice for the
+    embedded SQLite setup too); `prefork` forks `concurrency` children, each loading the models
+    once, on its first task. On start the worker enqueues the jobs whose worker died.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    app = make_celery(settings)
+    app.worker_main(
+        [
+            "worker",
+            f"--pool={pool}",
+            f"--concurrency={concurrency}",
+            f"--loglevel={loglevel}",
+            f"--hostname=aligndiff-{os.getpid()}@{socket.gethostname()}",
+            # NOTE: gossip, mingle and event heartbeats broadcast between workers; the jobs
+            # need none of them, and the embedded SQLite broker cannot broadcast.
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.main",
+        description="Run an AlignDiff worker (settings from ALIGNDIFF_* variables).",
+    )
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--pool", choices=POOLS, default="solo")
+    parser.add_argument("--loglevel", default="INFO")
+    args = parser.parse_args(argv)
+    run_worker(Settings(), concurrency=args.concurrency, pool=args.pool, loglevel=args.loglevel)
+
+
+if __name__ == "__main__":
+    main()

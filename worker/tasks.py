@@ -1,0 +1,85 @@
+"""Celery tasks of the synthesis job. Each takes ids and primitives, runs one step of
+`worker.synthesis` with the worker's context, and leaves the job's status to the step, or to
+`on_failure` when the step raises (the job fails with the error and its traceback's tail)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, cast
+
+from billiard.einfo import ExceptionInfo
+from celery import Task, shared_task
+from celery.signals import worker_ready
+
+from worker import synthesis
+from worker.celery_app import AlignDiffCelery
+from worker.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+class JobTask(Task):
+    """A task whose first argument is a job id: a failure fails that job."""
+
+    @property
+    def context(self) -> WorkerContext:
+        return cast(AlignDiffCelery, self.app).context
+
+    def on_failure(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
+        job_id = args[0] if args else kwargs.get("job_id")
+        log.error("task %s (%s) failed for job %s: %r", self.name, task_id, job_id, exc)
+        try:
+            synthesis.record_failure(self.context, uuid.UUID(str(job_id)), exc, str(einfo))
+        except Exception:
+            log.exception("could not record the failure of job %s", job_id)
+
+
+@shared_task(bind=True, base=JobTask, name=synthesis.START)
+def start_synthesis(self: JobTask, job_id: str) -> None:
+    synthesis.start(self.context, uuid.UUID(job_id))
+
+
+@shared_task(bind=True, base=JobTask, name=synthesis.RESUME)
+def resume_synthesis(self: JobTask, job_id: str) -> None:
+    synthesis.resume(self.context, uuid.UUID(job_id))
+
+
+@shared_task(bind=True, base=JobTask, name=synthesis.SAMPLE_CHUNK)
+def sample_chunk(self: JobTask, job_id: str, indices: list[int]) -> None:
+    synthesis.sample_chunk(self.context, uuid.UUID(job_id), indices)
+
+
+@shared_task(bind=True, base=JobTask, name=synthesis.ANNOTATE_CHUNK)
+def annotate_chunk(self: JobTask, job_id: str, indices: list[int]) -> None:
+    synthesis.annotate_chunk(self.context, uuid.UUID(job_id), indices)
+
+
+@shared_task(bind=True, base=JobTask, name=synthesis.RECALIBRATE)
+def recalibrate(self: JobTask, job_id: str) -> None:
+    synthesis.recalibrate_class(self.context, uuid.UUID(job_id))
+
+
+@shared_task(bind=True, base=JobTask, name=synthesis.FINALIZE_CHUNK)
+def finalize_chunk(self: JobTask, job_id: str, indices: list[int]) -> None:
+    synthesis.finalize_chunk(self.context, uuid.UUID(job_id), indices)
+
+
+@worker_ready.connect
+def requeue_orphaned_jobs(sender: Any = None, **_: Any) -> None:
+    """On worker start, take over jobs whose worker died and start those whose start message
+    was lost."""
+    app = getattr(sender, "app", None)
+    if not isinstance(app, AlignDiffCelery):
+        return
+    try:
+        synthesis.requeue_orphaned_jobs(app.context)
+    except Exception:
+        log.exception("could not look for orphaned jobs")
