@@ -19,6 +19,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    MetaData,
     String,
     Text,
     TypeDecorator,
@@ -49,7 +50,18 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
 
+# Named constraints, so later migrations can drop or alter them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
 class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map: ClassVar[dict[Any, Any]] = {
         datetime: UTCDateTime(),
         uuid.UUID: Uuid(),
@@ -151,10 +163,8 @@ class Sample(Base):
     finalized samples are listed."""
 
     __tablename__ = "samples"
-    __table_args__ = (
-        UniqueConstraint("class_id", "index", name="uq_samples_class_index"),
-        Index("ix_samples_class_final_index", "class_id", "finalized_at", "index"),
-    )
+    # NOTE: the unique (class_id, index) index also serves the listing's keyset pagination.
+    __table_args__ = (UniqueConstraint("class_id", "index"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     class_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("classes.id", ondelete="CASCADE"))

@@ -1,8 +1,8 @@
-"""Initial schema: owners, API keys, jobs, classes, shots, samples, idempotency records.
+"""initial
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-24 22:03:05.346876
+Create Date: 2026-11-24 22:43:03.850169
 """
 
 from collections.abc import Sequence
@@ -22,7 +22,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Uuid(), nullable=False),
         sa.Column("name", sa.String(length=128), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.PrimaryKeyConstraint("id"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_owners")),
     )
     op.create_table(
         "api_keys",
@@ -34,9 +34,14 @@ def upgrade() -> None:
         sa.Column("is_admin", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
-        sa.ForeignKeyConstraint(["owner_id"], ["owners.id"], ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("prefix"),
+        sa.ForeignKeyConstraint(
+            ["owner_id"],
+            ["owners.id"],
+            name=op.f("fk_api_keys_owner_id_owners"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
+        sa.UniqueConstraint("prefix", name=op.f("uq_api_keys_prefix")),
     )
     op.create_table(
         "classes",
@@ -57,10 +62,14 @@ def upgrade() -> None:
         sa.Column("job_id", sa.Uuid(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["owner_id"], ["owners.id"], ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("id"),
+        sa.ForeignKeyConstraint(
+            ["owner_id"], ["owners.id"], name=op.f("fk_classes_owner_id_owners"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_classes")),
     )
-    op.create_index("ix_classes_owner_created", "classes", ["owner_id", "created_at"], unique=False)
+    with op.batch_alter_table("classes", schema=None) as batch_op:
+        batch_op.create_index("ix_classes_owner_created", ["owner_id", "created_at"], unique=False)
+
     op.create_table(
         "idempotency_records",
         sa.Column("owner_id", sa.Uuid(), nullable=False),
@@ -70,8 +79,13 @@ def upgrade() -> None:
         sa.Column("body", sa.Text(), nullable=False),
         sa.Column("location", sa.String(length=512), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["owner_id"], ["owners.id"], ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("owner_id", "key"),
+        sa.ForeignKeyConstraint(
+            ["owner_id"],
+            ["owners.id"],
+            name=op.f("fk_idempotency_records_owner_id_owners"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("owner_id", "key", name=op.f("pk_idempotency_records")),
     )
     op.create_table(
         "jobs",
@@ -91,11 +105,15 @@ def upgrade() -> None:
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["owner_id"], ["owners.id"], ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("id"),
+        sa.ForeignKeyConstraint(
+            ["owner_id"], ["owners.id"], name=op.f("fk_jobs_owner_id_owners"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_jobs")),
     )
-    op.create_index("ix_jobs_owner_created", "jobs", ["owner_id", "created_at"], unique=False)
-    op.create_index("ix_jobs_status", "jobs", ["status"], unique=False)
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.create_index("ix_jobs_owner_created", ["owner_id", "created_at"], unique=False)
+        batch_op.create_index("ix_jobs_status", ["status"], unique=False)
+
     op.create_table(
         "samples",
         sa.Column("id", sa.Uuid(), nullable=False),
@@ -117,15 +135,14 @@ def upgrade() -> None:
         sa.Column("accepted", sa.Boolean(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("finalized_at", sa.DateTime(timezone=True), nullable=True),
-        sa.ForeignKeyConstraint(["class_id"], ["classes.id"], ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("class_id", "index", name="uq_samples_class_index"),
-    )
-    op.create_index(
-        "ix_samples_class_final_index",
-        "samples",
-        ["class_id", "finalized_at", "index"],
-        unique=False,
+        sa.ForeignKeyConstraint(
+            ["class_id"],
+            ["classes.id"],
+            name=op.f("fk_samples_class_id_classes"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_samples")),
+        sa.UniqueConstraint("class_id", "index", name=op.f("uq_samples_class_id_index")),
     )
     op.create_table(
         "shots",
@@ -139,21 +156,26 @@ def upgrade() -> None:
         sa.Column("original_mask_key", sa.String(length=512), nullable=False),
         sa.Column("image_key", sa.String(length=512), nullable=False),
         sa.Column("mask_key", sa.String(length=512), nullable=False),
-        sa.ForeignKeyConstraint(["class_id"], ["classes.id"], ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("class_id", "position"),
+        sa.ForeignKeyConstraint(
+            ["class_id"], ["classes.id"], name=op.f("fk_shots_class_id_classes"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_shots")),
+        sa.UniqueConstraint("class_id", "position", name=op.f("uq_shots_class_id_position")),
     )
 
 
 def downgrade() -> None:
     op.drop_table("shots")
-    op.drop_index("ix_samples_class_final_index", table_name="samples")
     op.drop_table("samples")
-    op.drop_index("ix_jobs_status", table_name="jobs")
-    op.drop_index("ix_jobs_owner_created", table_name="jobs")
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_index("ix_jobs_status")
+        batch_op.drop_index("ix_jobs_owner_created")
+
     op.drop_table("jobs")
     op.drop_table("idempotency_records")
-    op.drop_index("ix_classes_owner_created", table_name="classes")
+    with op.batch_alter_table("classes", schema=None) as batch_op:
+        batch_op.drop_index("ix_classes_owner_created")
+
     op.drop_table("classes")
     op.drop_table("api_keys")
     op.drop_table("owners")
