@@ -1,0 +1,218 @@
+"""Load test of `GET /v1/classes/{id}/samples` on PostgreSQL: latency percentiles and errors.
+
+Seeds a fresh database with one class of N finalized samples, serves the API with uvicorn on
+loopback and drives it with wrk (Debian package `wrk`) for a bounded time, requests spread
+over random pages. Target (DESIGN.md): p99 <= 50 ms at 32 connections, zero errors.
+
+    python -m bench.api_load [--samples 10000] [--connections 32] [--duration 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from sqlalchemy import create_engine, insert
+
+from bench.common import RESULTS_PATH, command_line, markdown_table, record_results
+from service.auth import create_key
+from service.db import make_engine, make_session_factory, session_scope
+from service.migrate import upgrade
+from service.models import Job, Owner, Sample, SegClass, utcnow
+from service.pagination import encode_cursor
+
+ADMIN_URL = os.environ.get(
+    "ALIGNDIFF_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=10_000)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--duration", type=int, default=30, help="seconds of load per run")
+    parser.add_argument("--api-workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--results", type=Path, default=RESULTS_PATH)
+    return parser.parse_args()
+
+
+@contextmanager
+def scratch_database() -> Iterator[str]:
+    name = f"aligndiff_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def seed(url: str, samples: int) -> tuple[str, uuid.UUID]:
+    """One owner, a key, one class of `samples` finalized samples; returns (key, class id)."""
+    upgrade(url)
+    engine = make_engine(url)
+    with session_scope(make_session_factory(engine)) as session:
+        key = create_key(session, name="bench", admin=False)
+        owner_id = session.query(Owner.id).scalar()
+        class_id = uuid.uuid4()
+        job = Job(kind="synthesis", owner_id=owner_id, target_id=class_id, status="succeeded")
+        session.add(job)
+        session.flush()
+        session.add(
+            SegClass(id=class_id, owner_id=owner_id, name="dog", seed=0, prompts=[], num_shots=1,
+                     num_samples_requested=samples, num_samples_done=samples, job_id=job.id)
+        )  # fmt: skip
+        session.flush()
+        now = utcnow()
+        rng = random.Random(0)
+        rows = [
+            {
+                "id": uuid.uuid4(), "class_id": class_id, "index": i,
+                "prompt": "a photo of a dog", "prompt_kind": "text" if i % 2 else "inversion",
+                "seed": rng.getrandbits(63), "width": 512, "height": 512,
+                "image_key": f"classes/{class_id}/samples/{i:05d}/image.png",
+                "coarse_mask_key": f"classes/{class_id}/samples/{i:05d}/coarse.png",
+                "mask_key": f"classes/{class_id}/samples/{i:05d}/mask.png",
+                "consensus_iou": rng.random(), "mask_source": "consensus",
+                "ood_iou": rng.random(), "clip_score": rng.uniform(15, 35),
+                "shot_similarity": rng.random(), "accepted": rng.random() > 0.2,
+                "created_at": now, "finalized_at": now,
+            }
+            for i in range(samples)
+        ]  # fmt: skip
+        for start in range(0, samples, 2000):
+            session.execute(insert(Sample), rows[start : start + 2000])
+    engine.dispose()
+    return key, class_id
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def api_server(database_url: str, workers: int) -> Iterator[str]:
+    port = free_port()
+    data_dir = Path(tempfile.mkdtemp(prefix="aligndiff-bench-"))
+    env = {
+        **os.environ,
+        "ALIGNDIFF_DATABASE_URL": database_url,
+        "ALIGNDIFF_DATA_DIR": str(data_dir),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+         "--log-level", "warning", "--no-access-log"],
+        env=env, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("the API did not start")
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def wrk_script(class_id: uuid.UUID, samples: int, path: Path) -> None:
+    """A wrk script choosing among pages all over the class, some of them filtered."""
+    rng = random.Random(1)
+    paths = []
+    for _ in range(400):
+        query = f"limit=50&cursor={encode_cursor([rng.randrange(samples)])}"
+        if rng.random() < 0.25:
+            query += "&accepted=true&min_clip_score=20"
+        paths.append(f"/v1/classes/{class_id}/samples?{query}")
+    lua_paths = ",\n".join(f'  "{p}"' for p in paths)
+    path.write_text(
+        f"paths = {{\n{lua_paths}\n}}\n"
+        "request = function()\n"
+        '  return wrk.format("GET", paths[math.random(#paths)])\n'
+        "end\n"
+    )
+
+
+def run_wrk(url: str, key: str, script: Path, connections: int, duration: int) -> dict[str, str]:
+    done = subprocess.run(
+        ["wrk", "-t", "2", "-c", str(connections), "-d", f"{duration}s", "--latency",
+         "--timeout", "10s", "-H", f"Authorization: Bearer {key}", "-s", str(script), url],
+        capture_output=True, text=True, check=True, timeout=duration + 60,
+    )  # fmt: skip
+    out = done.stdout
+    latency = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, flags=re.MULTILINE))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.+)", out)
+    return {
+        "p50": latency.get("50", "?"),
+        "p90": latency.get("90", "?"),
+        "p99": latency.get("99", "?"),
+        "requests/s": re.search(r"Requests/sec:\s+(\S+)", out).group(1),  # type: ignore[union-attr]
+        "errors": str(int(non_2xx.group(1)) if non_2xx else 0)
+        + (f" (socket: {socket_errors.group(1)})" if socket_errors else ""),
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is needed: apt-get install wrk")
+    rows = []
+    with scratch_database() as url:
+        key, class_id = seed(url, args.samples)
+        script = Path(tempfile.mkstemp(suffix=".lua")[1])
+        wrk_script(class_id, args.samples, script)
+        for workers in args.api_workers:
+            with api_server(url, workers) as api:
+                run_wrk(api, key, script, args.connections, 3)  # warm-up
+                result = run_wrk(api, key, script, args.connections, args.duration)
+            rows.append([workers, args.connections, *result.values()])
+            print(rows[-1], flush=True)
+        script.unlink()
+    table = markdown_table(
+        ["uvicorn workers", "connections", "p50", "p90", "p99", "requests/s", "non-2xx / errors"],
+        rows,
+    )
+    print(table)
+    record_results(
+        f"API: GET /v1/classes/{{id}}/samples, {args.samples:,} samples on PostgreSQL",
+        command_line(),
+        table,
+        notes=(
+            "wrk on the same 2-core machine as the API and PostgreSQL (loopback), pages of 50 at "
+            "random cursors, a quarter filtered by accepted and min_clip_score. "
+            "Target: p99 <= 50 ms at 32 connections with zero errors."
+        ),
+        path=args.results,
+    )
+
+
+if __name__ == "__main__":
+    main()
