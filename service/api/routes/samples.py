@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy.orm import Session
 
 from service.api.deps import CurrentPrincipal, Cursor, Limit, SessionDep, SettingsDep, StorageDep
 from service.api.responses import PNG, blob_response, problem_responses
+from service.auth import Principal
 from service.contexts import samples
 from service.pagination import DEFAULT_LIMIT
 from service.schemas import Page, SamplePublic
+from service.settings import Settings
+from service.storage import Storage
 
 router = APIRouter(tags=["samples"])
 
@@ -64,6 +68,28 @@ def list_samples(
     return Response(page.model_dump_json(), media_type="application/json")
 
 
+def _sample_png(
+    which: Literal["image", "mask"],
+    *,
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    principal: Principal,
+    sample_id: uuid.UUID,
+) -> Response:
+    key, index = samples.sample_blob(
+        session=session, principal=principal, sample_id=sample_id, which=which
+    )
+    suffix = "" if which == "image" else "-mask"
+    return blob_response(
+        storage,
+        key,
+        media_type=PNG,
+        filename=f"sample-{index:05d}{suffix}.png",
+        presign_seconds=settings.presign_seconds,
+    )
+
+
 @router.get(
     "/v1/samples/{sample_id}/image",
     response_class=Response,
@@ -77,16 +103,10 @@ def get_sample_image(
     sample_id: uuid.UUID,
 ) -> Response:
     """A sample's image (PNG)."""
-    key, index = samples.sample_blob(
-        session=session, principal=principal, sample_id=sample_id, which="image"
-    )
-    return blob_response(
-        storage,
-        key,
-        media_type=PNG,
-        filename=f"sample-{index:05d}.png",
-        presign_seconds=settings.presign_seconds,
-    )
+    return _sample_png(
+        "image", session=session, storage=storage, settings=settings, principal=principal,
+        sample_id=sample_id,
+    )  # fmt: skip
 
 
 @router.get(
@@ -102,13 +122,7 @@ def get_sample_mask(
     sample_id: uuid.UUID,
 ) -> Response:
     """A sample's final mask (PNG)."""
-    key, index = samples.sample_blob(
-        session=session, principal=principal, sample_id=sample_id, which="mask"
-    )
-    return blob_response(
-        storage,
-        key,
-        media_type=PNG,
-        filename=f"sample-{index:05d}-mask.png",
-        presign_seconds=settings.presign_seconds,
-    )
+    return _sample_png(
+        "mask", session=session, storage=storage, settings=settings, principal=principal,
+        sample_id=sample_id,
+    )  # fmt: skip
