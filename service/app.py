@@ -31,7 +31,7 @@ def create_app(
         description="Few-shot image+mask shots in, a scored synthetic segmentation dataset out.",
         generate_unique_id_function=operation_id,
     )
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url, pool_size=settings.database_pool_size)
     app.state.settings = settings
     app.state.principal_cache = PrincipalCache(settings.auth_cache_seconds)
     app.state.engine = engine

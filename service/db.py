@@ -9,8 +9,12 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL and foreign keys (Postgres has both natively)."""
+def make_engine(url: str, *, pool_size: int = 32) -> Engine:
+    """An engine for `url`; SQLite gets WAL and foreign keys (Postgres has both natively).
+
+    `pool_size` should cover the requests one process serves at once (the API's thread pool):
+    connections beyond it are opened and closed per checkout, which costs more than the query.
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -23,7 +27,10 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # NOTE: no pre-ping (a round trip per checkout). A connection that died with its server
+    # fails its request once with OperationalError (answered 503); SQLAlchemy then discards
+    # the whole pool and the next requests reconnect by themselves.
+    return create_engine(url, pool_size=pool_size, max_overflow=8, pool_recycle=1800)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -22,6 +22,7 @@ class Settings(CoreSettings):
 
     data_dir: Path = Field(default_factory=_data_dir)
     database_url: str | None = None
+    database_pool_size: int = 32  # per process; cover the API's concurrent requests
     broker_url: str | None = None
     storage_url: str | None = None
     s3_endpoint_url: str | None = None
@@ -35,6 +36,11 @@ class Settings(CoreSettings):
     max_image_pixels: int = 40_000_000
     max_shots: int = 10
     max_num_samples: int = 1000
+
+    # Dataset exports (webdataset): a shard is buffered whole before it is sent, so it is
+    # closed at whichever of these comes first.
+    export_shard_max_samples: int = Field(default=1000, ge=1)
+    export_shard_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
 
     # Workers
     sample_chunk_size: int = 8
