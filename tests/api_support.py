@@ -293,12 +293,17 @@ def add_sample(
     accepted: bool = True,
     clip_score: float = 30.0,
     finalized: bool = True,
+    image: Image.Image | None = None,
+    mask: Image.Image | None = None,
 ) -> uuid.UUID:
-    """A sample with its image and mask blobs, as a finished synthesis job leaves it."""
+    """A sample with its image and mask blobs (8×8 unless given), as a finished synthesis job
+    leaves it."""
+    image = image if image is not None else photo((8, 8))
+    mask = mask if mask is not None else box_mask(image.size)
     image_key = sample_key(class_id, index, "image.png")
     mask_key = sample_key(class_id, index, "mask.png")
-    api.storage.put(image_key, encode(photo((8, 8))), content_type="image/png")
-    api.storage.put(mask_key, encode(box_mask((8, 8))), content_type="image/png")
+    api.storage.put(image_key, encode(image), content_type="image/png")
+    api.storage.put(mask_key, encode(mask), content_type="image/png")
     with api.session() as session:
         sample = Sample(
             class_id=class_id,
@@ -306,8 +311,8 @@ def add_sample(
             prompt="a photo of a dog",
             prompt_kind="text" if index % 2 else "inversion",
             seed=1000 + index,
-            width=8,
-            height=8,
+            width=image.width,
+            height=image.height,
             image_key=image_key,
             coarse_mask_key=sample_key(class_id, index, "coarse.png"),
             mask_key=mask_key,

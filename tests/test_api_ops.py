@@ -17,6 +17,7 @@ OPERATION_IDS = {
     "list_samples",
     "get_sample_image",
     "get_sample_mask",
+    "download_dataset",
     "list_jobs",
     "get_job",
     "cancel_job",

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.auth import Principal, authenticate, bearer_key, hash_key
 from service.metrics import Metrics
@@ -34,6 +34,11 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
+async def get_session_factory(request: Request) -> sessionmaker[Session]:
+    """For work that outlives the request's session (a streamed response opens its own)."""
+    return request.app.state.session_factory  # type: ignore[no-any-return]
+
+
 async def get_storage(request: Request) -> Storage:
     return request.app.state.storage  # type: ignore[no-any-return]
 
@@ -48,6 +53,7 @@ async def get_metrics(request: Request) -> Metrics:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
+SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 QueueDep = Annotated[TaskQueue, Depends(get_queue)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

@@ -132,7 +132,7 @@ def list_classes(
 
 
 def get_class(*, session: Session, principal: Principal, class_id: uuid.UUID) -> ClassPublic:
-    return class_public(*_visible_class(session, principal, class_id))
+    return class_public(*visible_class(session, principal, class_id))
 
 
 def delete_class(
@@ -141,7 +141,7 @@ def delete_class(
     """Delete a class: cancel its job if still active, delete its rows (its shots and samples
     go with it) and then its blobs. The job row stays, `cancelled` if it was active, as the
     record of the work done."""
-    seg_class, job = _visible_class(session, principal, class_id)
+    seg_class, job = visible_class(session, principal, class_id)
     if job is not None and job.status in jobs.ACTIVE:
         # It may finish between the read and the cancel: then there is nothing to stop.
         with suppress(Problem):
@@ -159,7 +159,7 @@ def embedding_blob(
 ) -> tuple[str, str]:
     """The blob key of a class's learned embedding and a file name for it; 409 until the
     inversion stage has stored it."""
-    seg_class, _ = _visible_class(session, principal, class_id)
+    seg_class, _ = visible_class(session, principal, class_id)
     if seg_class.embedding_key is None:
         raise Problem(409, "the class's embedding is not learned yet; wait for its job")
     return seg_class.embedding_key, f"{inversion_token(seg_class.name).strip('<>')}.safetensors"
@@ -198,9 +198,10 @@ def _classes_with_jobs() -> Select[SegClass, Job]:
     return select(SegClass, Job).outerjoin(Job, Job.id == SegClass.job_id)
 
 
-def _visible_class(
+def visible_class(
     session: Session, principal: Principal, class_id: uuid.UUID
 ) -> tuple[SegClass, Job | None]:
+    """The class and its job (None if it has none), or 404 unless `principal` may see it."""
     row = (
         session.execute(
             _classes_with_jobs().where(

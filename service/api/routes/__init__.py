@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.routes import admin, classes, jobs, ops, samples
+from service.api.routes import admin, classes, datasets, jobs, ops, samples
 
 api_router = APIRouter()
-for module in (classes, samples, jobs, ops, admin):
+for module in (classes, samples, datasets, jobs, ops, admin):
     api_router.include_router(module.router)
