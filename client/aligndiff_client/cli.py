@@ -1,0 +1,227 @@
+"""`aligndiff-client`: the SDK's main calls from a shell.
+
+Resources are printed to stdout as JSON (for `jq`); progress bars and errors go to stderr. An
+error is one line, `aligndiff-client: error: …`, and a non-zero exit status (1; 2 for a wrong
+command line; 130 when interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel
+
+from aligndiff_client._version import __version__
+from aligndiff_client.client import DEFAULT_NUM_SAMPLES, Client
+from aligndiff_client.errors import AlignDiffError
+from aligndiff_client.shots import shot_files
+
+PROG = "aligndiff-client"
+DEFAULT_URL = "http://127.0.0.1:8000"
+FORMATS = ("voc", "coco", "hf", "webdataset")
+ARCHITECTURES = ("deeplabv3", "segformer")
+
+
+def main(argv: Sequence[str] | None = None, *, transport: httpx.BaseTransport | None = None) -> int:
+    """Run the command line; return the exit status. `transport` replaces the network."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    url = getattr(args, "url", None) or os.environ.get("ALIGNDIFF_URL") or DEFAULT_URL
+    api_key = getattr(args, "api_key", None) or os.environ.get("ALIGNDIFF_API_KEY")
+    if not api_key:
+        parser.error("no API key: pass --api-key or set ALIGNDIFF_API_KEY")
+    if args.run is _create and (args.images is None) != (args.masks is None):
+        parser.error("create: --images needs --masks (one per image); --shots-dir takes none")
+    try:
+        with Client(url, api_key, transport=transport) as client:
+            args.run(client, args)
+    except KeyboardInterrupt:
+        _fail("interrupted (a download resumes when the same command is run again)")
+        return 130
+    except (AlignDiffError, OSError, ValueError) as error:
+        _fail(str(error))
+        return 1
+    return 0
+
+
+def _create(client: Client, args: argparse.Namespace) -> None:
+    if args.shots_dir is not None:
+        images, masks = shot_files(args.shots_dir)
+    else:
+        images, masks = args.images, args.masks
+    created = client.create_class(
+        args.name,
+        images,
+        masks,
+        prompts=args.prompt,
+        num_samples=args.num_samples,
+        seed=args.seed,
+    )
+    if args.wait:
+        created = client.wait(created.id, timeout=args.timeout, progress=not args.quiet)
+    _print(created)
+
+
+def _status(client: Client, args: argparse.Namespace) -> None:
+    _print(client.get_class(args.class_id))
+
+
+def _download(client: Client, args: argparse.Namespace) -> None:
+    path = client.download_dataset(
+        args.class_id,
+        args.format,
+        args.out,
+        accepted_only=not args.all,
+        progress=not args.quiet,
+        extract=args.extract,
+    )
+    print(path)
+    if args.extract is not None:
+        print(args.extract)
+
+
+def _train(client: Client, args: argparse.Namespace) -> None:
+    training = client.train(
+        args.class_ids,
+        architecture=args.architecture,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        use_synthetic=not args.no_synthetic,
+        copy_paste=not args.no_copy_paste,
+        compare_baseline=args.compare_baseline,
+    )
+    if args.wait:
+        training = client.wait_training(training.id, timeout=args.timeout, progress=not args.quiet)
+    _print(training)
+
+
+def _parser() -> argparse.ArgumentParser:
+    # NOTE: the connection options are accepted before and after the command; SUPPRESS keeps
+    # a subcommand's unset option from overwriting what was given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url",
+        default=argparse.SUPPRESS,
+        help=f"the service's URL (env ALIGNDIFF_URL; default {DEFAULT_URL})",
+    )
+    common.add_argument(
+        "--api-key", default=argparse.SUPPRESS, help="an API key (env ALIGNDIFF_API_KEY)"
+    )
+    common.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars"
+    )
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Create AlignDiff classes, follow them, download their datasets and train "
+        "segmenters on them.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.set_defaults(quiet=False)
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    create = commands.add_parser(
+        "create",
+        parents=[common],
+        help="create a class from shots and queue its synthesis",
+        description="Upload shots (images with their masks, paired by order, or a shots "
+        "folder) and queue the class's synthesis; print the class as JSON.",
+    )
+    create.add_argument("name", help="the class name, e.g. 'pidan'")
+    source = create.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--shots-dir",
+        type=Path,
+        help="a folder of <stem>.jpg|jpeg|webp + <stem>.png pairs, or images/ + masks/",
+    )
+    source.add_argument("--images", nargs="+", type=Path, metavar="FILE", help="shot images")
+    create.add_argument(
+        "--masks", nargs="+", type=Path, metavar="FILE", help="their masks, in the same order"
+    )
+    create.add_argument(
+        "--num-samples",
+        type=int,
+        default=DEFAULT_NUM_SAMPLES,
+        metavar="N",
+        help=f"how many samples to synthesize (default: {DEFAULT_NUM_SAMPLES})",
+    )
+    create.add_argument("--seed", type=int, metavar="S", help="the class seed (default: random)")
+    create.add_argument(
+        "--prompt",
+        action="append",
+        metavar="P",
+        help="a text prompt mentioning the class name (repeatable)",
+    )
+    _wait_options(create, "wait until the synthesis ends; print the final class")
+    create.set_defaults(run=_create)
+
+    status = commands.add_parser(
+        "status",
+        parents=[common],
+        help="show a class and its progress",
+        description="Print a class, with its status, stage and progress, as JSON.",
+    )
+    status.add_argument("class_id", metavar="CLASS_ID")
+    status.set_defaults(run=_status)
+
+    dl = commands.add_parser(
+        "download",
+        parents=[common],
+        help="download a class's dataset archive",
+        description="Download a class's dataset (zip; tar for webdataset), resuming an "
+        "interrupted download of the same archive; print the archive's path.",
+    )
+    dl.add_argument("class_id", metavar="CLASS_ID")
+    dl.add_argument("--format", choices=FORMATS, default="voc", help="default: voc")
+    dl.add_argument("--out", type=Path, metavar="PATH", help="default: <CLASS_ID>-<FORMAT>.zip|tar")
+    dl.add_argument(
+        "--all", action="store_true", help="include samples the OOD filter did not accept"
+    )
+    dl.add_argument("--extract", type=Path, metavar="DIR", help="also unpack the archive into DIR")
+    dl.set_defaults(run=_download)
+
+    train = commands.add_parser(
+        "train",
+        parents=[common],
+        help="train a segmenter on classes",
+        description="Queue the training of a segmenter on the classes' shots and samples; "
+        "print the training as JSON.",
+    )
+    train.add_argument("class_ids", nargs="+", metavar="CLASS_ID")
+    train.add_argument("--architecture", choices=ARCHITECTURES, default="deeplabv3")
+    train.add_argument("--steps", type=int, metavar="N", help="default: the service's")
+    train.add_argument("--batch-size", type=int, metavar="N", help="default: the service's")
+    train.add_argument(
+        "--compare-baseline",
+        action="store_true",
+        help="also train on the real shots alone and report both",
+    )
+    train.add_argument("--no-synthetic", action="store_true", help="train on the shots only")
+    train.add_argument("--no-copy-paste", action="store_true", help="no copy-paste augmentation")
+    _wait_options(train, "wait until the training ends; print the final training")
+    train.set_defaults(run=_train)
+    return parser
+
+
+def _wait_options(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--wait", action="store_true", help=help)
+    parser.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long"
+    )
+
+
+def _print(resource: BaseModel) -> None:
+    print(resource.model_dump_json(indent=2))
+
+
+def _fail(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

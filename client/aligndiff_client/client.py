@@ -1,0 +1,416 @@
+"""`Client`: the AlignDiff API as Python methods.
+
+Every request is retried on 429, 5xx and transport errors (see `retry.py`); POSTs carry an
+`Idempotency-Key`, the same on every retry, so a retried POST never does the work twice.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import httpx
+from pydantic import BaseModel
+from tqdm import tqdm
+
+from aligndiff_client._version import __version__
+from aligndiff_client.archive import extract as extract_archive
+from aligndiff_client.download import ProgressCallback, download
+from aligndiff_client.errors import (
+    ConnectionFailed,
+    JobFailed,
+    WaitTimeout,
+    error_from_response,
+)
+from aligndiff_client.models import (
+    Architecture,
+    ClassInfo,
+    DatasetFormat,
+    Job,
+    Page,
+    Sample,
+    Training,
+)
+from aligndiff_client.retry import RetryPolicy, retry_after_seconds
+
+Id = str | uuid.UUID
+FileLike = str | Path | bytes
+M = TypeVar("M", bound=BaseModel)
+W = TypeVar("W", ClassInfo, Training)
+
+DEFAULT_NUM_SAMPLES = 100
+
+
+def archive_suffix(format: str) -> str:
+    """The file suffix of a dataset archive: `.tar` for webdataset, else `.zip`."""
+    return ".tar" if format == "webdataset" else ".zip"
+
+
+class Client:
+    """A client of one AlignDiff service, authenticated with one API key.
+
+    Use it as a context manager (or call `close()`) to release its connections. `transport`
+    replaces the network (e.g. `httpx.MockTransport` in tests); `sleep` is what waits between
+    retries and polls."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 30,
+        max_retries: int = 5,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._retry = RetryPolicy(max_retries=max_retries, sleep=sleep)
+        self._http = httpx.Client(
+            base_url=base_url,
+            headers={
+                "Authorization": f"Bearer {api_key}",
+                "User-Agent": f"aligndiff-client/{__version__}",
+            },
+            timeout=timeout,
+            transport=transport,
+            # NOTE: sample blobs on S3 answer 307 to a presigned URL; httpx drops the
+            # Authorization header when a redirect leaves the service's origin.
+            follow_redirects=True,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- classes -----------------------------------------------------------------------------
+
+    def create_class(
+        self,
+        name: str,
+        images: Sequence[FileLike],
+        masks: Sequence[FileLike],
+        *,
+        prompts: Sequence[str] | None = None,
+        num_samples: int = DEFAULT_NUM_SAMPLES,
+        seed: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> ClassInfo:
+        """Upload shots (paths or bytes; `masks[i]` is the mask of `images[i]`) and queue the
+        class's synthesis; return the class, `queued`. The service checks the files: a bad
+        one raises `ValidationFailed` (or `ApiError` 415) naming it."""
+        files = [("images", _upload(f, i, "image")) for i, f in enumerate(images)]
+        files += [("masks", _upload(f, i, "mask")) for i, f in enumerate(masks)]
+        data: dict[str, Any] = {"name": name, "num_samples": str(num_samples)}
+        if prompts:
+            data["prompts"] = list(prompts)
+        if seed is not None:
+            data["seed"] = str(seed)
+        response = self._request(
+            "POST", "/v1/classes", data=data, files=files, idempotency_key=idempotency_key
+        )
+        return ClassInfo.model_validate_json(response.content)
+
+    def get_class(self, class_id: Id) -> ClassInfo:
+        return self._get(f"/v1/classes/{class_id}", ClassInfo)
+
+    def list_classes(self, *, page_size: int = 50) -> Iterator[ClassInfo]:
+        """Every class of the key's owner (an admin key: everyone's), newest first."""
+        return self._pages("/v1/classes", ClassInfo, {"limit": page_size})
+
+    def delete_class(self, class_id: Id) -> None:
+        """Delete a class with its shots, samples and files (its job, if active, is cancelled)."""
+        self._request("DELETE", f"/v1/classes/{class_id}")
+
+    def wait(
+        self,
+        class_id: Id,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 2.0,
+        progress: bool = True,
+    ) -> ClassInfo:
+        """Poll until the class's synthesis ends; return the class, `succeeded`. Raises
+        `JobFailed` if it ended `failed` or `cancelled` (with the service's error) and
+        `WaitTimeout` after `timeout` seconds."""
+        return self._wait(
+            lambda: self.get_class(class_id),
+            timeout=timeout,
+            poll_interval=poll_interval,
+            progress=progress,
+        )
+
+    def get_embedding(self, class_id: Id, dest: str | Path) -> Path:
+        """Save the class's learned token (safetensors, for diffusers' `load_textual_inversion`)
+        to `dest`. Raises `Conflict` until the inversion stage has finished."""
+        response = self._request("GET", f"/v1/classes/{class_id}/embedding")
+        return _write(Path(dest), response.content)
+
+    # --- samples and datasets ----------------------------------------------------------------
+
+    def samples(
+        self,
+        class_id: Id,
+        *,
+        accepted: bool | None = None,
+        min_clip_score: float | None = None,
+        page_size: int = 200,
+    ) -> Iterator[Sample]:
+        """Every finished sample of the class, in index order, fetched a page at a time."""
+        params: dict[str, Any] = {"limit": page_size}
+        if accepted is not None:
+            params["accepted"] = _bool(accepted)
+        if min_clip_score is not None:
+            params["min_clip_score"] = min_clip_score
+        return self._pages(f"/v1/classes/{class_id}/samples", Sample, params)
+
+    def download_sample_image(self, sample: Sample | Id, dest: str | Path | None = None) -> bytes:
+        """A sample's image (PNG bytes), also written to `dest` when given."""
+        return self._sample_blob(sample, "image", dest)
+
+    def download_sample_mask(self, sample: Sample | Id, dest: str | Path | None = None) -> bytes:
+        """A sample's final mask (PNG bytes), also written to `dest` when given."""
+        return self._sample_blob(sample, "mask", dest)
+
+    def download_dataset(
+        self,
+        class_id: Id,
+        format: DatasetFormat = "voc",
+        dest: str | Path | None = None,
+        *,
+        accepted_only: bool = True,
+        progress: bool = True,
+        extract: str | Path | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> Path:
+        """Download the class's dataset archive (zip; tar for webdataset) to `dest` (default:
+        `<class_id>-<format>.zip|tar` in the current folder) and return its path.
+
+        The download streams to `<dest>.incomplete` and resumes where an interrupted one
+        stopped, if the archive has not changed since. With `extract`, the archive is then
+        unpacked into that folder, refusing unsafe entries (see `archive.extract`).
+        `on_progress(bytes_so_far, total_or_None)` is called after each chunk; an exception
+        it raises stops the download, leaving the `.incomplete` file to resume from."""
+        target = Path(dest or f"{class_id}-{format}{archive_suffix(format)}")
+        download(
+            self._http,
+            f"/v1/classes/{class_id}/dataset",
+            target,
+            retry=self._retry,
+            params={"format": format, "accepted_only": _bool(accepted_only)},
+            progress=progress,
+            on_progress=on_progress,
+        )
+        if extract is not None:
+            extract_archive(target, extract)
+        return target
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    def jobs(
+        self, *, status: str | None = None, kind: str | None = None, page_size: int = 50
+    ) -> Iterator[Job]:
+        """Every job of the key's owner (an admin key: everyone's), newest first."""
+        params: dict[str, Any] = {"limit": page_size}
+        if status is not None:
+            params["status"] = status
+        if kind is not None:
+            params["kind"] = kind
+        return self._pages("/v1/jobs", Job, params)
+
+    def get_job(self, job_id: Id) -> Job:
+        return self._get(f"/v1/jobs/{job_id}", Job)
+
+    def cancel_job(self, job_id: Id, *, idempotency_key: str | None = None) -> Job:
+        """Ask a queued or running job to stop (it ends `cancelled` within one batch).
+        Raises `Conflict` once the job has finished."""
+        return self._post(f"/v1/jobs/{job_id}/cancel", Job, idempotency_key=idempotency_key)
+
+    def retry_job(self, job_id: Id, *, idempotency_key: str | None = None) -> Job:
+        """Queue a failed or cancelled job again, keeping the work it already stored.
+        Raises `Conflict` for a job in any other state."""
+        return self._post(f"/v1/jobs/{job_id}/retry", Job, idempotency_key=idempotency_key)
+
+    # --- trainings ---------------------------------------------------------------------------
+
+    def train(
+        self,
+        class_ids: Iterable[Id],
+        *,
+        architecture: Architecture = "deeplabv3",
+        steps: int | None = None,
+        batch_size: int | None = None,
+        use_synthetic: bool = True,
+        copy_paste: bool = True,
+        compare_baseline: bool = False,
+        idempotency_key: str | None = None,
+    ) -> Training:
+        """Queue the training of a segmenter on the classes' shots (and samples, with
+        `use_synthetic`); return the training, `queued`. `steps` and `batch_size` left out
+        take the service's defaults."""
+        body: dict[str, Any] = {
+            "class_ids": [str(c) for c in class_ids],
+            "architecture": architecture,
+            "use_synthetic": use_synthetic,
+            "copy_paste": copy_paste,
+            "compare_baseline": compare_baseline,
+        }
+        if steps is not None:
+            body["steps"] = steps
+        if batch_size is not None:
+            body["batch_size"] = batch_size
+        return self._post("/v1/trainings", Training, json=body, idempotency_key=idempotency_key)
+
+    def get_training(self, training_id: Id) -> Training:
+        return self._get(f"/v1/trainings/{training_id}", Training)
+
+    def wait_training(
+        self,
+        training_id: Id,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 5.0,
+        progress: bool = True,
+    ) -> Training:
+        """Like `wait`, for a training."""
+        return self._wait(
+            lambda: self.get_training(training_id),
+            timeout=timeout,
+            poll_interval=poll_interval,
+            progress=progress,
+        )
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def _get(self, path: str, model: type[M]) -> M:
+        return model.model_validate_json(self._request("GET", path).content)
+
+    def _post(
+        self,
+        path: str,
+        model: type[M],
+        *,
+        json: Any = None,
+        idempotency_key: str | None = None,
+    ) -> M:
+        response = self._request("POST", path, json=json, idempotency_key=idempotency_key)
+        return model.model_validate_json(response.content)
+
+    def _pages(self, path: str, model: type[M], params: Mapping[str, Any]) -> Iterator[M]:
+        cursor: str | None = None
+        while True:
+            query = {**params, "cursor": cursor} if cursor else dict(params)
+            response = self._request("GET", path, params=query)
+            page = Page[model].model_validate_json(response.content)  # type: ignore[valid-type]
+            yield from page.items
+            cursor = page.next_cursor
+            if not cursor:
+                return
+
+    def _sample_blob(self, sample: Sample | Id, which: str, dest: str | Path | None) -> bytes:
+        sample_id = sample.id if isinstance(sample, Sample) else sample
+        content = self._request("GET", f"/v1/samples/{sample_id}/{which}").content
+        if dest is not None:
+            _write(Path(dest), content)
+        return content
+
+    def _wait(
+        self,
+        fetch: Callable[[], W],
+        *,
+        timeout: float | None,
+        poll_interval: float,
+        progress: bool,
+    ) -> W:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with tqdm(total=100, unit="%", disable=not progress, bar_format=_WAIT_BAR) as bar:
+            while True:
+                resource = fetch()
+                stage = getattr(resource, "stage", None)
+                bar.set_description_str(f"{resource.status} {stage}" if stage else resource.status)
+                bar.update(round(resource.progress * 100) - bar.n)
+                if resource.status == "succeeded":
+                    return resource
+                if resource.finished:
+                    raise JobFailed(resource)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise WaitTimeout(resource, timeout or 0)
+                self._retry.sleep(poll_interval)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        data: Mapping[str, Any] | None = None,
+        files: list[tuple[str, tuple[str, bytes, str]]] | None = None,
+        idempotency_key: str | None = None,
+    ) -> httpx.Response:
+        """Send a request, retrying as the policy says; return the successful answer or raise
+        the error answer as an `ApiError` (or `ConnectionFailed`)."""
+        headers = {}
+        if method == "POST":
+            headers["Idempotency-Key"] = idempotency_key or str(uuid.uuid4())
+        failures = 0
+        while True:
+            response: httpx.Response | None = None
+            error: httpx.TransportError | None = None
+            try:
+                response = self._http.request(
+                    method, path, params=params, json=json, data=data, files=files, headers=headers
+                )
+            except httpx.TransportError as exc:
+                error = exc
+            # NOTE: a retried DELETE whose first try was done (its answer lost) finds nothing
+            # to delete: gone is what was asked for.
+            retried_delete_gone = method == "DELETE" and failures > 0
+            if response is not None and (
+                response.is_success or (retried_delete_gone and response.status_code == 404)
+            ):
+                return response
+            delay = self._retry.delay(failures, response)
+            if delay is None:
+                if response is not None:
+                    raise error_from_response(response, retry_after=retry_after_seconds(response))
+                url = str(self._http.base_url).rstrip("/") + path
+                raise ConnectionFailed(
+                    f"{method} {url} failed after {failures + 1} tries: {error}"
+                ) from error
+            self._retry.sleep(delay)
+            failures += 1
+
+
+_WAIT_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}]"
+
+
+def _upload(file: FileLike, index: int, kind: str) -> tuple[str, bytes, str]:
+    """A multipart file part; read now, so that every retry sends the same bytes."""
+    if isinstance(file, bytes):
+        name = f"{kind}-{index}.png" if kind == "mask" else f"{kind}-{index}"
+        return name, file, "application/octet-stream"
+    path = Path(file)
+    return path.name, path.read_bytes(), "application/octet-stream"
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _write(dest: Path, content: bytes) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(content)
+    return dest

@@ -1,0 +1,110 @@
+"""`aligndiff-client` run in-process against a mock service: help, the connection settings,
+one-line errors, and `train` (whose routes the service does not serve yet)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx
+import pytest
+
+from aligndiff_client.cli import main
+from tests.client_support import BASE_URL, problem, training_body
+
+COMMANDS = ["create", "status", "download", "train"]
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)], ids=["main", *COMMANDS])
+def test_every_command_answers_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+
+    assert exited.value.code == 0
+    assert "usage: aligndiff-client" in capsys.readouterr().out
+
+
+def test_without_an_api_key_the_command_line_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("ALIGNDIFF_API_KEY", raising=False)
+
+    with pytest.raises(SystemExit) as exited:
+        main(["status", str(uuid.uuid4())])
+
+    assert exited.value.code == 2
+    assert "no API key" in capsys.readouterr().err
+
+
+def test_create_needs_masks_with_images(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["create", "dog", "--images", "a.jpg", "--api-key", "k"])
+
+    assert exited.value.code == 2
+    assert "--images needs --masks" in capsys.readouterr().err
+
+
+def test_the_url_and_key_come_from_the_environment_and_an_error_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # given: the service's URL and key in the environment, and a class that does not exist
+    monkeypatch.setenv("ALIGNDIFF_URL", BASE_URL)
+    monkeypatch.setenv("ALIGNDIFF_API_KEY", "adk_env")
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return problem(404, "class not found")
+
+    # when
+    status = main(
+        ["status", "6d1f3c1e-0000-4000-8000-000000000000"], transport=httpx.MockTransport(handler)
+    )
+
+    # then
+    assert status == 1
+    assert str(seen[0].url) == f"{BASE_URL}/v1/classes/6d1f3c1e-0000-4000-8000-000000000000"
+    assert seen[0].headers["Authorization"] == "Bearer adk_env"
+    output = capsys.readouterr()
+    assert output.out == ""
+    assert output.err == "aligndiff-client: error: 404 Not Found: class not found\n"
+
+
+def test_train_posts_the_training_and_prints_it(capsys: pytest.CaptureFixture[str]) -> None:
+    class_ids = [str(uuid.uuid4()), str(uuid.uuid4())]
+    queued = training_body(class_ids=class_ids, architecture="segformer")
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(202, json=queued)
+
+    status = main(
+        [
+            "--url",
+            BASE_URL,
+            "train",
+            *class_ids,
+            "--architecture",
+            "segformer",
+            "--steps",
+            "300",
+            "--compare-baseline",
+            "--no-copy-paste",
+            "--api-key",
+            "adk_flag",
+        ],
+        transport=httpx.MockTransport(handler),
+    )
+
+    assert status == 0
+    assert seen[0].headers["Authorization"] == "Bearer adk_flag"
+    assert json.loads(seen[0].content) == {
+        "class_ids": class_ids,
+        "architecture": "segformer",
+        "steps": 300,
+        "use_synthetic": True,
+        "copy_paste": False,
+        "compare_baseline": True,
+    }
+    assert json.loads(capsys.readouterr().out)["id"] == queued["id"]
