@@ -1,4 +1,5 @@
-"""SQLAlchemy models: the metadata of owners, keys, classes, shots, samples and jobs.
+"""SQLAlchemy models: the metadata of owners, keys, classes, shots, samples, trainings and
+jobs.
 
 The job row is the truth about long work (status, stage, progress, attempts, lease, cancel
 request); blobs live in object storage under keys derived from ids (see `service.storage`).
@@ -201,3 +202,32 @@ class IdempotencyRecord(Base):
     body: Mapped[str] = mapped_column(Text)
     location: Mapped[str | None] = mapped_column(String(512), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Training(Base):
+    """A segmenter trained on classes' shots and (optionally) their accepted samples.
+
+    Its state is its job's; the blobs (weights, baseline weights, the latest checkpoint) are
+    named here once stored, each written before the row names it.
+    """
+
+    __tablename__ = "trainings"
+    __table_args__ = (Index("ix_trainings_owner_created", "owner_id", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("owners.id", ondelete="CASCADE"))
+    class_ids: Mapped[list[str]] = mapped_column(JSON)  # label k is class_ids[k - 1]
+    architecture: Mapped[str] = mapped_column(String(32))
+    steps: Mapped[int] = mapped_column(Integer)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    use_synthetic: Mapped[bool] = mapped_column(Boolean)
+    copy_paste: Mapped[bool] = mapped_column(Boolean)
+    compare_baseline: Mapped[bool] = mapped_column(Boolean)
+    eval_set: Mapped[str] = mapped_column(String(16), default="shots")  # validation | shots
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    weights_key: Mapped[str | None] = mapped_column(String(512), default=None)
+    baseline_weights_key: Mapped[str | None] = mapped_column(String(512), default=None)
+    checkpoint_key: Mapped[str | None] = mapped_column(String(512), default=None)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

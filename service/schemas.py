@@ -111,3 +111,66 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ok"] = "ok"
     checks: dict[str, str] = Field(description="Each dependency checked, with its state.")
+
+
+Architecture = Literal["deeplabv3", "segformer"]
+MAX_TRAINING_CLASSES = 20
+
+
+class TrainingCreate(BaseModel):
+    """The body of `POST /v1/trainings`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    class_ids: list[uuid.UUID] = Field(
+        min_length=1,
+        max_length=MAX_TRAINING_CLASSES,
+        description="The classes to segment, each with its synthesis succeeded; label k of "
+        "the trained model (and of `predict`'s mask) is the k-th class, 0 is background.",
+    )
+    architecture: Architecture = Field(description="The segmenter to train.")
+    steps: int = Field(default=200, ge=1, description="Optimizer steps (server max).")
+    batch_size: int = Field(default=8, ge=1, le=64)
+    use_synthetic: bool = Field(
+        default=True, description="Train on the classes' accepted samples besides the shots."
+    )
+    copy_paste: bool = Field(
+        default=True, description="Paste the classes' objects onto other training images."
+    )
+    compare_baseline: bool = Field(
+        default=False,
+        description="Also train on the shots alone and report its metrics as `baseline`.",
+    )
+
+
+class IoUMetrics(BaseModel):
+    per_class_iou: dict[str, float] = Field(description="IoU per class name.")
+    miou: float = Field(description="The mean of the per-class IoUs.")
+
+
+class TrainingMetrics(IoUMetrics):
+    eval_set: Literal["validation", "shots"] = Field(
+        description="What the metrics are measured on. `shots`: the classes' real shots, "
+        "which are trained on too (an optimistic measure; no validation upload yet)."
+    )
+    baseline: IoUMetrics | None = Field(
+        default=None, description="The same training on the shots alone (compare_baseline)."
+    )
+
+
+class TrainingPublic(BaseModel):
+    id: uuid.UUID
+    status: JobStatus
+    progress: float = Field(ge=0, le=1)
+    class_ids: list[uuid.UUID]
+    architecture: Architecture
+    steps: int
+    batch_size: int
+    use_synthetic: bool
+    copy_paste: bool
+    compare_baseline: bool
+    metrics: TrainingMetrics | None = Field(description="Set once the training succeeded.")
+    job_id: uuid.UUID | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime

@@ -36,6 +36,16 @@ class Settings(CoreSettings):
     max_image_pixels: int = 40_000_000
     max_shots: int = 10
     max_num_samples: int = 1000
+    max_training_steps: int = 20_000
+
+    # Trainings: the segmenters' backbone ("tiny": random weights built from config) and how
+    # many trained segmenters the API keeps loaded for `predict`.
+    segmenter_backbone: str = "tiny"
+    predict_cache_size: int = Field(default=4, ge=1)
+    training_resolution: int = Field(default=64, ge=16)
+    training_checkpoint_every: int = Field(default=50, ge=1)
+    # How often a training job writes its progress (and sees a cancel), at most.
+    training_report_seconds: float = Field(default=1.0, ge=0)
 
     # Dataset exports (webdataset): a shard is buffered whole before it is sent, so it is
     # closed at whichever of these comes first.

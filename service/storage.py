@@ -67,6 +67,14 @@ def class_key(class_id: uuid.UUID, name: str) -> str:
     return f"{class_prefix(class_id)}{name}"
 
 
+def training_prefix(training_id: uuid.UUID) -> str:
+    return f"trainings/{training_id}/"
+
+
+def training_key(training_id: uuid.UUID, name: str) -> str:
+    return f"{training_prefix(training_id)}{name}"
+
+
 # A folder where a blob was asked for, or a blob where a folder would be: no blob either way.
 _NOT_A_BLOB = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 

@@ -28,7 +28,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +58,11 @@ from service.contexts.jobs import (
     finish_cancelled,
     report_progress,
     should_stop,
-    stale_running_jobs,
-    unclaimed_queued_jobs,
 )
 from service.models import Job, Sample, SegClass, utcnow
 from service.models import Shot as ShotRow
 from service.storage import class_key, sample_key
+from worker import recovery
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -307,37 +305,9 @@ def record_failure(ctx: WorkerContext, job_id: uuid.UUID, error: BaseException, 
 
 
 def requeue_orphaned_jobs(ctx: WorkerContext) -> list[uuid.UUID]:
-    """Take over the synthesis jobs whose worker died (lease expired: `claim` counts an
-    attempt, or fails a job out of attempts; one asked to stop ends cancelled) and enqueue
-    their `resume`; enqueue `start` again for queued ones never claimed (their message may be
-    lost: a second start of a job finds it claimed and does nothing). Returns the jobs
-    enqueued."""
-    settings = ctx.settings
-    with ctx.session() as session:
-        orphans = stale_running_jobs(session, kind=JOB_KIND)
-        unclaimed = unclaimed_queued_jobs(
-            session, older_than=timedelta(seconds=settings.job_lease_seconds), kind=JOB_KIND
-        )
-    taken = []
-    for job_id in orphans:
-        with ctx.session() as session:
-            # A job whose worker died after a cancel was asked ends cancelled; any other is
-            # claimed (or failed, out of attempts).
-            claimed = not finish_cancelled(session, job_id) and claim(
-                session,
-                job_id,
-                worker=ctx.worker_name,
-                lease_seconds=settings.job_lease_seconds,
-                max_attempts=settings.max_job_attempts,
-            )
-        if claimed:
-            log.warning("job %s lost its worker: taken over, resuming it", job_id)
-            ctx.queue.enqueue(RESUME, str(job_id))
-            taken.append(job_id)
-    for job_id in unclaimed:
-        log.warning("job %s was never claimed: enqueueing its start again", job_id)
-        ctx.queue.enqueue(START, str(job_id))
-    return taken + unclaimed
+    """Take over the synthesis jobs whose worker died and start again those whose start
+    message was lost (see `worker.recovery.requeue_orphaned_jobs`)."""
+    return recovery.requeue_orphaned_jobs(ctx, kind=JOB_KIND, start_task=START, resume_task=RESUME)
 
 
 # Stage plumbing.

@@ -1,6 +1,7 @@
-"""Celery tasks of the synthesis job. Each takes ids and primitives, runs one step of
-`worker.synthesis` with the worker's context, and leaves the job's status to the step, or to
-`on_failure` when the step raises (the job fails with the error and its traceback's tail)."""
+"""Celery tasks of the synthesis and training jobs. Each takes ids and primitives, runs one
+step of `worker.synthesis` or `worker.training` with the worker's context, and leaves the job's
+status to the step, or to `on_failure` when the step raises (the job fails with the error and
+its traceback's tail)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from billiard.einfo import ExceptionInfo
 from celery import Task, shared_task
 from celery.signals import worker_ready
 
-from worker import synthesis
+from worker import synthesis, training
 from worker.celery_app import AlignDiffCelery
 from worker.context import WorkerContext
 
@@ -72,6 +73,16 @@ def finalize_chunk(self: JobTask, job_id: str, indices: list[int]) -> None:
     synthesis.finalize_chunk(self.context, uuid.UUID(job_id), indices)
 
 
+@shared_task(bind=True, base=JobTask, name=training.START)
+def start_training(self: JobTask, job_id: str) -> None:
+    training.start(self.context, uuid.UUID(job_id))
+
+
+@shared_task(bind=True, base=JobTask, name=training.RESUME)
+def resume_training(self: JobTask, job_id: str) -> None:
+    training.resume(self.context, uuid.UUID(job_id))
+
+
 @worker_ready.connect
 def requeue_orphaned_jobs(sender: Any = None, **_: Any) -> None:
     """On worker start, take over jobs whose worker died and start those whose start message
@@ -81,5 +92,6 @@ def requeue_orphaned_jobs(sender: Any = None, **_: Any) -> None:
         return
     try:
         synthesis.requeue_orphaned_jobs(app.context)
+        training.requeue_orphaned_jobs(app.context)
     except Exception:
         log.exception("could not look for orphaned jobs")

@@ -121,22 +121,25 @@ def claim(
 
 
 def report_progress(
-    session: Session, job_id: uuid.UUID, *, stage: str, progress: float, lease_seconds: int
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    stage: str | None,
+    progress: float,
+    lease_seconds: int,
 ) -> bool:
     """Record progress in `stage` and extend the lease. The stage only moves forward and the
-    progress only up (concurrent chunk tasks report out of order). False when the job should
-    stop (cancel requested, or no longer running)."""
+    progress only up (concurrent chunk tasks report out of order); `stage` None (a job of no
+    stages: training) leaves it as it is. False when the job should stop (cancel requested,
+    or no longer running)."""
     value = max(0.0, min(1.0, progress))
-    return _cas(
-        session,
-        job_id,
-        [Job.status == "running", Job.cancel_requested.is_(False)],
-        {
-            "stage": case((_earlier_or_no_stage(stage), stage), else_=Job.stage),
-            "progress": case((Job.progress < value, value), else_=Job.progress),
-            "lease_expires_at": utcnow() + timedelta(seconds=lease_seconds),
-        },
-    )
+    values = {
+        "progress": case((Job.progress < value, value), else_=Job.progress),
+        "lease_expires_at": utcnow() + timedelta(seconds=lease_seconds),
+    }
+    if stage is not None:
+        values["stage"] = case((_earlier_or_no_stage(stage), stage), else_=Job.stage)
+    return _cas(session, job_id, [Job.status == "running", Job.cancel_requested.is_(False)], values)
 
 
 def advance_stage(session: Session, job_id: uuid.UUID, *, stage: str) -> bool:

@@ -1,0 +1,276 @@
+"""`/v1/trainings`: creating a training of finished classes (its job queued), refusing bad
+requests without a trace, idempotent replays, owner isolation, and the trained model's weights
+download and prediction."""
+
+from __future__ import annotations
+
+import json
+import uuid
+import zipfile
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from aligndiff.models.segmenters import build_segmenter, load_segmenter, save_segmenter
+from aligndiff.training import predict
+from service.models import Job, Training
+from service.storage import training_key
+from tests.api_support import Api, add_class, encode, get_job_row, photo
+
+pytest_plugins = ["tests.api_support"]
+
+TRAINING_TASK = "aligndiff.training.start"
+RESOLUTION = 32
+
+
+def finished_class(api: Api, name: str = "dog", *, owner: str = "alice") -> uuid.UUID:
+    owner_id = api.alice_id if owner == "alice" else api.bob_id
+    class_id, _ = add_class(api, owner_id=owner_id, name=name, status="succeeded")
+    return class_id
+
+
+def body(*class_ids: uuid.UUID, **fields: Any) -> dict[str, Any]:
+    return {"class_ids": [str(c) for c in class_ids], "architecture": "deeplabv3", **fields}
+
+
+def training_count(api: Api) -> int:
+    with api.session() as session:
+        return session.execute(select(func.count()).select_from(Training)).scalar_one()
+
+
+def trained(api: Api, model_cache: Path, class_ids: list[uuid.UUID]) -> uuid.UUID:
+    """A succeeded training of alice's, its weights stored, as a finished job leaves it."""
+    names = [f"class{i}" for i in range(len(class_ids))]
+    model = build_segmenter(
+        "deeplabv3", num_classes=len(names) + 1, spec="tiny", cache_dir=model_cache
+    )
+    training_id = uuid.uuid4()
+    key = training_key(training_id, "weights.zip")
+    weights = save_segmenter(model, class_names=names, resolution=RESOLUTION)
+    api.storage.put(key, weights, content_type="application/zip")
+    metrics = {"per_class_iou": dict.fromkeys(names, 0.5), "miou": 0.5, "eval_set": "shots"}
+    with api.session() as session:
+        job = Job(
+            kind="training",
+            owner_id=api.alice_id,
+            target_id=training_id,
+            status="succeeded",
+            progress=1.0,
+        )
+        session.add(job)
+        session.flush()
+        session.add(
+            Training(
+                id=training_id,
+                owner_id=api.alice_id,
+                class_ids=[str(c) for c in class_ids],
+                architecture="deeplabv3",
+                steps=10,
+                batch_size=2,
+                use_synthetic=True,
+                copy_paste=True,
+                compare_baseline=False,
+                metrics=metrics,
+                weights_key=key,
+                job_id=job.id,
+            )
+        )
+        session.commit()
+    return training_id
+
+
+# --- creating a training -------------------------------------------------------------------
+
+
+def test_create_training_of_finished_classes_queues_its_job(api: Api) -> None:
+    # given: two of alice's classes whose synthesis succeeded
+    dog, cat = finished_class(api, "dog"), finished_class(api, "cat")
+
+    # when
+    response = api.alice.post("/v1/trainings", json=body(dog, cat, steps=50))
+
+    # then: 202 with the training, its defaults, and where to find it
+    assert response.status_code == 202, response.text
+    training = response.json()
+    assert response.headers["location"].endswith(f"/v1/trainings/{training['id']}")
+    assert training["class_ids"] == [str(dog), str(cat)]
+    assert (training["status"], training["progress"], training["metrics"]) == ("queued", 0.0, None)
+    assert (training["architecture"], training["steps"], training["batch_size"]) == (
+        "deeplabv3", 50, 8,
+    )  # fmt: skip
+    assert (training["use_synthetic"], training["copy_paste"], training["compare_baseline"]) == (
+        True, True, False,
+    )  # fmt: skip
+    # and: a training job, started once the transaction committed
+    job = get_job_row(api, uuid.UUID(training["job_id"]))
+    assert (job.kind, job.status, job.target_id) == (
+        "training",
+        "queued",
+        uuid.UUID(training["id"]),
+    )
+    assert api.queue.sent == [(TRAINING_TASK, (training["job_id"],))]
+    # and: it reads back as created
+    assert api.alice.get(response.headers["location"]).json() == training
+
+
+def test_the_same_idempotency_key_and_body_replays_the_first_answer(api: Api) -> None:
+    dog = finished_class(api)
+    headers = {"Idempotency-Key": "train-1"}
+
+    first = api.alice.post("/v1/trainings", json=body(dog), headers=headers)
+    second = api.alice.post("/v1/trainings", json=body(dog), headers=headers)
+
+    assert (first.status_code, second.status_code) == (202, 202)
+    assert second.json() == first.json()
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert training_count(api) == 1 and len(api.queue.sent) == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"architecture": "unet"}, "architecture"),
+        ({"steps": 0}, "steps"),
+        ({"steps": 20_001}, "steps"),
+        ({"batch_size": 65}, "batch_size"),
+        ({"owner_id": str(uuid.uuid4())}, "owner_id"),
+        ({"status": "succeeded"}, "status"),
+    ],
+)
+def test_invalid_fields_are_refused_with_422(api: Api, fields: dict[str, Any], field: str) -> None:
+    dog = finished_class(api)
+
+    response = api.alice.post("/v1/trainings", json=body(dog, **fields))
+
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert any(error["field"].endswith(field) for error in response.json()["errors"])
+    assert training_count(api) == 0 and api.queue.sent == []
+
+
+def test_no_classes_or_a_repeated_class_is_refused_with_422(api: Api) -> None:
+    dog = finished_class(api)
+
+    assert api.alice.post("/v1/trainings", json=body()).status_code == 422
+    assert api.alice.post("/v1/trainings", json=body(dog, dog)).status_code == 422
+    assert training_count(api) == 0
+
+
+def test_unknown_and_other_owners_classes_answer_404(api: Api) -> None:
+    dog, bobs = finished_class(api), finished_class(api, "cat", owner="bob")
+
+    unknown = api.alice.post("/v1/trainings", json=body(dog, uuid.uuid4()))
+    foreign = api.alice.post("/v1/trainings", json=body(bobs, dog))
+
+    assert unknown.status_code == 404 and unknown.json()["errors"][0]["field"] == "class_ids[1]"
+    assert foreign.status_code == 404 and foreign.json()["errors"][0]["field"] == "class_ids[0]"
+    assert training_count(api) == 0 and api.queue.sent == []
+
+
+@pytest.mark.parametrize("status", ["queued", "running", "failed", "cancelled"])
+def test_a_class_whose_synthesis_has_not_succeeded_answers_409(api: Api, status: str) -> None:
+    dog = finished_class(api)
+    unfinished, _ = add_class(api, owner_id=api.alice_id, name="cat", status=status)
+
+    response = api.alice.post("/v1/trainings", json=body(dog, unfinished))
+
+    assert response.status_code == 409, response.text
+    assert status in response.json()["errors"][0]["message"]
+    assert training_count(api) == 0 and api.queue.sent == []
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def test_another_owners_training_answers_404(api: Api) -> None:
+    training = api.alice.post("/v1/trainings", json=body(finished_class(api))).json()
+
+    for path in ("", "/weights"):
+        assert api.bob.get(f"/v1/trainings/{training['id']}{path}").status_code == 404
+    files = {"image": ("a.png", encode(photo()), "image/png")}
+    assert api.bob.post(f"/v1/trainings/{training['id']}/predict", files=files).status_code == 404
+    assert api.bob.get("/v1/trainings").json()["items"] == []
+    assert api.admin.get(f"/v1/trainings/{training['id']}").status_code == 200
+
+
+def test_listing_pages_through_the_owners_trainings_newest_first(api: Api) -> None:
+    dog = finished_class(api)
+    ids = [api.alice.post("/v1/trainings", json=body(dog)).json()["id"] for _ in range(3)]
+
+    first = api.alice.get("/v1/trainings", params={"limit": 2}).json()
+    second = api.alice.get(
+        "/v1/trainings", params={"limit": 2, "cursor": first["next_cursor"]}
+    ).json()
+
+    listed = [t["id"] for t in first["items"] + second["items"]]
+    assert listed == ids[::-1] and second["next_cursor"] is None
+
+
+def test_weights_and_predict_are_a_conflict_until_the_training_succeeded(api: Api) -> None:
+    training = api.alice.post("/v1/trainings", json=body(finished_class(api))).json()
+    files = {"image": ("a.png", encode(photo()), "image/png")}
+
+    weights = api.alice.get(f"/v1/trainings/{training['id']}/weights")
+    predicted = api.alice.post(f"/v1/trainings/{training['id']}/predict", files=files)
+
+    assert (weights.status_code, predicted.status_code) == (409, 409)
+
+
+# --- the trained model ---------------------------------------------------------------------
+
+
+def test_weights_download_as_a_zip_that_loads_and_predicts_like_the_api(
+    api: Api, model_cache: Path
+) -> None:
+    # given: a succeeded training of two classes
+    training_id = trained(api, model_cache, [finished_class(api), finished_class(api, "cat")])
+    image = photo((40, 24))
+
+    # when: its weights are downloaded and an image is sent to predict
+    weights = api.alice.get(f"/v1/trainings/{training_id}/weights")
+    predicted = api.alice.post(
+        f"/v1/trainings/{training_id}/predict",
+        files={"image": ("a.png", encode(image), "image/png")},
+    )
+
+    # then: the zip holds the safetensors and the config, and loads
+    assert weights.status_code == 200, weights.text
+    assert weights.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(BytesIO(weights.content)) as archive:
+        assert {"model.safetensors", "config.json"} <= set(archive.namelist())
+        config = json.loads(archive.read("config.json"))
+    assert config["class_names"] == ["class0", "class1"]
+    model, _ = load_segmenter(weights.content)
+    # and: the API's mask is the loaded model's prediction, as a grayscale PNG of the image's size
+    assert predicted.status_code == 200, predicted.text
+    assert predicted.headers["content-type"] == "image/png"
+    mask = Image.open(BytesIO(predicted.content))
+    assert (mask.mode, mask.size) == ("L", image.size)
+    (expected,) = predict(model, [np.asarray(image)], resolution=RESOLUTION)
+    assert np.array_equal(np.asarray(mask), expected)
+    assert set(np.unique(expected)) <= {0, 1, 2}
+    # and: its metrics show
+    assert api.alice.get(f"/v1/trainings/{training_id}").json()["metrics"] == {
+        "per_class_iou": {"class0": 0.5, "class1": 0.5},
+        "miou": 0.5,
+        "eval_set": "shots",
+        "baseline": None,
+    }
+
+
+def test_predict_refuses_what_is_not_an_image(api: Api, model_cache: Path) -> None:
+    training_id = trained(api, model_cache, [finished_class(api)])
+    url = f"/v1/trainings/{training_id}/predict"
+
+    text = api.alice.post(url, files={"image": ("a.png", b"not an image", "image/png")})
+    json_body = api.alice.post(url, json={"image": "x"})
+    missing = api.alice.post(url, files={"other": ("a.png", encode(photo()), "image/png")})
+
+    assert text.status_code == 415 and text.json()["errors"][0]["field"] == "image"
+    assert json_body.status_code == 415
+    assert missing.status_code == 422

@@ -1,0 +1,375 @@
+"""The training job through the worker, in process: trainings created through the API on
+classes whose synthesis finished, trained on their real shots and samples, evaluated, their
+weights served; the baseline comparison, resuming from a checkpoint after the worker died,
+cancelling and failing."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy import select
+
+from aligndiff.models.segmenters import load_segmenter
+from aligndiff.training import predict
+from service.app import create_app
+from service.auth import create_key
+from service.contexts.jobs import request_cancel
+from service.models import Job, Sample, SegClass, Training, utcnow
+from service.models import Shot as ShotRow
+from service.settings import Settings
+from service.storage import LocalStorage, sample_key
+from tests.conftest import SHOTS_DIR
+from tests.worker_support import CreatedClass, InProcessQueue, Service, create_class
+from worker import training
+from worker.celery_app import AlignDiffCelery, make_celery
+
+RESOLUTION = 32
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run an order of magnitude faster on one thread than on a contended two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Setup:
+    """The API and the worker's Celery app on one SQLite database and blob folder; the API's
+    task queue holds the tasks until `run` drains them in this process."""
+
+    settings: Settings
+    service: Service
+    queue: InProcessQueue
+    celery: AlignDiffCelery
+    client: TestClient
+
+    def worker(self, **context: Any) -> AlignDiffCelery:
+        """Another worker app on the same database (`storage=` replaces its blob store)."""
+        app = make_celery(self.settings, queue=self.queue, **context)
+        app.loader.import_default_modules()
+        return app
+
+    def create(self, class_ids: list[uuid.UUID], **fields: Any) -> dict[str, Any]:
+        response = self.client.post(
+            "/v1/trainings",
+            json={
+                "class_ids": [str(c) for c in class_ids],
+                "architecture": "deeplabv3",
+                "steps": 4,
+                "batch_size": 2,
+                **fields,
+            },
+        )
+        assert response.status_code == 202, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    def run(self) -> None:
+        self.queue.drain(self.celery)
+
+    def training(self, training_id: str) -> dict[str, Any]:
+        return self.client.get(f"/v1/trainings/{training_id}").json()  # type: ignore[no-any-return]
+
+    def row(self, training_id: str) -> Training:
+        with self.service.session() as session:
+            row = session.get(Training, uuid.UUID(training_id))
+            assert row is not None
+            return row
+
+
+@pytest.fixture
+def setup(tmp_path: Path, model_cache: Path) -> Setup:
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'aligndiff.db'}",
+        broker_url="memory://",
+        storage_url=f"file://{tmp_path / 'blobs'}",
+        model_cache_dir=model_cache,
+        training_resolution=RESOLUTION,
+        training_checkpoint_every=2,
+        # Every step reports (and sees a cancel at once).
+        training_report_seconds=0.0,
+    )
+    service = Service.create(settings)
+    queue = InProcessQueue()
+    celery = make_celery(settings, queue=queue)
+    celery.loader.import_default_modules()
+    app = create_app(settings, queue=queue, storage=service.storage)
+    with service.session() as session:
+        key = create_key(session, name="admin", admin=True)
+    client = TestClient(app, headers={"Authorization": f"Bearer {key}"})
+    return Setup(settings, service, queue, celery, client)
+
+
+def finished_class(setup: Setup, name: str, *, samples: int = 2) -> uuid.UUID:
+    """A class from the real shots of `name`, its synthesis succeeded with `samples` accepted
+    samples (the shot, shrunk) and one rejected one."""
+    created: CreatedClass = create_class(setup.service, SHOTS_DIR / name, name=name, num_samples=4)
+    service = setup.service
+    with service.session() as session:
+        shot = session.scalars(select(ShotRow).where(ShotRow.class_id == created.class_id)).one()
+        image = Image.open(BytesIO(service.storage.get(shot.image_key))).convert("RGB")
+        mask = Image.open(BytesIO(service.storage.get(shot.mask_key))).convert("L")
+    for index in range(samples + 1):
+        size = (40 + 8 * index, 32 + 8 * index)
+        _add_sample(
+            service,
+            created.class_id,
+            index,
+            image.resize(size, Image.Resampling.BILINEAR),
+            mask.resize(size, Image.Resampling.NEAREST),
+            accepted=index < samples,
+        )
+    with service.session() as session:
+        job = session.get(Job, created.job_id)
+        assert job is not None
+        job.status, job.progress, job.finished_at = "succeeded", 1.0, utcnow()
+    return created.class_id
+
+
+def _add_sample(
+    service: Service,
+    class_id: uuid.UUID,
+    index: int,
+    image: Image.Image,
+    mask: Image.Image,
+    *,
+    accepted: bool,
+) -> None:
+    keys = {}
+    for name, picture in (("image.png", image), ("mask.png", mask)):
+        buffer = BytesIO()
+        picture.save(buffer, "PNG")
+        keys[name] = sample_key(class_id, index, name)
+        service.storage.put(keys[name], buffer.getvalue(), content_type="image/png")
+    with service.session() as session:
+        session.add(
+            Sample(
+                class_id=class_id,
+                index=index,
+                prompt="a photo",
+                prompt_kind="text" if index % 2 else "inversion",
+                seed=index,
+                width=image.width,
+                height=image.height,
+                image_key=keys["image.png"],
+                coarse_mask_key=sample_key(class_id, index, "coarse_mask.npy"),
+                mask_key=keys["mask.png"],
+                mask_source="consensus",
+                accepted=accepted,
+                finalized_at=utcnow(),
+            )
+        )
+
+
+def shot_image(setup: Setup, class_id: uuid.UUID) -> bytes:
+    with setup.service.session() as session:
+        shot = session.scalars(select(ShotRow).where(ShotRow.class_id == class_id)).one()
+        return setup.service.storage.get(shot.image_key)
+
+
+def test_a_training_of_two_classes_succeeds_with_metrics_and_a_working_model(
+    setup: Setup,
+) -> None:
+    # given: two classes whose synthesis succeeded
+    dog, albatross = finished_class(setup, "dog"), finished_class(setup, "albatross")
+
+    # when: a training of both runs
+    created = setup.create([dog, albatross])
+    setup.run()
+
+    # then: it succeeded, with IoUs of both classes measured on their shots
+    training = setup.training(created["id"])
+    assert (training["status"], training["progress"], training["error"]) == (
+        "succeeded", 1.0, None,
+    )  # fmt: skip
+    metrics = training["metrics"]
+    assert set(metrics["per_class_iou"]) == {"dog", "albatross"}
+    assert all(0.0 <= iou <= 1.0 for iou in metrics["per_class_iou"].values())
+    assert 0.0 <= metrics["miou"] <= 1.0
+    assert (metrics["eval_set"], metrics["baseline"]) == ("shots", None)
+    assert setup.queue.sent[training_task("start")] == 1
+    # and: the downloaded weights load, and predict as the API does
+    weights = setup.client.get(f"/v1/trainings/{created['id']}/weights")
+    assert weights.status_code == 200
+    model, config = load_segmenter(weights.content)
+    assert (config["class_names"], config["resolution"]) == (["dog", "albatross"], RESOLUTION)
+    image = shot_image(setup, albatross)
+    predicted = setup.client.post(
+        f"/v1/trainings/{created['id']}/predict", files={"image": ("a.jpg", image, "image/png")}
+    )
+    assert predicted.status_code == 200, predicted.text
+    decoded = np.asarray(Image.open(BytesIO(image)).convert("RGB"))
+    (expected,) = predict(model, [decoded], resolution=RESOLUTION)
+    assert np.array_equal(np.asarray(Image.open(BytesIO(predicted.content))), expected)
+
+
+def test_compare_baseline_reports_the_shots_only_model_too(setup: Setup) -> None:
+    dog = finished_class(setup, "dog")
+
+    created = setup.create([dog], compare_baseline=True, use_synthetic=True)
+    setup.run()
+
+    training = setup.training(created["id"])
+    assert training["status"] == "succeeded", training["error"]
+    baseline = training["metrics"]["baseline"]
+    assert set(baseline["per_class_iou"]) == {"dog"} and 0.0 <= baseline["miou"] <= 1.0
+    row = setup.row(created["id"])
+    assert row.weights_key is not None and row.baseline_weights_key is not None
+    assert row.weights_key != row.baseline_weights_key
+
+
+class Killed(BaseException):
+    """The worker process dying (nothing after it runs, no failure is recorded)."""
+
+
+class DyingStorage(LocalStorage):
+    """A blob store whose worker dies as it writes its `die_at`-th checkpoint."""
+
+    def __init__(self, root: Path, *, die_at: int) -> None:
+        super().__init__(root)
+        self.die_at, self.checkpoints = die_at, 0
+
+    def put(self, key: str, data: bytes, *, content_type: str) -> None:
+        if key.endswith("checkpoint.bin"):
+            self.checkpoints += 1
+            if self.checkpoints == self.die_at:
+                raise Killed
+        super().put(key, data, content_type=content_type)
+
+
+def test_a_training_whose_worker_died_resumes_from_its_checkpoint(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    # given: a training of 6 steps, checkpointed every 2, whose worker dies at its second
+    # checkpoint (after step 4: the one stored is step 2's)
+    dog = finished_class(setup, "dog")
+    created = setup.create([dog], steps=6)
+    job_id = uuid.UUID(created["job_id"])
+    dying = setup.worker(storage=DyingStorage(setup.settings.data_dir / "blobs", die_at=2))
+    setup.queue.pending.clear()
+    with pytest.raises(Killed):
+        training.start(dying.context, job_id)
+    assert setup.row(created["id"]).checkpoint_key is not None
+    assert setup.training(created["id"])["status"] == "running"
+
+    # when: its lease runs out and a worker starting up takes it over
+    with setup.service.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.lease_expires_at = utcnow() - timedelta(seconds=1)
+    with caplog.at_level(logging.INFO, logger="worker.training"):
+        assert training.requeue_orphaned_jobs(setup.celery.context) == [job_id]
+        setup.run()
+
+    # then: it went on from step 2 and succeeded, on its second attempt
+    resumed = [r.getMessage() for r in caplog.records if r.name == "worker.training"]
+    assert resumed == [f"training {created['id']}: resuming the model from step 2"]
+    assert setup.queue.sent[training_task("resume")] == 1
+    job = setup.service.job(job_id)
+    assert (job.status, job.attempts) == ("succeeded", 2)
+    assert setup.training(created["id"])["metrics"]["per_class_iou"].keys() == {"dog"}
+
+
+class FailingStorage(DyingStorage):
+    """A blob store that fails (an error, not a death) as its `die_at`-th checkpoint is
+    written."""
+
+    def put(self, key: str, data: bytes, *, content_type: str) -> None:
+        try:
+            super().put(key, data, content_type=content_type)
+        except Killed:
+            raise OSError("the disk is full") from None
+
+
+def test_a_failed_training_retried_goes_on_from_its_checkpoint(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    # given: a training that failed writing its second checkpoint
+    dog = finished_class(setup, "dog")
+    created = setup.create([dog], steps=6)
+    setup.queue.pending.clear()
+    failing = setup.worker(storage=FailingStorage(setup.settings.data_dir / "blobs", die_at=2))
+    failing.tasks[training.START].apply(args=[created["job_id"]])
+    failed = setup.training(created["id"])
+    assert failed["status"] == "failed" and "the disk is full" in failed["error"]
+
+    # when: its owner retries its job
+    retried = setup.client.post(f"/v1/jobs/{created['job_id']}/retry")
+    assert retried.status_code == 202, retried.text
+    with caplog.at_level(logging.INFO, logger="worker.training"):
+        setup.run()
+
+    # then: it went on from the stored checkpoint and succeeded
+    resumed = [r.getMessage() for r in caplog.records if r.name == "worker.training"]
+    assert resumed == [f"training {created['id']}: resuming the model from step 2"]
+    assert setup.training(created["id"])["status"] == "succeeded"
+
+
+class CancellingStorage(LocalStorage):
+    """A blob store that asks the job to stop as its first checkpoint is written (a user
+    cancelling mid-training)."""
+
+    def __init__(self, root: Path, service: Service, job_id: uuid.UUID) -> None:
+        super().__init__(root)
+        self.service, self.job_id = service, job_id
+
+    def put(self, key: str, data: bytes, *, content_type: str) -> None:
+        super().put(key, data, content_type=content_type)
+        if key.endswith("checkpoint.bin"):
+            with self.service.session() as session:
+                job = session.get(Job, self.job_id)
+                assert job is not None
+                if job.status == "running" and not job.cancel_requested:
+                    request_cancel(session, job)
+
+
+def test_a_cancelled_training_stops_and_ends_cancelled(setup: Setup) -> None:
+    dog = finished_class(setup, "dog")
+    created = setup.create([dog], steps=20)
+    job_id = uuid.UUID(created["job_id"])
+    worker = setup.worker(
+        storage=CancellingStorage(setup.settings.data_dir / "blobs", setup.service, job_id)
+    )
+
+    setup.queue.drain(worker)
+
+    trained = setup.training(created["id"])
+    assert (trained["status"], trained["metrics"]) == ("cancelled", None)
+    assert setup.row(created["id"]).weights_key is None
+
+
+def test_a_training_whose_class_was_deleted_fails_with_the_reason(setup: Setup) -> None:
+    dog = finished_class(setup, "dog")
+    created = setup.create([dog])
+    with setup.service.session() as session:
+        session.delete(session.get(SegClass, dog))
+
+    setup.queue.pending.clear()
+
+    # NOTE: not `drain`, which re-raises in the test before the task's failure handler runs.
+    result = setup.celery.tasks[training.START].apply(args=[created["job_id"]])
+
+    assert isinstance(result.result, LookupError)
+
+    trained = setup.training(created["id"])
+    assert trained["status"] == "failed"
+    assert "classes deleted since the training was created" in trained["error"]
+
+
+def training_task(step: str) -> str:
+    return f"aligndiff.training.{step}"
