@@ -224,6 +224,9 @@ class Training(Base):
     copy_paste: Mapped[bool] = mapped_column(Boolean)
     compare_baseline: Mapped[bool] = mapped_column(Boolean)
     eval_set: Mapped[str] = mapped_column(String(16), default="shots")  # validation | shots
+    # The uploaded validation set, [image key, label map key] per pair (None: evaluate on the
+    # shots); the blobs are written before the row.
+    validation_keys: Mapped[list[list[str]] | None] = mapped_column(JSON, default=None)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     weights_key: Mapped[str | None] = mapped_column(String(512), default=None)
     baseline_weights_key: Mapped[str | None] = mapped_column(String(512), default=None)

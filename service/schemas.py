@@ -150,8 +150,9 @@ class IoUMetrics(BaseModel):
 
 class TrainingMetrics(IoUMetrics):
     eval_set: Literal["validation", "shots"] = Field(
-        description="What the metrics are measured on. `shots`: the classes' real shots, "
-        "which are trained on too (an optimistic measure; no validation upload yet)."
+        description="What the metrics are measured on. `validation`: the validation set "
+        "uploaded with the request; `shots`: the classes' real shots, which are trained on "
+        "too (an optimistic measure), when none was uploaded."
     )
     baseline: IoUMetrics | None = Field(
         default=None, description="The same training on the shots alone (compare_baseline)."

@@ -37,6 +37,7 @@ class Settings(CoreSettings):
     max_shots: int = 10
     max_num_samples: int = 1000
     max_training_steps: int = 20_000
+    max_validation_images: int = Field(default=50, ge=1)
 
     # Trainings: the segmenters' backbone ("tiny": random weights built from config) and how
     # many trained segmenters the API keeps loaded for `predict`.

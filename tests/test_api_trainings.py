@@ -20,7 +20,7 @@ from aligndiff.models.segmenters import build_segmenter, load_segmenter, save_se
 from aligndiff.training import predict
 from service.models import Job, Training
 from service.storage import training_key
-from tests.api_support import Api, add_class, encode, get_job_row, photo
+from tests.api_support import Api, ApiFactory, add_class, box_mask, encode, get_job_row, photo
 
 pytest_plugins = ["tests.api_support"]
 
@@ -182,6 +182,216 @@ def test_a_class_whose_synthesis_has_not_succeeded_answers_409(api: Api, status:
     assert response.status_code == 409, response.text
     assert status in response.json()["errors"][0]["message"]
     assert training_count(api) == 0 and api.queue.sent == []
+
+
+# --- creating a training with a validation set ---------------------------------------------
+
+
+def label_map(values: list[int], size: tuple[int, int] = (24, 16), mode: str = "L") -> bytes:
+    """A label map of `size`: each value in turn fills a band of rows."""
+    width, height = size
+    rows = np.array_split(np.arange(height), len(values))
+    labels = np.zeros((height, width), np.uint8)
+    for band, value in zip(rows, values, strict=True):
+        labels[band] = value
+    if mode == "RGB":
+        return encode(Image.fromarray(labels, mode="L").convert("RGB"))
+    image = Image.fromarray(labels, mode="P" if mode == "P" else "L")
+    if mode == "P":
+        image.putpalette([v for i in range(256) for v in (i, i, i)])
+    return encode(image)
+
+
+def validation_post(
+    api: Api,
+    request: dict[str, Any],
+    images: list[bytes],
+    masks: list[bytes],
+    **kwargs: Any,
+) -> Any:
+    files = [("val_images", (f"v{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    files += [("val_masks", (f"m{i}.png", data, "image/png")) for i, data in enumerate(masks)]
+    return api.alice.post(
+        "/v1/trainings", data={"request": json.dumps(request)}, files=files, **kwargs
+    )
+
+
+def assert_no_training_left(api: Api) -> None:
+    assert training_count(api) == 0
+    assert api.blobs("trainings/") == []
+    assert api.queue.sent == []
+
+
+def test_a_training_with_a_validation_set_stores_it_before_its_row(api: Api) -> None:
+    # given: two finished classes, and two validation pairs (L and P label maps) using both
+    # classes, background and ignored pixels
+    dog, cat = finished_class(api, "dog"), finished_class(api, "cat")
+    masks = [label_map([0, 1, 2, 255]), label_map([2, 0], mode="P")]
+
+    # when
+    response = validation_post(
+        api,
+        body(dog, cat, steps=50),
+        [encode(photo(), "JPEG"), encode(photo())],
+        masks,
+    )
+
+    # then: 202, the training as the JSON variant answers it, its job queued
+    assert response.status_code == 202, response.text
+    training = response.json()
+    assert (training["class_ids"], training["steps"]) == ([str(dog), str(cat)], 50)
+    assert api.queue.sent == [(TRAINING_TASK, (training["job_id"],))]
+    # and: the pairs stored under the training's prefix, named by its row, to be evaluated on
+    training_id = uuid.UUID(training["id"])
+    with api.session() as session:
+        row = session.get(Training, training_id)
+        assert row is not None
+        keys, eval_set = row.validation_keys, row.eval_set
+    assert eval_set == "validation"
+    assert keys is not None and len(keys) == 2
+    assert sorted(api.blobs("trainings/")) == sorted(key for pair in keys for key in pair)
+    assert all(key.startswith(f"trainings/{training_id}/") for pair in keys for key in pair)
+    for (image_key, labels_key), mask in zip(keys, masks, strict=True):
+        stored = Image.open(BytesIO(api.storage.get(labels_key)))
+        assert stored.mode == "L"
+        assert np.array_equal(np.asarray(stored), np.asarray(Image.open(BytesIO(mask))))
+        assert Image.open(BytesIO(api.storage.get(image_key))).size == (24, 16)
+
+
+def test_a_json_training_has_no_validation_set(api: Api) -> None:
+    response = api.alice.post("/v1/trainings", json=body(finished_class(api)))
+
+    assert response.status_code == 202, response.text
+    with api.session() as session:
+        row = session.get(Training, uuid.UUID(response.json()["id"]))
+        assert row is not None
+        assert (row.validation_keys, row.eval_set) == (None, "shots")
+    assert api.blobs("trainings/") == []
+
+
+@pytest.mark.parametrize(
+    ("mask", "field"),
+    [
+        (label_map([0, 1, 2]), "val_masks[0]"),  # 2: beyond the one class
+        (label_map([0, 7], mode="P"), "val_masks[0]"),
+        (label_map([0, 1], mode="RGB"), "val_masks[0]"),  # not single-channel
+        (label_map([0, 1], size=(12, 8)), "val_masks[0]"),  # not the image's size
+        (b"not an image at all", "val_masks[0]"),
+        (encode(box_mask(), "JPEG"), "val_masks[0]"),
+    ],
+    ids=["beyond-classes", "palette-beyond-classes", "rgb", "wrong-size", "garbage", "jpeg"],
+)
+def test_an_invalid_label_map_is_refused_without_a_trace(api: Api, mask: bytes, field: str) -> None:
+    dog = finished_class(api)
+
+    response = validation_post(api, body(dog), [encode(photo())], [mask])
+
+    assert response.status_code in (415, 422), response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert [error["field"] for error in response.json()["errors"]] == [field]
+    assert_no_training_left(api)
+
+
+def test_an_out_of_range_label_answers_422_naming_the_mask(api: Api) -> None:
+    dog = finished_class(api)
+
+    response = validation_post(
+        api, body(dog), [encode(photo()), encode(photo())], [label_map([0, 1]), label_map([3])]
+    )
+
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["errors"]
+    assert error["field"] == "val_masks[1]" and "[3]" in error["message"]
+    assert_no_training_left(api)
+
+
+def test_a_count_mismatch_answers_422(api: Api) -> None:
+    dog = finished_class(api)
+
+    response = validation_post(
+        api, body(dog), [encode(photo()), encode(photo())], [label_map([0, 1])]
+    )
+
+    assert response.status_code == 422, response.text
+    assert [error["field"] for error in response.json()["errors"]] == ["val_masks"]
+    assert_no_training_left(api)
+
+
+def test_too_many_validation_images_answer_422(make_api: ApiFactory) -> None:
+    api = make_api(max_validation_images=1)
+    dog = finished_class(api)
+
+    response = validation_post(api, body(dog), [encode(photo())] * 2, [label_map([0, 1])] * 2)
+
+    assert response.status_code == 422, response.text
+    assert [error["field"] for error in response.json()["errors"]] == ["val_images"]
+    assert_no_training_left(api)
+
+
+def test_a_gif_validation_image_answers_415(api: Api) -> None:
+    dog = finished_class(api)
+
+    response = validation_post(api, body(dog), [encode(photo(), "GIF")], [label_map([0, 1])])
+
+    assert response.status_code == 415, response.text
+    assert [error["field"] for error in response.json()["errors"]] == ["val_images[0]"]
+    assert_no_training_left(api)
+
+
+def test_the_multipart_request_field_is_validated_like_the_json_body(api: Api) -> None:
+    dog = finished_class(api)
+    image, mask = [encode(photo())], [label_map([0, 1])]
+
+    extra = validation_post(api, body(dog, owner_id=str(uuid.uuid4())), image, mask)
+    missing = api.alice.post(
+        "/v1/trainings", data={"x": "1"}, files=[("val_images", ("v.png", image[0], ""))]
+    )
+    unknown = validation_post(api, body(dog, uuid.uuid4()), image, mask)
+
+    assert extra.status_code == 422
+    assert [error["field"] for error in extra.json()["errors"]] == ["request.owner_id"]
+    assert missing.status_code == 422 and missing.json()["errors"][0]["field"] == "request"
+    assert unknown.status_code == 404
+    assert unknown.json()["errors"][0]["field"] == "class_ids[1]"
+    assert_no_training_left(api)
+
+
+def test_a_body_of_another_type_answers_415(api: Api) -> None:
+    response = api.alice.post(
+        "/v1/trainings", content=b"class_ids=1", headers={"Content-Type": "text/plain"}
+    )
+
+    assert response.status_code == 415
+    assert training_count(api) == 0
+
+
+def test_the_validation_blobs_go_when_the_rows_cannot_be_committed(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dog = finished_class(api)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr("service.contexts.trainings.commit_with_answer", broken)
+    with pytest.raises(RuntimeError):
+        validation_post(api, body(dog), [encode(photo())], [label_map([0, 1])])
+
+    assert_no_training_left(api)
+
+
+def test_a_multipart_replay_with_the_same_key_stores_nothing_more(api: Api) -> None:
+    dog = finished_class(api)
+    headers = {"Idempotency-Key": "train-val"}
+    args = (body(dog), [encode(photo())], [label_map([0, 1])])
+
+    first = validation_post(api, *args, headers=headers)
+    second = validation_post(api, *args, headers=headers)
+    other = validation_post(api, body(dog), [encode(photo())], [label_map([1])], headers=headers)
+
+    assert (first.status_code, second.status_code, other.status_code) == (202, 202, 422)
+    assert second.json() == first.json()
+    assert training_count(api) == 1 and len(api.blobs("trainings/")) == 2
 
 
 # --- reading -------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ idempotency keys, waiting on a class, and trainings."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -378,3 +379,36 @@ def test_train_posts_the_training_and_get_training_reads_its_metrics() -> None:
     assert recorder.requests[2].url.path == f"/v1/trainings/{training.id}"
     assert finished.metrics is not None and finished.metrics.miou == 0.61
     assert finished.metrics.baseline is not None and finished.metrics.baseline.miou == 0.42
+
+
+def test_train_with_a_validation_set_posts_it_as_multipart() -> None:
+    class_id = uuid.uuid4()
+    queued = training_body(class_ids=[str(class_id)])
+    handler = answers(httpx.Response(503), httpx.Response(202, json=queued))
+    image, labels = SHOTS_DIR / "dog" / "1.jpg", b"\x89PNG label map"
+    with mock_client(handler) as (client, recorder):
+        training = client.train(
+            [class_id], steps=10, validation_images=[image], validation_masks=[labels]
+        )
+
+    assert training.status == "queued"
+    first, second = recorder.requests
+    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"]
+    assert first.url.path == "/v1/trainings"
+    assert first.headers["Content-Type"].startswith("multipart/form-data")
+    request = {
+        "class_ids": [str(class_id)],
+        "architecture": "deeplabv3",
+        "use_synthetic": True,
+        "copy_paste": True,
+        "compare_baseline": False,
+        "steps": 10,
+    }
+    for part in (
+        b'name="request"\r\n\r\n' + json.dumps(request).encode(),
+        b'name="val_images"; filename="1.jpg"',
+        image.read_bytes(),
+        b'name="val_masks"; filename="mask-0.png"',
+        labels,
+    ):
+        assert part in first.content

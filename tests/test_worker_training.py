@@ -5,6 +5,7 @@ cancelling and failing."""
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from aligndiff.models.segmenters import load_segmenter
-from aligndiff.training import predict
+from aligndiff.training import evaluate, predict
 from service.app import create_app
 from service.auth import create_key
 from service.contexts.jobs import request_cancel
@@ -231,6 +232,62 @@ def test_compare_baseline_reports_the_shots_only_model_too(setup: Setup) -> None
     row = setup.row(created["id"])
     assert row.weights_key is not None and row.baseline_weights_key is not None
     assert row.weights_key != row.baseline_weights_key
+
+
+def test_a_training_with_a_validation_set_is_measured_on_it(setup: Setup) -> None:
+    # given: a class, and a validation set unlike its shot: the shot mirrored, its label map
+    # class 1 on the object and a band of ignored (255) pixels
+    dog = finished_class(setup, "dog")
+    with setup.service.session() as session:
+        shot = session.scalars(select(ShotRow).where(ShotRow.class_id == dog)).one()
+        image = Image.open(BytesIO(setup.service.storage.get(shot.image_key))).convert("RGB")
+        mask = Image.open(BytesIO(setup.service.storage.get(shot.mask_key))).convert("L")
+    val_image = np.asarray(image)[:, ::-1].copy()
+    labels = (np.asarray(mask)[:, ::-1] > 127).astype(np.uint8)
+    labels[: labels.shape[0] // 8] = 255
+    request = {
+        "class_ids": [str(dog)],
+        "architecture": "deeplabv3",
+        "steps": 4,
+        "batch_size": 2,
+        "compare_baseline": True,
+    }
+
+    # when: it is trained with the validation set uploaded
+    response = setup.client.post(
+        "/v1/trainings",
+        data={"request": json.dumps(request)},
+        files=[
+            ("val_images", ("v.png", png(Image.fromarray(val_image)), "image/png")),
+            ("val_masks", ("v-mask.png", png(Image.fromarray(labels, mode="L")), "image/png")),
+        ],
+    )
+    assert response.status_code == 202, response.text
+    created = response.json()
+    setup.run()
+
+    # then: its metrics (and the baseline's) are those of its weights on the validation set
+    training = setup.training(created["id"])
+    assert training["status"] == "succeeded", training["error"]
+    metrics = training["metrics"]
+    assert metrics["eval_set"] == "validation"
+    row = setup.row(created["id"])
+    assert row.baseline_weights_key is not None
+    weights = setup.client.get(f"/v1/trainings/{created['id']}/weights").content
+    for measured, blob in (
+        (metrics, weights),
+        (metrics["baseline"], setup.service.storage.get(row.baseline_weights_key)),
+    ):
+        model, _ = load_segmenter(blob)
+        expected = evaluate(model, [val_image], [labels], ["dog"], resolution=RESOLUTION)
+        assert measured["per_class_iou"] == pytest.approx(dict(expected.per_class_iou))
+        assert measured["miou"] == pytest.approx(expected.miou)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 class Killed(BaseException):

@@ -2,7 +2,7 @@
 
     start ── claim ──▶ train (resumes from the stored checkpoint, if any) ──▶ weights stored
           ──▶ baseline (compare_baseline: the same on the shots alone) ──▶ evaluate on the
-          shots ──▶ metrics, `complete`
+          uploaded validation set, if any, else on the shots ──▶ metrics, `complete`
     resume (a job taken over from a dead worker) ──▶ the same, without claiming
 
 The database is the truth, as in `worker.synthesis`: every blob (checkpoint, weights) is
@@ -64,6 +64,7 @@ class TrainingInfo:
     weights_key: str | None
     baseline_weights_key: str | None
     checkpoint_key: str | None
+    validation_keys: list[list[str]] | None
 
 
 @dataclass(frozen=True)
@@ -144,15 +145,20 @@ def _run(ctx: WorkerContext, job_id: uuid.UUID) -> None:
         models[run.name] = trained, ctx.settings.training_resolution
         info = _load_training(ctx, job_id)
 
-    images = [example.image for example in shots]
-    label_maps = [_labels(example) for example in shots]
+    if info.validation_keys:
+        eval_set = "validation"
+        images, label_maps = _load_validation(ctx, info.validation_keys)
+    else:
+        eval_set = "shots"
+        images = [example.image for example in shots]
+        label_maps = [_labels(example) for example in shots]
 
     def measured(name: str) -> dict[str, Any]:
         model, resolution = models[name]
         result = evaluate(model, images, label_maps, class_names, resolution=resolution)
         return {"per_class_iou": dict(result.per_class_iou), "miou": float(result.miou)}
 
-    metrics: dict[str, Any] = {**measured("model"), "eval_set": "shots"}
+    metrics: dict[str, Any] = {**measured("model"), "eval_set": eval_set}
     if "baseline" in models:
         metrics["baseline"] = measured("baseline")
     with ctx.session() as session:
@@ -302,6 +308,7 @@ def _load_training(ctx: WorkerContext, job_id: uuid.UUID) -> TrainingInfo:
             weights_key=row.weights_key,
             baseline_weights_key=row.baseline_weights_key,
             checkpoint_key=row.checkpoint_key,
+            validation_keys=row.validation_keys,
         )
 
 
@@ -361,6 +368,20 @@ def _load_examples(ctx: WorkerContext, info: TrainingInfo, *, synthetic: bool) -
         )
         for image_key, mask_key, class_index, kind in keys
     ]
+
+
+def _load_validation(
+    ctx: WorkerContext, keys: list[list[str]]
+) -> tuple[list[npt.NDArray[np.uint8]], list[npt.NDArray[np.uint8]]]:
+    """The uploaded validation set: RGB images and their label maps (0 background, k the k-th
+    class, 255 ignored), stored by the service as PNGs already checked."""
+    images, label_maps = [], []
+    for image_key, labels_key in keys:
+        images.append(
+            np.asarray(decode_image(ctx.storage.get(image_key), source=image_key), dtype=np.uint8)
+        )
+        label_maps.append(np.asarray(Image.open(BytesIO(ctx.storage.get(labels_key))), np.uint8))
+    return images, label_maps
 
 
 def _decode_mask(data: bytes) -> npt.NDArray[np.bool_]:

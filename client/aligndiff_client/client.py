@@ -6,6 +6,7 @@ Every request is retried on 429, 5xx and transport errors (see `retry.py`); POST
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -255,11 +256,18 @@ class Client:
         use_synthetic: bool = True,
         copy_paste: bool = True,
         compare_baseline: bool = False,
+        validation_images: Sequence[FileLike] | None = None,
+        validation_masks: Sequence[FileLike] | None = None,
         idempotency_key: str | None = None,
     ) -> Training:
         """Queue the training of a segmenter on the classes' shots (and samples, with
         `use_synthetic`); return the training, `queued`. `steps` and `batch_size` left out
-        take the service's defaults."""
+        take the service's defaults.
+
+        With a validation set (`validation_masks[i]` is the label map of
+        `validation_images[i]`: a single-channel PNG, 0 background, k the k-th class of
+        `class_ids`, 255 ignored) the training is measured on it rather than on the shots;
+        the service checks the files and a bad one raises `ValidationFailed` naming it."""
         body: dict[str, Any] = {
             "class_ids": [str(c) for c in class_ids],
             "architecture": architecture,
@@ -271,7 +279,22 @@ class Client:
             body["steps"] = steps
         if batch_size is not None:
             body["batch_size"] = batch_size
-        return self._post("/v1/trainings", Training, json=body, idempotency_key=idempotency_key)
+        if validation_images is None and validation_masks is None:
+            return self._post("/v1/trainings", Training, json=body, idempotency_key=idempotency_key)
+        files = [
+            ("val_images", _upload(f, i, "image")) for i, f in enumerate(validation_images or [])
+        ]
+        files += [
+            ("val_masks", _upload(f, i, "mask")) for i, f in enumerate(validation_masks or [])
+        ]
+        response = self._request(
+            "POST",
+            "/v1/trainings",
+            data={"request": json.dumps(body)},
+            files=files,
+            idempotency_key=idempotency_key,
+        )
+        return Training.model_validate_json(response.content)
 
     def get_training(self, training_id: Id) -> Training:
         return self._get(f"/v1/trainings/{training_id}", Training)

@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-24 23:20:15.024279
+Create Date: 2026-11-24 23:32:08.417414
 """
 
 from collections.abc import Sequence
@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("copy_paste", sa.Boolean(), nullable=False),
         sa.Column("compare_baseline", sa.Boolean(), nullable=False),
         sa.Column("eval_set", sa.String(length=16), nullable=False),
+        sa.Column("validation_keys", sa.JSON(), nullable=True),
         sa.Column("metrics", sa.JSON(), nullable=True),
         sa.Column("weights_key", sa.String(length=512), nullable=True),
         sa.Column("baseline_weights_key", sa.String(length=512), nullable=True),

@@ -3,10 +3,13 @@ and listing them, downloading the trained weights, and predicting with them."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +22,14 @@ from aligndiff.shots import ShotError, ShotFormatError, decode_image
 from service.auth import Principal
 from service.contexts import jobs
 from service.contexts.access import visible_to
-from service.contexts.idempotency import Answer, claim_for, commit_with_answer, find_answer
+from service.contexts.classes import Upload
+from service.contexts.idempotency import (
+    Answer,
+    IdempotencyClaim,
+    claim_for,
+    commit_with_answer,
+    find_answer,
+)
 from service.contexts.idempotency import fingerprint as request_fingerprint
 from service.contexts.job_control import Accepted, StartTask
 from service.models import Job, SegClass, Training
@@ -27,20 +37,36 @@ from service.pagination import newest_first, newest_first_cursor, split_page
 from service.problems import Problem, not_found
 from service.schemas import Page, TrainingCreate, TrainingMetrics, TrainingPublic
 from service.settings import Settings
-from service.storage import Storage
+from service.storage import Storage, training_key, training_prefix
 
 if TYPE_CHECKING:
     from aligndiff.models.segmenters import SegmentationModel
 
+log = logging.getLogger(__name__)
+
 TRAINING = "training"
+PNG = "image/png"
+IGNORE_LABEL = 255
+
+
+@dataclass(frozen=True)
+class ValidationPair:
+    """A checked validation pair: an RGB image and its label map (0 background, k the k-th
+    class, 255 ignored) of the same size."""
+
+    image: Image.Image
+    labels: Image.Image
 
 
 def create_training(
     *,
     session: Session,
+    storage: Storage,
     settings: Settings,
     principal: Principal,
     training_in: TrainingCreate,
+    val_images: Sequence[Upload] = (),
+    val_masks: Sequence[Upload] = (),
     idempotency_key: str | None,
     location_of: Callable[[uuid.UUID], str],
 ) -> Accepted:
@@ -49,19 +75,58 @@ def create_training(
 
     Each class must be visible to the caller (else 404) and its synthesis succeeded (else
     409); `steps` over the server's maximum and repeated classes answer 422.
+
+    With a validation set (`val_images` paired by order with `val_masks`, label maps whose
+    values are 0, k for the k-th class or 255 ignored) the training is evaluated on it rather
+    than on the shots. Its pairs are all checked first (415 for a file of a type not accepted,
+    else 422 naming `val_images[i]` / `val_masks[i]`), stored under the training's prefix
+    before the rows, and deleted again when the rows cannot be committed.
     """
     owner_id = principal.owner_id
-    claim = claim_for(
-        owner_id,
-        idempotency_key,
-        request_fingerprint("create_training", training_in.model_dump(mode="json")),
-    )
+    claim = claim_for(owner_id, idempotency_key, _fingerprint(training_in, val_images, val_masks))
     if (replay := find_answer(session, claim)) is not None:
         return Accepted(replay, start=None)
-    _check_fields(training_in, settings)
+    _check_fields(training_in, settings, val_images=val_images, val_masks=val_masks)
     _check_classes(session, principal, training_in.class_ids)
+    if not val_images:
+        training_id = uuid.uuid4()
+        return _record_training(
+            session, claim, owner_id, training_in, training_id, None, location_of=location_of
+        )
 
+    # NOTE: decoding and storing the validation set takes a while; the connection goes back
+    # to the pool meanwhile rather than sit idle in a transaction (the classes are checked
+    # again below, in the transaction that records the training).
+    session.rollback()
+    pairs = _load_validation(val_images, val_masks, training_in=training_in, settings=settings)
     training_id = uuid.uuid4()
+    try:
+        keys = _store_validation(storage, training_id, pairs)
+        _check_classes(session, principal, training_in.class_ids)
+        accepted = _record_training(
+            session, claim, owner_id, training_in, training_id, keys, location_of=location_of
+        )
+    except BaseException:
+        session.rollback()
+        _delete_blobs(storage, training_id)
+        raise
+    if accepted.answer.replayed:
+        # A concurrent request with the same Idempotency-Key won: this one's rows were rolled
+        # back, and its blobs go too.
+        _delete_blobs(storage, training_id)
+    return accepted
+
+
+def _record_training(
+    session: Session,
+    claim: IdempotencyClaim | None,
+    owner_id: uuid.UUID,
+    training_in: TrainingCreate,
+    training_id: uuid.UUID,
+    validation_keys: list[list[str]] | None,
+    *,
+    location_of: Callable[[uuid.UUID], str],
+) -> Accepted:
     job = jobs.create_job(session, kind=TRAINING, owner_id=owner_id, target_id=training_id)
     training = Training(
         id=training_id,
@@ -73,7 +138,8 @@ def create_training(
         use_synthetic=training_in.use_synthetic,
         copy_paste=training_in.copy_paste,
         compare_baseline=training_in.compare_baseline,
-        eval_set="shots",
+        eval_set="shots" if validation_keys is None else "validation",
+        validation_keys=validation_keys,
         job_id=job.id,
     )
     session.add(training)
@@ -207,8 +273,43 @@ def training_public(training: Training, job: Job | None) -> TrainingPublic:
     )
 
 
-def _check_fields(training_in: TrainingCreate, settings: Settings) -> None:
+def _fingerprint(
+    training_in: TrainingCreate, val_images: Sequence[Upload], val_masks: Sequence[Upload]
+) -> str:
+    fields: dict[str, Any] = training_in.model_dump(mode="json")
+    if val_images or val_masks:
+
+        def files(uploads: Sequence[Upload]) -> list[list[str]]:
+            return [[u.filename, hashlib.sha256(u.data).hexdigest()] for u in uploads]
+
+        fields |= {"val_images": files(val_images), "val_masks": files(val_masks)}
+    return request_fingerprint("create_training", fields)
+
+
+def _check_fields(
+    training_in: TrainingCreate,
+    settings: Settings,
+    *,
+    val_images: Sequence[Upload],
+    val_masks: Sequence[Upload],
+) -> None:
     errors = []
+    if len(val_images) > settings.max_validation_images:
+        errors.append(
+            {
+                "field": "val_images",
+                "message": f"at most {settings.max_validation_images} images, "
+                f"got {len(val_images)}",
+            }
+        )
+    if len(val_masks) != len(val_images):
+        errors.append(
+            {
+                "field": "val_masks",
+                "message": f"{len(val_masks)} masks for {len(val_images)} images; send one "
+                "label map per image, in the same order",
+            }
+        )
     if training_in.steps > settings.max_training_steps:
         errors.append(
             {
@@ -253,6 +354,112 @@ def _check_classes(session: Session, principal: Principal, class_ids: list[uuid.
                 }
                 for class_id in unfinished
             ],
+        )
+
+
+def _load_validation(
+    images: Sequence[Upload],
+    masks: Sequence[Upload],
+    *,
+    training_in: TrainingCreate,
+    settings: Settings,
+) -> list[ValidationPair]:
+    """Decode and check every pair, reporting every bad file at once: 415 when a file is of a
+    type that is not accepted, else 422."""
+    pairs: list[ValidationPair] = []
+    errors: list[dict[str, str]] = []
+    wrong_type = False
+    num_classes = len(training_in.class_ids)
+    for index, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        try:
+            decoded = decode_image(
+                image.data, source=f"val_images[{index}]", max_pixels=settings.max_image_pixels
+            )
+            labels = _decode_label_map(
+                mask.data, source=f"val_masks[{index}]", size=decoded.size, classes=num_classes
+            )
+            pairs.append(ValidationPair(image=decoded, labels=labels))
+        except ShotError as error:
+            wrong_type = wrong_type or isinstance(error, ShotFormatError)
+            errors.append({"field": error.source, "message": error.detail})
+    if wrong_type:
+        raise Problem(
+            415,
+            "an uploaded file is not of an accepted type: validation images must be JPEG, PNG "
+            "or WEBP, their label maps PNG",
+            errors=errors,
+        )
+    if errors:
+        raise Problem(422, "the uploaded validation set is not valid", errors=errors)
+    return pairs
+
+
+def _decode_label_map(
+    data: bytes, *, source: str, size: tuple[int, int], classes: int
+) -> Image.Image:
+    """A validation label map: a single-channel (L or P) PNG of `size` whose values are 0,
+    1..`classes` or 255 (ignored); ShotError (ShotFormatError for another type) otherwise."""
+    try:
+        image = Image.open(BytesIO(data))
+        if image.format != "PNG":
+            raise ShotFormatError(
+                f"a label map must be a PNG, not {image.format or 'this format'}", source
+            )
+        if image.mode not in ("L", "P"):
+            raise ShotError(
+                f"a label map must be single-channel (mode L or P), not mode {image.mode}", source
+            )
+        if image.size != size:
+            raise ShotError(
+                f"the label map is {image.size[0]}x{image.size[1]} but its image is "
+                f"{size[0]}x{size[1]}",
+                source,
+            )
+        values = np.asarray(image, dtype=np.uint8)
+    except ShotError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ShotFormatError("not an image of a known format: send a PNG", source) from None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ShotError(f"cannot be decoded: {error}", source) from None
+    invalid = sorted({int(v) for v in np.unique(values)} - {*range(classes + 1), IGNORE_LABEL})
+    if invalid:
+        raise ShotError(
+            f"holds the values {invalid[:10]}; a label map holds 0 (background), 1..{classes} "
+            f"(the k-th of class_ids) or {IGNORE_LABEL} (ignored)",
+            source,
+        )
+    return Image.fromarray(values, mode="L")
+
+
+def _store_validation(
+    storage: Storage, training_id: uuid.UUID, pairs: Sequence[ValidationPair]
+) -> list[list[str]]:
+    """Write each pair as PNGs (RGB image, mode L label map); return their keys."""
+    keys = []
+    for index, pair in enumerate(pairs):
+        image_key = training_key(training_id, f"validation/{index:03d}/image.png")
+        labels_key = training_key(training_id, f"validation/{index:03d}/labels.png")
+        storage.put(image_key, _png(pair.image), content_type=PNG)
+        storage.put(labels_key, _png(pair.labels), content_type=PNG)
+        keys.append([image_key, labels_key])
+    return keys
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _delete_blobs(storage: Storage, training_id: uuid.UUID) -> None:
+    """Delete a training's blobs; a failure is logged, never raised."""
+    prefix = training_prefix(training_id)
+    try:
+        storage.delete_prefix(prefix)
+    except Exception:
+        log.exception(
+            "could not delete the blobs of training %s: they remain under %s", training_id, prefix
         )
 
 

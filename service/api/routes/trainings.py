@@ -4,9 +4,13 @@ read, list, download the trained weights and predict with them."""
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from service.api.deps import (
     CurrentPrincipal,
@@ -22,12 +26,108 @@ from service.api.deps import (
 )
 from service.api.responses import PNG, answer_response, blob_response, problem_responses
 from service.contexts import job_control, trainings
+from service.contexts.classes import Upload
 from service.pagination import DEFAULT_LIMIT
+from service.problems import Problem
 from service.schemas import Page, TrainingCreate, TrainingPublic
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"])
 
 LOCATION = {"Location": {"description": "The new training's URL.", "schema": {"type": "string"}}}
+
+
+MULTIPART = "multipart/form-data"
+
+_TRAINING_CREATE = TrainingCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+CREATE_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": _TRAINING_CREATE},
+        MULTIPART: {
+            "schema": {
+                "type": "object",
+                "required": ["request"],
+                "properties": {
+                    "request": {
+                        **_TRAINING_CREATE,
+                        "description": "The JSON body of the `application/json` variant.",
+                    },
+                    "val_images": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "The validation images: JPEG, PNG or WEBP.",
+                    },
+                    "val_masks": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "One label map per image, in the images' order: a "
+                        "single-channel PNG of its size, 0 background, k the k-th of "
+                        "`class_ids`, 255 ignored.",
+                    },
+                },
+            },
+            "encoding": {"request": {"contentType": "application/json"}},
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    """The body of `POST /v1/trainings`, either variant."""
+
+    training_in: TrainingCreate
+    val_images: list[Upload] = field(default_factory=list)
+    val_masks: list[Upload] = field(default_factory=list)
+
+
+async def training_request(request: Request) -> TrainingRequest:
+    """Parse the body by its Content-Type: JSON (a `TrainingCreate`), or multipart/form-data
+    with that JSON in `request` and the validation set in `val_images` + `val_masks`."""
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith(MULTIPART):
+        form = await request.form()
+        raw = form.get("request")
+        if raw is None:
+            raise Problem(
+                422,
+                "the request is not valid",
+                errors=[{"field": "request", "message": "the training's JSON body is required"}],
+            )
+        if isinstance(raw, StarletteUploadFile):
+            raw = (await raw.read()).decode("utf-8", errors="replace")
+        return TrainingRequest(
+            training_in=_validated(raw, location=("body", "request")),
+            val_images=[await _read(item) for item in form.getlist("val_images")],
+            val_masks=[await _read(item) for item in form.getlist("val_masks")],
+        )
+    if content_type and not _is_json(content_type):
+        raise Problem(415, "send the request as application/json or multipart/form-data")
+    return TrainingRequest(training_in=_validated(await request.body(), location=("body",)))
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip()
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+def _validated(raw: str | bytes, *, location: tuple[str, ...]) -> TrainingCreate:
+    try:
+        return TrainingCreate.model_validate_json(raw)
+    except ValidationError as error:
+        raise RequestValidationError(
+            [
+                {**detail, "loc": (*location, *detail["loc"])}
+                for detail in error.errors(include_url=False)
+            ]
+        ) from None
+
+
+async def _read(item: str | StarletteUploadFile) -> Upload:
+    if isinstance(item, str):
+        return Upload(filename="", data=item.encode())
+    # NOTE: the body is already parsed and capped by the body size limit.
+    return Upload(filename=item.filename or "", data=await item.read())
 
 
 @router.post(
@@ -36,24 +136,34 @@ LOCATION = {"Location": {"description": "The new training's URL.", "schema": {"t
     response_model=TrainingPublic,
     responses={
         202: {"description": "The training, its job queued.", "headers": LOCATION},
-        **problem_responses(401, 404, 409, 422),
+        **problem_responses(401, 404, 409, 413, 415, 422),
     },
+    openapi_extra={"requestBody": CREATE_BODY},
 )
 def create_training(
     request: Request,
     session: SessionDep,
+    storage: StorageDep,
     queue: QueueDep,
     settings: SettingsDep,
     principal: CurrentPrincipal,
-    training_in: TrainingCreate,
+    body: Annotated[TrainingRequest, Depends(training_request)],
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    """Train a segmenter on classes whose synthesis succeeded, and queue its job."""
+    """Train a segmenter on classes whose synthesis succeeded, and queue its job.
+
+    Send the training as JSON, or as multipart/form-data with that JSON in `request` and a
+    validation set (`val_images` + `val_masks`, paired by order) to measure it on instead of
+    the shots.
+    """
     accepted = trainings.create_training(
         session=session,
+        storage=storage,
         settings=settings,
         principal=principal,
-        training_in=training_in,
+        training_in=body.training_in,
+        val_images=body.val_images,
+        val_masks=body.val_masks,
         idempotency_key=idempotency_key,
         location_of=lambda training_id: str(
             request.url_for("get_training", training_id=training_id)
