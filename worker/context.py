@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -11,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.contexts.jobs import claim
 from service.db import make_engine, make_session_factory, session_scope
 from service.queue import CeleryQueue, TaskQueue
 from service.settings import Settings
@@ -18,6 +21,8 @@ from service.storage import Storage, make_storage
 
 if TYPE_CHECKING:
     from aligndiff.synth import Models, SynthConfig
+
+log = logging.getLogger(__name__)
 
 
 class WorkerContext:
@@ -78,6 +83,21 @@ class WorkerContext:
             self._session_factory = make_session_factory(engine)
         with session_scope(self._session_factory) as session:
             yield session
+
+    def claim_job(self, job_id: uuid.UUID) -> bool:
+        """Take a job for this worker (compare-and-set; counts an attempt). False when it is
+        running elsewhere, finished, cancelled, or was failed for running out of attempts."""
+        with self.session() as session:
+            claimed = claim(
+                session,
+                job_id,
+                worker=self.worker_name,
+                lease_seconds=self.settings.job_lease_seconds,
+                max_attempts=self.settings.max_job_attempts,
+            )
+        if not claimed:
+            log.info("job %s not claimed (already running, finished or out of attempts)", job_id)
+        return claimed
 
     @property
     def storage(self) -> Storage:

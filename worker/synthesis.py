@@ -52,7 +52,6 @@ from aligndiff.scoring import mean_clip_score
 from aligndiff.shots import Shot, decode_image, load_shot
 from service.contexts.jobs import (
     advance_stage,
-    claim,
     complete,
     fail,
     finish_cancelled,
@@ -110,18 +109,8 @@ def start(ctx: WorkerContext, job_id: uuid.UUID) -> None:
     """Claim the job, learn the class token unless the class has one, and fan out the first
     unfinished stage. A job that cannot be claimed (running elsewhere, finished, cancelled) is
     left alone; one past its attempts is failed by `claim`."""
-    with ctx.session() as session:
-        claimed = claim(
-            session,
-            job_id,
-            worker=ctx.worker_name,
-            lease_seconds=ctx.settings.job_lease_seconds,
-            max_attempts=ctx.settings.max_job_attempts,
-        )
-    if not claimed:
-        log.info("job %s not claimed (already running, finished or out of attempts)", job_id)
-        return
-    _run(ctx, job_id)
+    if ctx.claim_job(job_id):
+        _run(ctx, job_id)
 
 
 def resume(ctx: WorkerContext, job_id: uuid.UUID) -> None:

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from aligndiff.copy_paste import LabeledImage, ObjectKind, PasteObject
 from aligndiff.masks import binarize_mask
 from aligndiff.shots import decode_image
-from service.contexts.jobs import claim, complete, finish_cancelled, report_progress, should_stop
+from service.contexts.jobs import complete, finish_cancelled, report_progress, should_stop
 from service.models import Sample, SegClass, Training, utcnow
 from service.models import Shot as ShotRow
 from service.storage import training_key
@@ -93,18 +93,8 @@ class Example:
 def start(ctx: WorkerContext, job_id: uuid.UUID) -> None:
     """Claim the job and train. A job that cannot be claimed (running elsewhere, finished,
     cancelled) is left alone; one past its attempts is failed by `claim`."""
-    with ctx.session() as session:
-        claimed = claim(
-            session,
-            job_id,
-            worker=ctx.worker_name,
-            lease_seconds=ctx.settings.job_lease_seconds,
-            max_attempts=ctx.settings.max_job_attempts,
-        )
-    if not claimed:
-        log.info("job %s not claimed (already running, finished or out of attempts)", job_id)
-        return
-    _run(ctx, job_id)
+    if ctx.claim_job(job_id):
+        _run(ctx, job_id)
 
 
 def resume(ctx: WorkerContext, job_id: uuid.UUID) -> None:
