@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 class BlobNotFound(KeyError):
@@ -77,6 +83,22 @@ def training_key(training_id: uuid.UUID, name: str) -> str:
 
 # A folder where a blob was asked for, or a blob where a folder would be: no blob either way.
 _NOT_A_BLOB = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """An image encoded as PNG, ready for `Storage.put`."""
+    buffer = BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def delete_prefix_quietly(storage: Storage, prefix: str) -> None:
+    """Delete the blobs under `prefix`; a failure is logged, never raised (it must not hide the
+    error or the outcome that led here)."""
+    try:
+        storage.delete_prefix(prefix)
+    except Exception:
+        log.exception("could not delete blobs: they remain under %s", prefix)
 
 
 class LocalStorage:

@@ -25,7 +25,7 @@ from aligndiff.inversion import initial_embedding, save_embedding
 from aligndiff.shots import load_shots
 from aligndiff.synth import Models
 from service.contexts import classes
-from service.contexts.classes import Upload
+from service.contexts.uploads import Upload
 from service.db import make_engine, make_session_factory, session_scope
 from service.models import Base, Job, Owner, Sample, SegClass
 from service.schemas import ClassCreate

@@ -60,7 +60,7 @@ from service.contexts.jobs import (
 )
 from service.models import Job, Sample, SegClass, utcnow
 from service.models import Shot as ShotRow
-from service.storage import class_key, sample_key
+from service.storage import class_key, png_bytes, sample_key
 from worker import recovery
 from worker.context import WorkerContext
 
@@ -558,7 +558,7 @@ def _store_sample(ctx: WorkerContext, info: ClassInfo, sample: GeneratedSample) 
     spec = sample.spec
     image_key = sample_key(info.id, spec.index, IMAGE)
     coarse_key = sample_key(info.id, spec.index, COARSE_MASK)
-    ctx.storage.put(image_key, _png(Image.fromarray(sample.image)), content_type=PNG)
+    ctx.storage.put(image_key, png_bytes(Image.fromarray(sample.image)), content_type=PNG)
     ctx.storage.put(coarse_key, _npy(sample.coarse_mask), content_type=BINARY)
     height, width = sample.image.shape[:2]
     with ctx.session() as session:
@@ -667,14 +667,8 @@ def _required(key: str | None) -> str:
 # Blob encodings.
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _mask_png(mask: BoolMask) -> bytes:
-    return _png(mask_to_image(mask))
+    return png_bytes(mask_to_image(mask))
 
 
 def _decode_rgb(data: bytes) -> npt.NDArray[np.uint8]:

@@ -3,17 +3,13 @@ listing and deleting them, and the learned embedding."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
-from io import BytesIO
 from pathlib import PurePosixPath
 
-from PIL import Image
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
@@ -26,26 +22,19 @@ from service.contexts.access import visible_to
 from service.contexts.idempotency import Answer, claim_for, commit_with_answer, find_answer
 from service.contexts.idempotency import fingerprint as request_fingerprint
 from service.contexts.job_control import Accepted, StartTask
+from service.contexts.uploads import Upload, file_digests
 from service.models import Job, SegClass
 from service.models import Shot as ShotRow
 from service.pagination import newest_first, newest_first_cursor, split_page
 from service.problems import Problem, not_found
 from service.schemas import MAX_SEED, ClassCreate, ClassPublic, Page
 from service.settings import Settings
-from service.storage import Storage, class_prefix, shot_key
+from service.storage import Storage, class_prefix, delete_prefix_quietly, png_bytes, shot_key
 
 log = logging.getLogger(__name__)
 
 SYNTHESIS = "synthesis"
 PNG = "image/png"
-
-
-@dataclass(frozen=True)
-class Upload:
-    """One uploaded file: the name the client gave it, and its bytes."""
-
-    filename: str
-    data: bytes
 
 
 def create_class(
@@ -100,12 +89,12 @@ def create_class(
         answer = commit_with_answer(session, claim, Answer(202, body, location_of(class_id)))
     except BaseException:
         session.rollback()
-        _delete_blobs(storage, class_id)
+        delete_prefix_quietly(storage, class_prefix(class_id))
         raise
     if answer.replayed:
         # A concurrent request with the same Idempotency-Key won: this one's rows were rolled
         # back, and its blobs go too.
-        _delete_blobs(storage, class_id)
+        delete_prefix_quietly(storage, class_prefix(class_id))
         return Accepted(answer, start=None)
     return Accepted(answer, start=StartTask(SYNTHESIS, job.id))
 
@@ -151,7 +140,7 @@ def delete_class(
     # NOTE: blobs go after the commit: a blob without a row is harmless, a row without its blob
     # is a broken resource. Should this fail, the class is still deleted as asked and the
     # orphaned blobs are logged.
-    _delete_blobs(storage, class_id)
+    delete_prefix_quietly(storage, class_prefix(class_id))
 
 
 def embedding_blob(
@@ -217,10 +206,11 @@ def visible_class(
 
 
 def _fingerprint(class_in: ClassCreate, images: Sequence[Upload], masks: Sequence[Upload]) -> str:
-    def files(uploads: Sequence[Upload]) -> list[list[str]]:
-        return [[u.filename, hashlib.sha256(u.data).hexdigest()] for u in uploads]
-
-    fields = {**class_in.model_dump(), "images": files(images), "masks": files(masks)}
+    fields = {
+        **class_in.model_dump(),
+        "images": file_digests(images),
+        "masks": file_digests(masks),
+    }
     return request_fingerprint("create_class", fields)
 
 
@@ -325,8 +315,8 @@ def _store_shots(
         mask_key = shot_key(class_id, position, "mask.png")
         storage.put(original_key, upload.data, content_type="application/octet-stream")
         storage.put(original_mask_key, mask_upload.data, content_type=PNG)
-        storage.put(image_key, _png(shot.image), content_type=PNG)
-        storage.put(mask_key, _png(mask_to_image(shot.mask)), content_type=PNG)
+        storage.put(image_key, png_bytes(shot.image), content_type=PNG)
+        storage.put(mask_key, png_bytes(mask_to_image(shot.mask)), content_type=PNG)
         rows.append(
             ShotRow(
                 class_id=class_id,
@@ -343,25 +333,7 @@ def _store_shots(
     return rows
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _display_name(filename: str, position: int) -> str:
     """The client's file name without any folder part (kept for display and exports)."""
     name = PurePosixPath(filename.replace("\\", "/")).name
     return name[:255] or f"shot-{position:02d}"
-
-
-def _delete_blobs(storage: Storage, class_id: uuid.UUID) -> None:
-    """Delete a class's blobs; a failure is logged, never raised (it must not hide the error
-    or the outcome that led here)."""
-    prefix = class_prefix(class_id)
-    try:
-        storage.delete_prefix(prefix)
-    except Exception:
-        log.exception(
-            "could not delete the blobs of class %s: they remain under %s", class_id, prefix
-        )

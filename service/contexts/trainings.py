@@ -3,7 +3,6 @@ and listing them, downloading the trained weights, and predicting with them."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import uuid
@@ -22,7 +21,6 @@ from aligndiff.shots import ShotError, ShotFormatError, decode_image
 from service.auth import Principal
 from service.contexts import jobs
 from service.contexts.access import visible_to
-from service.contexts.classes import Upload
 from service.contexts.idempotency import (
     Answer,
     IdempotencyClaim,
@@ -32,12 +30,19 @@ from service.contexts.idempotency import (
 )
 from service.contexts.idempotency import fingerprint as request_fingerprint
 from service.contexts.job_control import Accepted, StartTask
+from service.contexts.uploads import Upload, file_digests
 from service.models import Job, SegClass, Training
 from service.pagination import newest_first, newest_first_cursor, split_page
 from service.problems import Problem, not_found
 from service.schemas import Page, TrainingCreate, TrainingMetrics, TrainingPublic
 from service.settings import Settings
-from service.storage import Storage, training_key, training_prefix
+from service.storage import (
+    Storage,
+    delete_prefix_quietly,
+    png_bytes,
+    training_key,
+    training_prefix,
+)
 
 if TYPE_CHECKING:
     from aligndiff.models.segmenters import SegmentationModel
@@ -108,12 +113,12 @@ def create_training(
         )
     except BaseException:
         session.rollback()
-        _delete_blobs(storage, training_id)
+        delete_prefix_quietly(storage, training_prefix(training_id))
         raise
     if accepted.answer.replayed:
         # A concurrent request with the same Idempotency-Key won: this one's rows were rolled
         # back, and its blobs go too.
-        _delete_blobs(storage, training_id)
+        delete_prefix_quietly(storage, training_prefix(training_id))
     return accepted
 
 
@@ -218,9 +223,7 @@ def predict_mask(
     (labels,) = predict(
         model, [np.asarray(decoded, dtype=np.uint8)], resolution=int(config["resolution"])
     )
-    buffer = BytesIO()
-    Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L").save(buffer, "PNG")
-    return buffer.getvalue()
+    return png_bytes(Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L"))
 
 
 class SegmenterCache:
@@ -278,11 +281,7 @@ def _fingerprint(
 ) -> str:
     fields: dict[str, Any] = training_in.model_dump(mode="json")
     if val_images or val_masks:
-
-        def files(uploads: Sequence[Upload]) -> list[list[str]]:
-            return [[u.filename, hashlib.sha256(u.data).hexdigest()] for u in uploads]
-
-        fields |= {"val_images": files(val_images), "val_masks": files(val_masks)}
+        fields |= {"val_images": file_digests(val_images), "val_masks": file_digests(val_masks)}
     return request_fingerprint("create_training", fields)
 
 
@@ -440,27 +439,10 @@ def _store_validation(
     for index, pair in enumerate(pairs):
         image_key = training_key(training_id, f"validation/{index:03d}/image.png")
         labels_key = training_key(training_id, f"validation/{index:03d}/labels.png")
-        storage.put(image_key, _png(pair.image), content_type=PNG)
-        storage.put(labels_key, _png(pair.labels), content_type=PNG)
+        storage.put(image_key, png_bytes(pair.image), content_type=PNG)
+        storage.put(labels_key, png_bytes(pair.labels), content_type=PNG)
         keys.append([image_key, labels_key])
     return keys
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def _delete_blobs(storage: Storage, training_id: uuid.UUID) -> None:
-    """Delete a training's blobs; a failure is logged, never raised."""
-    prefix = training_prefix(training_id)
-    try:
-        storage.delete_prefix(prefix)
-    except Exception:
-        log.exception(
-            "could not delete the blobs of training %s: they remain under %s", training_id, prefix
-        )
 
 
 def _trained(session: Session, principal: Principal, training_id: uuid.UUID) -> str:

@@ -21,7 +21,7 @@ from service.api.deps import (
 )
 from service.api.responses import answer_response, blob_response, problem_responses
 from service.contexts import classes, job_control
-from service.contexts.classes import Upload
+from service.contexts.uploads import Upload
 from service.pagination import DEFAULT_LIMIT
 from service.schemas import ClassCreate, ClassPublic, Page
 

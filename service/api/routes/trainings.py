@@ -26,7 +26,7 @@ from service.api.deps import (
 )
 from service.api.responses import PNG, answer_response, blob_response, problem_responses
 from service.contexts import job_control, trainings
-from service.contexts.classes import Upload
+from service.contexts.uploads import Upload
 from service.pagination import DEFAULT_LIMIT
 from service.problems import Problem
 from service.schemas import Page, TrainingCreate, TrainingPublic
