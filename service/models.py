@@ -139,6 +139,8 @@ class SegClass(Base):
     prototypes_key: Mapped[str | None] = mapped_column(String(512), default=None)
     model_ids: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     job_id: Mapped[uuid.UUID | None] = mapped_column(default=None)
+    # The bytes its owner uploaded for it (shots and masks as received): the storage quota.
+    upload_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -231,6 +233,22 @@ class Training(Base):
     weights_key: Mapped[str | None] = mapped_column(String(512), default=None)
     baseline_weights_key: Mapped[str | None] = mapped_column(String(512), default=None)
     checkpoint_key: Mapped[str | None] = mapped_column(String(512), default=None)
+    # The bytes its owner uploaded for it (the validation set): the storage quota.
+    upload_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     job_id: Mapped[uuid.UUID | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class WorkerHeartbeat(Base):
+    """A worker process that is (or was) online: it writes `last_seen_at` every few seconds,
+    so the dashboard can tell live workers from dead ones without asking the broker."""
+
+    __tablename__ = "worker_heartbeats"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery's hostname
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    current_job_id: Mapped[uuid.UUID | None] = mapped_column(default=None)
