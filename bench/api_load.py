@@ -110,13 +110,23 @@ def free_port() -> int:
 
 
 @contextmanager
-def api_server(database_url: str, workers: int) -> Iterator[str]:
+def api_server(
+    database_url: str,
+    workers: int,
+    *,
+    data_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """uvicorn serving the API on a free loopback port; `data_dir` (default: a scratch folder,
+    removed afterwards) and `env` (more ALIGNDIFF_* settings) configure it."""
     port = free_port()
-    data_dir = Path(tempfile.mkdtemp(prefix="aligndiff-bench-"))
+    scratch = data_dir is None
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="aligndiff-bench-"))
     env = {
         **os.environ,
         "ALIGNDIFF_DATABASE_URL": database_url,
         "ALIGNDIFF_DATA_DIR": str(data_dir),
+        **(env or {}),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
@@ -139,7 +149,8 @@ def api_server(database_url: str, workers: int) -> Iterator[str]:
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
-        shutil.rmtree(data_dir, ignore_errors=True)
+        if scratch:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def wrk_script(class_id: uuid.UUID, samples: int, path: Path) -> None:
@@ -174,6 +185,7 @@ def run_wrk(url: str, key: str, script: Path, connections: int, duration: int) -
         "p50": latency.get("50", "?"),
         "p90": latency.get("90", "?"),
         "p99": latency.get("99", "?"),
+        "requests": re.search(r"(\d+) requests in", out).group(1),  # type: ignore[union-attr]
         "requests/s": re.search(r"Requests/sec:\s+(\S+)", out).group(1),  # type: ignore[union-attr]
         "errors": str(int(non_2xx.group(1)) if non_2xx else 0)
         + (f" (socket: {socket_errors.group(1)})" if socket_errors else ""),
@@ -197,7 +209,16 @@ def main() -> None:
             print(rows[-1], flush=True)
         script.unlink()
     table = markdown_table(
-        ["uvicorn workers", "connections", "p50", "p90", "p99", "requests/s", "non-2xx / errors"],
+        [
+            "uvicorn workers",
+            "connections",
+            "p50",
+            "p90",
+            "p99",
+            "requests",
+            "requests/s",
+            "non-2xx / errors",
+        ],
         rows,
     )
     print(table)
