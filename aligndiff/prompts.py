@@ -2,12 +2,12 @@
 
 The class-name span (which token positions spell {name}) is what the coarse mask reads from the
 cross-attention; the placeholder slot is where the learned inversion embedding is substituted.
+The prompts' and token's texts come from `aligndiff.names` (torch-free, for the API).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -15,27 +15,11 @@ from typing import Literal
 import torch
 from transformers import CLIPTokenizer
 
+from aligndiff.names import find_name, inversion_prompt, inversion_token, text_prompt
+
 PromptKind = Literal["inversion", "text"]
 
 INITIALIZER_WORD = "good"
-
-
-def inversion_token(class_name: str) -> str:
-    """The learned token's text, e.g. `<samarra-mosque>` (the key in embedding.safetensors)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", class_name.lower()).strip("-") or "class"
-    return f"<{slug}>"
-
-
-def inversion_prompt(class_name: str) -> str:
-    """The prompt the inversion token is learned with, and inversion samples are drawn from.
-
-    After `pipe.load_textual_inversion(embedding)` the same string works in diffusers.
-    """
-    return f"a photo of a {inversion_token(class_name)} {class_name}"
-
-
-def text_prompt(class_name: str) -> str:
-    return f"a photo of a {class_name}"
 
 
 def derive_seed(class_seed: int, index: int) -> int:
@@ -83,15 +67,6 @@ def prompt_bank(
             prompt, kind = texts[(index // 2) % len(texts)], "text"
         specs.append(SampleSpec(index, prompt, kind, derive_seed(class_seed, index)))  # type: ignore[arg-type]
     return specs
-
-
-def find_name(prompt: str, class_name: str) -> tuple[int, int]:
-    """(start, end) character span of the class name in a prompt, as whole words."""
-    pattern = r"(?<!\w)" + re.escape(class_name.strip()) + r"(?!\w)"
-    match = re.search(pattern, prompt, flags=re.IGNORECASE)
-    if match is None:
-        raise ValueError(f"prompt {prompt!r} does not mention the class name {class_name!r}")
-    return match.span()
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from aligndiff.masks import mask_to_image
-from aligndiff.prompts import find_name, inversion_token
+from aligndiff.names import find_name, inversion_token
 from aligndiff.shots import Shot, ShotError, ShotFormatError, load_shot
 from service.auth import Principal
 from service.contexts import jobs

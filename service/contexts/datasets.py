@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from aligndiff.prompts import inversion_token
+from aligndiff.names import inversion_token
 from service.auth import Principal
 from service.contexts.classes import visible_class
 from service.export import (
