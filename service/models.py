@@ -107,6 +107,9 @@ class Job(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, default=None)
+    # The failing task's formatted traceback: for admins (the dashboard), never in the public
+    # Job, whose `error` is one line.
+    traceback: Mapped[str | None] = mapped_column(Text, default=None)
     owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("owners.id", ondelete="CASCADE"))
     target_id: Mapped[uuid.UUID] = mapped_column()
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -246,7 +249,8 @@ class WorkerHeartbeat(Base):
 
     __tablename__ = "worker_heartbeats"
 
-    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery's hostname
+    # The process that runs tasks, named as `Job.worker` names it ("host:pid").
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
     hostname: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)

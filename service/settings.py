@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from aligndiff.settings import Settings as CoreSettings
 
@@ -30,6 +30,14 @@ class Settings(CoreSettings):
     presign_seconds: int = 900
     # How long a process trusts a key it verified (a revoked key works that much longer there).
     auth_cache_seconds: float = 10.0
+    # The dashboard's signed session cookies. Unset, a secret is generated once and kept in
+    # `data_dir/session-secret`; several API replicas must share one, so set it for them.
+    session_secret: SecretStr | None = None
+    session_max_age_seconds: int = Field(default=12 * 3600, ge=60)
+    # Mark the session cookie Secure (sent over HTTPS only): set it behind TLS.
+    session_cookie_secure: bool = False
+    # How often a worker process writes its heartbeat; it counts as online for 3 intervals.
+    worker_heartbeat_seconds: float = Field(default=5.0, gt=0)
 
     # Limits
     max_upload_bytes: int = 64 * 1024 * 1024

@@ -285,12 +285,14 @@ def dispatch(ctx: WorkerContext, info: ClassInfo) -> None:
 
 
 def record_failure(ctx: WorkerContext, job_id: uuid.UUID, error: BaseException, trace: str) -> None:
-    """Fail the job with the error and the tail of its traceback (if it is still active). A job
-    asked to stop ends `cancelled` instead (say, its class was deleted under the task)."""
-    summary = f"{type(error).__name__}: {error}"
+    """Fail the job (if it is still active) with a one-line error and, for admins, the
+    formatted traceback. A job asked to stop ends `cancelled` instead (say, its class was
+    deleted under the task)."""
+    message = str(error).strip().splitlines()
+    summary = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
     with ctx.session() as session:
         if not finish_cancelled(session, job_id):
-            fail(session, job_id, f"{summary}\n\n{trace[-4000:]}".rstrip())
+            fail(session, job_id, summary, traceback=trace.rstrip() or None)
 
 
 def requeue_orphaned_jobs(ctx: WorkerContext) -> list[uuid.UUID]:

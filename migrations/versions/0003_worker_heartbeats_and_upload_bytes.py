@@ -1,4 +1,4 @@
-"""add worker heartbeats and upload byte counts for quotas
+"""add worker heartbeats, upload byte counts for quotas and failed jobs' tracebacks
 
 Revision ID: 0003
 Revises: 0002
@@ -37,8 +37,14 @@ def upgrade() -> None:
             sa.Column("upload_bytes", sa.BigInteger(), server_default="0", nullable=False)
         )
 
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("traceback", sa.Text(), nullable=True))
+
 
 def downgrade() -> None:
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("traceback")
+
     with op.batch_alter_table("trainings", schema=None) as batch_op:
         batch_op.drop_column("upload_bytes")
 

@@ -75,6 +75,7 @@ def retry(session: Session, job: Job) -> None:
     values = {
         "status": "queued",
         "error": None,
+        "traceback": None,
         "cancel_requested": False,
         "finished_at": None,
         "lease_expires_at": None,
@@ -184,7 +185,8 @@ def complete(session: Session, job_id: uuid.UUID) -> bool:
     )
 
 
-def fail(session: Session, job_id: uuid.UUID, error: str) -> bool:
+def fail(session: Session, job_id: uuid.UUID, error: str, *, traceback: str | None = None) -> bool:
+    """Fail an active job with a short `error` (public) and the `traceback` (admins only)."""
     return _cas(
         session,
         job_id,
@@ -192,6 +194,7 @@ def fail(session: Session, job_id: uuid.UUID, error: str) -> bool:
         {
             "status": "failed",
             "error": error[-8000:],
+            "traceback": traceback[-20000:] if traceback is not None else None,
             "finished_at": utcnow(),
             "lease_expires_at": None,
         },
