@@ -9,7 +9,6 @@ from service.api.middleware import BodySizeLimit, RequestMetrics
 from service.api.openapi import install_openapi, operation_id
 from service.api.routes import api_router
 from service.auth import PrincipalCache
-from service.contexts.trainings import SegmenterCache
 from service.db import make_engine, make_session_factory
 from service.metrics import Metrics
 from service.problems import install_problem_handlers
@@ -48,7 +47,6 @@ def create_app(
 
         queue = CeleryQueue(make_celery(settings))
     app.state.queue = queue
-    app.state.segmenters = SegmenterCache(settings.predict_cache_size)
     app.state.metrics = Metrics(app.state.session_factory)
     install_problem_handlers(app)
     app.include_router(api_router)

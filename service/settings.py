@@ -24,6 +24,9 @@ class Settings(CoreSettings):
     database_url: str | None = None
     database_pool_size: int = 32  # per process; cover the API's concurrent requests
     broker_url: str | None = None
+    # Where workers store the answers the API waits for (predict); unset: see
+    # `resolved_result_backend_url`.
+    result_backend_url: str | None = None
     storage_url: str | None = None
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
@@ -47,10 +50,31 @@ class Settings(CoreSettings):
     max_training_steps: int = 20_000
     max_validation_images: int = Field(default=50, ge=1)
 
+    # Rate limits per API key (token buckets; 0 turns one off): every /v1 request, and the
+    # POSTs that queue GPU work (create a class or training, retry a job). Shared by every API
+    # process through Redis (`rate_limit_url`, else the broker when it is redis://), else kept
+    # in this process ("memory://").
+    rate_limit_per_second: float = Field(default=20.0, ge=0)
+    rate_limit_burst: int = Field(default=100, ge=1)
+    job_rate_limit_per_minute: float = Field(default=60.0, ge=0)
+    job_rate_limit_burst: int = Field(default=30, ge=1)
+    rate_limit_url: str | None = None
+    # Quotas per owner (0: none; admin keys are exempt), checked in the transaction that
+    # queues the job: queued + running jobs, samples per class (under `max_num_samples`), and
+    # the bytes of every upload its classes and trainings keep.
+    quota_concurrent_jobs: int = Field(default=4, ge=0)
+    quota_samples_per_class: int = Field(default=500, ge=0)
+    quota_upload_bytes: int = Field(default=1024**3, ge=0)
+    quota_retry_after_seconds: int = Field(default=30, ge=1)
+    # When set, GET /metrics needs `Authorization: Bearer <metrics_token>`.
+    metrics_token: SecretStr | None = None
+
     # Trainings: the segmenters' backbone ("tiny": random weights built from config) and how
-    # many trained segmenters the API keeps loaded for `predict`.
+    # many trained segmenters a worker keeps loaded for `predict`.
     segmenter_backbone: str = "tiny"
     predict_cache_size: int = Field(default=4, ge=1)
+    # How long `POST /v1/trainings/{id}/predict` waits for a worker's answer before a 503.
+    predict_timeout_seconds: float = Field(default=30.0, gt=0)
     training_resolution: int = Field(default=64, ge=16)
     training_checkpoint_every: int = Field(default=50, ge=1)
     # How often a training job writes its progress (and sees a cancel), at most.
@@ -68,6 +92,15 @@ class Settings(CoreSettings):
     job_lease_seconds: int = 600
     max_job_attempts: int = 3
 
+    # The sweeper (`aligndiff sweep`, and every worker periodically): job recovery, orphaned
+    # blobs, stale rows. A blob is written before the row that names it, so only blobs older
+    # than the grace period can be orphans; a failed or cancelled job's unfinished samples are
+    # kept for a retry that long; idempotency records are replayed that long.
+    sweep_interval_seconds: float = Field(default=60.0, gt=0)
+    orphan_grace_seconds: int = Field(default=3600, ge=0)
+    pending_retention_seconds: int = Field(default=7 * 24 * 3600, ge=0)
+    idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=0)
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'aligndiff.db'}"
@@ -75,6 +108,24 @@ class Settings(CoreSettings):
     @property
     def resolved_broker_url(self) -> str:
         return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+
+    @property
+    def resolved_result_backend_url(self) -> str:
+        """The broker's own Redis; Celery's database backend beside a SQLAlchemy broker (a
+        file of its own for SQLite, which locks the whole file per write); in-memory for the
+        in-memory broker; else answers as AMQP messages to the caller (`rpc://`)."""
+        if self.result_backend_url:
+            return self.result_backend_url
+        broker = self.resolved_broker_url
+        if broker.startswith(("redis://", "rediss://")):
+            return broker
+        if broker.startswith("sqla+sqlite"):
+            return f"db+sqlite:///{self.data_dir / 'results.db'}"
+        if broker.startswith("sqla+"):
+            return "db+" + broker.removeprefix("sqla+")
+        if broker.startswith("memory://"):
+            return "cache+memory://"
+        return "rpc://"
 
     @property
     def resolved_storage_url(self) -> str:

@@ -5,8 +5,11 @@ download and prediction."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -19,13 +22,66 @@ from sqlalchemy import func, select
 from aligndiff.models.segmenters import build_segmenter, load_segmenter, save_segmenter
 from aligndiff.training import predict
 from service.models import Job, Training
-from service.storage import training_key
+from service.queue import CeleryQueue
+from service.settings import Settings
+from service.storage import LocalStorage, training_key
 from tests.api_support import Api, ApiFactory, add_class, box_mask, encode, get_job_row, photo
+from tests.worker_support import Service, WorkerProcess, private_redis, worker_env
+from worker.celery_app import make_celery
 
 pytest_plugins = ["tests.api_support"]
 
 TRAINING_TASK = "aligndiff.training.start"
 RESOLUTION = 32
+
+
+@dataclass(frozen=True)
+class PredictWorker:
+    """A real worker process on a Redis of the module's own (broker and result backend),
+    reading blobs from `blobs`."""
+
+    redis_url: str
+    blobs: Path
+    process: WorkerProcess
+
+
+@pytest.fixture(scope="module")
+def predict_worker(
+    tmp_path_factory: pytest.TempPathFactory, model_cache: Path
+) -> Iterator[PredictWorker]:
+    folder = tmp_path_factory.mktemp("predict-worker")
+    with private_redis(folder) as redis_url:
+        settings = Settings(
+            data_dir=folder,
+            database_url=f"sqlite:///{folder / 'worker.db'}",
+            broker_url=redis_url,
+            storage_url=f"file://{folder / 'blobs'}",
+            model_cache_dir=model_cache,
+        )
+        Service.create(settings)  # the tables its start-up sweep for orphaned jobs reads
+        process = WorkerProcess(
+            worker_env(settings, model_cache), folder / "worker.log", pool="solo", concurrency=1
+        )
+        try:
+            yield PredictWorker(redis_url, folder / "blobs", process)
+        finally:
+            process.stop()
+
+
+def api_with_worker(make_api: ApiFactory, worker: PredictWorker, **settings: Any) -> Api:
+    """An app whose tasks go to `worker`'s Redis and whose blobs are the worker's."""
+    api = make_api(
+        storage=LocalStorage(worker.blobs),
+        broker_url=worker.redis_url,
+        **{"predict_timeout_seconds": 60.0, **settings},
+    )
+    api.app.state.queue = CeleryQueue(make_celery(api.settings))
+    return api
+
+
+@pytest.fixture
+def worker_api(make_api: ApiFactory, predict_worker: PredictWorker) -> Api:
+    return api_with_worker(make_api, predict_worker)
 
 
 def finished_class(api: Api, name: str = "dog", *, owner: str = "alice") -> uuid.UUID:
@@ -435,13 +491,14 @@ def test_weights_and_predict_are_a_conflict_until_the_training_succeeded(api: Ap
 
 
 def test_weights_download_as_a_zip_that_loads_and_predicts_like_the_api(
-    api: Api, model_cache: Path
+    worker_api: Api, model_cache: Path
 ) -> None:
-    # given: a succeeded training of two classes
+    # given: a succeeded training of two classes, and a worker process serving predictions
+    api = worker_api
     training_id = trained(api, model_cache, [finished_class(api), finished_class(api, "cat")])
     image = photo((40, 24))
 
-    # when: its weights are downloaded and an image is sent to predict
+    # when: its weights are downloaded and an image is sent to predict (run by the worker)
     weights = api.alice.get(f"/v1/trainings/{training_id}/weights")
     predicted = api.alice.post(
         f"/v1/trainings/{training_id}/predict",
@@ -456,7 +513,8 @@ def test_weights_download_as_a_zip_that_loads_and_predicts_like_the_api(
         config = json.loads(archive.read("config.json"))
     assert config["class_names"] == ["class0", "class1"]
     model, _ = load_segmenter(weights.content)
-    # and: the API's mask is the loaded model's prediction, as a grayscale PNG of the image's size
+    # and: the worker's mask is the loaded model's prediction in this process, as a grayscale
+    # PNG of the image's size
     assert predicted.status_code == 200, predicted.text
     assert predicted.headers["content-type"] == "image/png"
     mask = Image.open(BytesIO(predicted.content))
@@ -484,3 +542,56 @@ def test_predict_refuses_what_is_not_an_image(api: Api, model_cache: Path) -> No
     assert text.status_code == 415 and text.json()["errors"][0]["field"] == "image"
     assert json_body.status_code == 415
     assert missing.status_code == 422
+    # and: none of them reached a worker
+    assert api.queue.sent == []
+
+
+def test_a_worker_that_fails_to_predict_answers_a_problem_naming_the_error(
+    worker_api: Api, model_cache: Path
+) -> None:
+    # given: a succeeded training whose stored weights are damaged
+    api = worker_api
+    training_id = trained(api, model_cache, [finished_class(api)])
+    with api.session() as session:
+        training = session.get(Training, training_id)
+        assert training is not None and training.weights_key is not None
+        api.storage.put(training.weights_key, b"not a zip", content_type="application/zip")
+
+    # when: an image is sent to predict
+    predicted = api.alice.post(
+        f"/v1/trainings/{training_id}/predict",
+        files={"image": ("a.png", encode(photo()), "image/png")},
+    )
+
+    # then: the worker's error comes back as a problem, and the API carries on
+    assert predicted.status_code == 500
+    assert predicted.headers["content-type"] == "application/problem+json"
+    assert "BadZipFile" in predicted.json()["detail"]
+    assert api.alice.get(f"/v1/trainings/{training_id}").status_code == 200
+
+
+def test_predict_answers_503_with_retry_after_when_no_worker_answers_in_time(
+    make_api: ApiFactory, predict_worker: PredictWorker, model_cache: Path
+) -> None:
+    # given: an app whose broker no worker consumes (another database of the same Redis),
+    # waiting at most half a second for a prediction
+    idle = PredictWorker(
+        predict_worker.redis_url.rsplit("/", 1)[0] + "/1",
+        predict_worker.blobs,
+        predict_worker.process,
+    )
+    api = api_with_worker(make_api, idle, predict_timeout_seconds=0.5)
+    training_id = trained(api, model_cache, [finished_class(api)])
+
+    # when: an image is sent to predict
+    started = time.monotonic()
+    predicted = api.alice.post(
+        f"/v1/trainings/{training_id}/predict",
+        files={"image": ("a.png", encode(photo()), "image/png")},
+    )
+
+    # then: 503 soon after the timeout, saying when to retry
+    assert predicted.status_code == 503, predicted.text
+    assert predicted.headers["retry-after"] == "1"
+    assert "no worker answered" in predicted.json()["detail"]
+    assert time.monotonic() - started < 10

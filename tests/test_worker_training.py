@@ -51,7 +51,8 @@ def one_torch_thread() -> Iterator[None]:
 @dataclass
 class Setup:
     """The API and the worker's Celery app on one SQLite database and blob folder; the API's
-    task queue holds the tasks until `run` drains them in this process."""
+    task queue holds the tasks until `run` drains them in this process, and runs the ones the
+    API waits on (predict) at once, through the worker's task."""
 
     settings: Settings
     service: Service
@@ -109,6 +110,7 @@ def setup(tmp_path: Path, model_cache: Path) -> Setup:
     queue = InProcessQueue()
     celery = make_celery(settings, queue=queue)
     celery.loader.import_default_modules()
+    queue.worker = celery
     app = create_app(settings, queue=queue, storage=service.storage)
     with service.session() as session:
         key = create_key(session, name="admin", admin=True)

@@ -28,6 +28,7 @@ from service.contexts import classes
 from service.contexts.uploads import Upload
 from service.db import make_engine, make_session_factory, session_scope
 from service.models import Base, Job, Owner, Sample, SegClass
+from service.queue import TaskFailed, TaskTimeout
 from service.schemas import ClassCreate
 from service.settings import Settings
 from service.storage import Storage, class_key, make_storage
@@ -147,12 +148,24 @@ class InProcessQueue:
     through the app's real tasks (base class and failure handling included)."""
 
     deliveries: int = 1  # >1 delivers every message that many times (a redelivering broker)
+    worker: AlignDiffCelery | None = None  # what runs the tasks `call` waits on
     pending: deque[tuple[str, tuple[Any, ...]]] = field(default_factory=deque)
     sent: Counter[str] = field(default_factory=Counter)
 
     def enqueue(self, task_name: str, *args: Any) -> None:
         self.sent[task_name] += 1
         self.pending.append((task_name, args))
+
+    def call(self, task_name: str, *args: Any, timeout: float) -> Any:
+        """Run a task the caller waits on at once, through `worker`'s real task (set it
+        first), and return its result as a worker's would come back."""
+        if self.worker is None:
+            raise TaskTimeout("this in-process queue has no worker app to run it")
+        self.sent[task_name] += 1
+        result = self.worker.tasks[task_name].apply(args=list(args))
+        if result.failed():
+            raise TaskFailed(f"{type(result.result).__name__}: {result.result}")
+        return result.get(timeout=timeout)
 
     def drain(
         self,
@@ -208,6 +221,45 @@ def worker_env(settings: Settings, model_cache: Path, **extra: str) -> dict[str,
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
+
+
+@contextmanager
+def private_redis(folder: Path) -> Iterator[str]:
+    """A Redis server of this test's own on a free port (no persistence), so that no other
+    test run on the machine's shared Redis can flush or consume its queues; stopped after."""
+    from tests.serve_support import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        wait_for(lambda: _pings(client), timeout=10, what=f"redis-server on port {port}")
+        client.close()
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _pings(client: Any) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
 
 
 class WorkerProcess:

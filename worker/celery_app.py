@@ -5,11 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu import Queue
 
 from service.settings import Settings
 from worker.context import WorkerContext
 
 TASK_MODULES = ["worker.tasks"]
+
+# The queues every worker consumes (unless started with `--queues`): the jobs' tasks, and the
+# predictions the API waits on, which get a queue of their own so that they are not served
+# after every sampling chunk already queued.
+JOBS_QUEUE = "aligndiff"
+PREDICT_QUEUE = "aligndiff.predict"
+PREDICT_TASK = "aligndiff.training.predict"
+# How long a stored answer outlives its task when the API never read it (it gave up waiting).
+RESULT_EXPIRES_SECONDS = 600
 
 
 class AlignDiffCelery(Celery):
@@ -42,14 +52,21 @@ def make_celery(settings: Settings, **context: Any) -> AlignDiffCelery:
         # so it must be longer than any task; a job's lease (`job_lease_seconds`, renewed
         # after every batch) is what tells a dead worker's job from a slow one.
         transport_options = {"visibility_timeout": settings.task_visibility_timeout}
-    app = AlignDiffCelery("aligndiff", broker=broker, include=TASK_MODULES)
+    backend = settings.resolved_result_backend_url
+    app = AlignDiffCelery("aligndiff", broker=broker, backend=backend, include=TASK_MODULES)
+    if backend.startswith("db+sqlite"):
+        app.conf.database_engine_options = {"connect_args": {"timeout": 30}}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_default_queue="aligndiff",
+        task_default_queue=JOBS_QUEUE,
+        task_queues=[Queue(JOBS_QUEUE), Queue(PREDICT_QUEUE)],
+        task_routes={PREDICT_TASK: {"queue": PREDICT_QUEUE}},
+        result_expires=RESULT_EXPIRES_SECONDS,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
+        # Only the tasks the API waits on (predict) store a result.
         task_ignore_result=True,
         worker_hijack_root_logger=False,
     )

@@ -21,6 +21,7 @@ from service.storage import Storage, make_storage
 
 if TYPE_CHECKING:
     from aligndiff.synth import Models, SynthConfig
+    from worker.training import SegmenterCache
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class WorkerContext:
         self._queue: TaskQueue | None = self._given_queue
         self._storage: Storage | None = self._given_storage
         self._models: Models | None = self._given_models
+        self._segmenters: SegmenterCache | None = None
 
     def _own_process(self) -> None:
         # NOTE: a prefork child inherits its parent's objects; pooled connections (and CUDA
@@ -128,6 +130,16 @@ class WorkerContext:
 
             self._models = load_models(self.settings)
         return self._models
+
+    @property
+    def segmenters(self) -> SegmenterCache:
+        """The trained segmenters `predict` used last, each loaded once by this process."""
+        self._own_process()
+        if self._segmenters is None:
+            from worker.training import SegmenterCache
+
+            self._segmenters = SegmenterCache(self.settings.predict_cache_size)
+        return self._segmenters
 
     @property
     def config(self) -> SynthConfig:

@@ -1,7 +1,7 @@
 """Celery tasks of the synthesis and training jobs. Each takes ids and primitives, runs one
 step of `worker.synthesis` or `worker.training` with the worker's context, and leaves the job's
 status to the step, or to `on_failure` when the step raises (the job fails with the error and
-its traceback's tail)."""
+its traceback's tail). `predict` belongs to no job: its caller waits for its result."""
 
 from __future__ import annotations
 
@@ -11,21 +11,36 @@ from typing import Any, cast
 
 from billiard.einfo import ExceptionInfo
 from celery import Task, shared_task
-from celery.signals import worker_ready
 
-from worker import synthesis, training
+from worker import recovery, synthesis, training
 from worker.celery_app import AlignDiffCelery
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
 
 
-class JobTask(Task):
-    """A task whose first argument is a job id: a failure fails that job."""
+class ContextTask(Task):
+    """A task that reaches its worker's context (`self.context`)."""
 
     @property
     def context(self) -> WorkerContext:
         return cast(AlignDiffCelery, self.app).context
+
+
+class JobTask(ContextTask):
+    """A task whose first argument is a job id: a failure fails that job, unless it only says
+    that a dependency is unreachable. A redelivered message is not run (`worker.recovery`)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if recovery.is_redelivery(self.request):
+            log.warning(
+                "task %s (%s) was delivered again: not run; the job's lease tells whether its "
+                "first delivery is lost, and the sweep then resumes the job",
+                self.name,
+                self.request.id,
+            )
+            return None
+        return super().__call__(*args, **kwargs)
 
     def on_failure(
         self,
@@ -36,6 +51,16 @@ class JobTask(Task):
         einfo: ExceptionInfo,
     ) -> None:
         job_id = args[0] if args else kwargs.get("job_id")
+        if recovery.is_transient(exc):
+            log.warning(
+                "task %s (%s) of job %s met an outage (%r): the job stays running and is "
+                "resumed by the sweep once its lease runs out",
+                self.name,
+                task_id,
+                job_id,
+                exc,
+            )
+            return
         log.error("task %s (%s) failed for job %s: %r", self.name, task_id, job_id, exc)
         try:
             synthesis.record_failure(self.context, uuid.UUID(str(job_id)), exc, str(einfo))
@@ -83,15 +108,7 @@ def resume_training(self: JobTask, job_id: str) -> None:
     training.resume(self.context, uuid.UUID(job_id))
 
 
-@worker_ready.connect
-def requeue_orphaned_jobs(sender: Any = None, **_: Any) -> None:
-    """On worker start, take over jobs whose worker died and start those whose start message
-    was lost."""
-    app = getattr(sender, "app", None)
-    if not isinstance(app, AlignDiffCelery):
-        return
-    try:
-        synthesis.requeue_orphaned_jobs(app.context)
-        training.requeue_orphaned_jobs(app.context)
-    except Exception:
-        log.exception("could not look for orphaned jobs")
+@shared_task(bind=True, base=ContextTask, name=training.PREDICT, ignore_result=False)
+def predict(self: ContextTask, weights_key: str, image: bytes) -> bytes:
+    """The API waits for this one's answer: a PNG label mask (see `training.predict`)."""
+    return training.predict(self.context, weights_key, image)

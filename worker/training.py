@@ -5,6 +5,9 @@
           uploaded validation set, if any, else on the shots ──▶ metrics, `complete`
     resume (a job taken over from a dead worker) ──▶ the same, without claiming
 
+`predict` (no job: the API waits for its answer) segments one image with a trained model,
+each model loaded once per worker process and kept (`SegmenterCache`).
+
 The database is the truth, as in `worker.synthesis`: every blob (checkpoint, weights) is
 written under a key derived from the training's id before the row names it, and a run whose
 weights are stored is not trained again, so a retried or resumed job keeps the work done.
@@ -13,8 +16,10 @@ weights are stored is not trained again, so a retried or resumed job keeps the w
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, cast
@@ -31,8 +36,9 @@ from aligndiff.shots import decode_image
 from service.contexts.jobs import complete, finish_cancelled, report_progress, should_stop
 from service.models import Sample, SegClass, Training, utcnow
 from service.models import Shot as ShotRow
-from service.storage import training_key
+from service.storage import Storage, png_bytes, training_key
 from worker import recovery
+from worker.celery_app import PREDICT_TASK
 from worker.context import WorkerContext
 
 if TYPE_CHECKING:
@@ -44,6 +50,7 @@ log = logging.getLogger(__name__)
 JOB_KIND = "training"
 START = "aligndiff.training.start"
 RESUME = "aligndiff.training.resume"
+PREDICT = PREDICT_TASK
 
 BINARY, ZIP = "application/octet-stream", "application/zip"
 
@@ -110,6 +117,46 @@ def requeue_orphaned_jobs(ctx: WorkerContext) -> list[uuid.UUID]:
     """Take over the training jobs whose worker died and start again those whose start
     message was lost (see `worker.recovery.requeue_orphaned_jobs`)."""
     return recovery.requeue_orphaned_jobs(ctx, kind=JOB_KIND, start_task=START, resume_task=RESUME)
+
+
+def predict(ctx: WorkerContext, weights_key: str, image: bytes) -> bytes:
+    """The label mask of `image` (JPEG, PNG or WEBP bytes, checked by the API) by the trained
+    segmenter stored under `weights_key`: a mode L PNG of the image's size, 0 background and
+    k the k-th class of the training."""
+    from aligndiff.training import predict as predict_labels
+
+    decoded = decode_image(image, source="image", max_pixels=ctx.settings.max_image_pixels)
+    model, config = ctx.segmenters.get(weights_key, ctx.storage)
+    (labels,) = predict_labels(
+        model, [np.asarray(decoded, dtype=np.uint8)], resolution=int(config["resolution"])
+    )
+    return png_bytes(Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L"))
+
+
+class SegmenterCache:
+    """The last few trained segmenters this process loaded, by weights key (a training's
+    weights never change once stored, so an entry is never stale)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, tuple[SegmentationModel, dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, storage: Storage) -> tuple[SegmentationModel, dict[str, Any]]:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        from aligndiff.models.segmenters import load_segmenter
+
+        # NOTE: loaded outside the lock (two first requests may both load; both are right).
+        entry = load_segmenter(storage.get(key))
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return entry
 
 
 def _run(ctx: WorkerContext, job_id: uuid.UUID) -> None:

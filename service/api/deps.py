@@ -14,7 +14,6 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.auth import Principal, authenticate, bearer_key, hash_key
-from service.contexts.trainings import SegmenterCache
 from service.metrics import Metrics
 from service.pagination import MAX_LIMIT
 from service.problems import Problem
@@ -48,10 +47,6 @@ async def get_queue(request: Request) -> TaskQueue:
     return request.app.state.queue  # type: ignore[no-any-return]
 
 
-async def get_segmenters(request: Request) -> SegmenterCache:
-    return request.app.state.segmenters  # type: ignore[no-any-return]
-
-
 async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
@@ -62,7 +57,6 @@ SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory
 StorageDep = Annotated[Storage, Depends(get_storage)]
 QueueDep = Annotated[TaskQueue, Depends(get_queue)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-SegmentersDep = Annotated[SegmenterCache, Depends(get_segmenters)]
 
 # Query and header parameters shared by several routes.
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size.")]

@@ -4,13 +4,12 @@ and listing them, downloading the trained weights, and predicting with them."""
 from __future__ import annotations
 
 import logging
-import threading
+import math
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -34,6 +33,7 @@ from service.contexts.uploads import Upload, file_digests
 from service.models import Job, SegClass, Training
 from service.pagination import newest_first, newest_first_cursor, split_page
 from service.problems import Problem, not_found
+from service.queue import TaskFailed, TaskQueue, TaskTimeout, TaskUnavailable
 from service.schemas import Page, TrainingCreate, TrainingMetrics, TrainingPublic
 from service.settings import Settings
 from service.storage import (
@@ -44,14 +44,13 @@ from service.storage import (
     training_prefix,
 )
 
-if TYPE_CHECKING:
-    from aligndiff.models.segmenters import SegmentationModel
-
 log = logging.getLogger(__name__)
 
 TRAINING = "training"
 PNG = "image/png"
 IGNORE_LABEL = 255
+# The worker task that predicts (`worker.training.predict`), sent by name.
+PREDICT_TASK = "aligndiff.training.predict"
 
 
 @dataclass(frozen=True)
@@ -192,21 +191,25 @@ def weights_blob(
 def predict_mask(
     *,
     session: Session,
-    storage: Storage,
     settings: Settings,
-    segmenters: SegmenterCache,
+    queue: TaskQueue,
     principal: Principal,
     training_id: uuid.UUID,
     image: bytes,
 ) -> bytes:
     """The trained segmenter's label mask for `image` as a PNG (mode L: 0 background, k the
-    k-th class of the training). 409 until the training succeeded; an image that is not a
-    JPEG, PNG or WEBP answers 415, one that cannot be decoded or is too large 422."""
+    k-th class of the training), computed by a worker.
+
+    409 until the training succeeded; an image that is not a JPEG, PNG or WEBP answers 415,
+    one that cannot be decoded or is too large 422. 503 with Retry-After when no worker
+    answered within `settings.predict_timeout_seconds` or the broker is unreachable; 500 naming
+    the error when the worker failed.
+    """
     weights_key = _trained(session, principal, training_id)
-    # NOTE: the rest reads no rows: the connection goes back to the pool during inference.
+    # NOTE: the rest reads no rows: the connection goes back to the pool while a worker works.
     session.rollback()
     try:
-        decoded = decode_image(image, source="image", max_pixels=settings.max_image_pixels)
+        decode_image(image, source="image", max_pixels=settings.max_image_pixels)
     except ShotFormatError as error:
         raise Problem(
             415,
@@ -217,39 +220,30 @@ def predict_mask(
         raise Problem(
             422, "the image is not valid", errors=[{"field": "image", "message": error.detail}]
         ) from None
-    from aligndiff.training import predict
-
-    model, config = segmenters.get(weights_key, storage)
-    (labels,) = predict(
-        model, [np.asarray(decoded, dtype=np.uint8)], resolution=int(config["resolution"])
-    )
-    return png_bytes(Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L"))
-
-
-class SegmenterCache:
-    """The last few trained segmenters loaded by this process, by weights key (a training's
-    weights never change once stored, so an entry is never stale)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._entries: OrderedDict[str, tuple[SegmentationModel, dict[str, Any]]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str, storage: Storage) -> tuple[SegmentationModel, dict[str, Any]]:
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return self._entries[key]
-        from aligndiff.models.segmenters import load_segmenter
-
-        # NOTE: loaded outside the lock (two first requests may both load; both are right).
-        entry = load_segmenter(storage.get(key))
-        with self._lock:
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-        return entry
+    timeout = settings.predict_timeout_seconds
+    retry_after = {"Retry-After": str(max(1, math.ceil(timeout)))}
+    try:
+        # NOTE: the image travels in the message as sent (at most the upload limit): one
+        # round trip and nothing to clean up, where a blob written first would need both.
+        mask = queue.call(PREDICT_TASK, weights_key, image, timeout=timeout)
+    except TaskTimeout:
+        raise Problem(
+            503,
+            f"no worker answered within {timeout:g} s (all may be busy with long jobs); "
+            "retry later",
+            headers=retry_after,
+        ) from None
+    except TaskUnavailable:
+        log.exception("could not send the prediction of training %s", training_id)
+        raise Problem(
+            503, "the task queue is unavailable; retry shortly", headers=retry_after
+        ) from None
+    except TaskFailed as error:
+        log.error("the prediction of training %s failed on a worker: %s", training_id, error)
+        raise Problem(500, f"the worker could not predict: {error}") from None
+    if not isinstance(mask, bytes):
+        raise Problem(500, f"the worker answered {type(mask).__name__}, not a PNG")
+    return mask
 
 
 def training_public(training: Training, job: Job | None) -> TrainingPublic:

@@ -18,7 +18,6 @@ from service.api.deps import (
     IdempotencyKey,
     Limit,
     QueueDep,
-    SegmentersDep,
     SessionDep,
     SettingsDep,
     StorageDep,
@@ -239,24 +238,23 @@ def get_training_weights(
             "background, k the k-th of the training's classes.",
             "content": {PNG: {}},
         },
-        **problem_responses(401, 404, 409, 413, 415, 422),
+        **problem_responses(401, 404, 409, 413, 415, 422, 500, 503),
     },
 )
 def predict_with_training(
     session: SessionDep,
-    storage: StorageDep,
     settings: SettingsDep,
-    segmenters: SegmentersDep,
+    queue: QueueDep,
     principal: CurrentPrincipal,
     training_id: uuid.UUID,
     image: Annotated[UploadFile, File(description="A JPEG, PNG or WEBP image.")],
 ) -> Response:
-    """Segment an image with the trained model; 409 until the training succeeded."""
+    """Segment an image with the trained model, on a worker; 409 until the training
+    succeeded, 503 with Retry-After when no worker answered in time."""
     mask = trainings.predict_mask(
         session=session,
-        storage=storage,
         settings=settings,
-        segmenters=segmenters,
+        queue=queue,
         principal=principal,
         training_id=training_id,
         # NOTE: the body is already parsed and capped by the body size limit.
