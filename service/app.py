@@ -15,6 +15,7 @@ from service.problems import install_problem_handlers
 from service.queue import TaskQueue
 from service.settings import Settings
 from service.storage import Storage, make_storage
+from service.web_sessions import install_sign_in_redirect
 
 
 def create_app(
@@ -49,6 +50,7 @@ def create_app(
     app.state.queue = queue
     app.state.metrics = Metrics(app.state.session_factory)
     install_problem_handlers(app)
+    install_sign_in_redirect(app)
     app.include_router(api_router)
     install_openapi(app)
     # The metrics middleware, added last, is the outermost: refused requests are counted too.

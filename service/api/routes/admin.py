@@ -1,24 +1,268 @@
-"""`/admin`: the operators' dashboard (admin keys only); a placeholder for now."""
+"""`/admin`: the operators' dashboard (admin keys only): sign-in, the jobs page and its polling
+endpoint, cancel and retry; the class pages are in `admin_classes`, access in `admin_access`.
+
+A browser signs in with an admin key and gets a session cookie (`service.web_sessions`); any
+client may instead send `Authorization: Bearer <admin key>`.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import HTMLResponse
+import uuid
+from typing import Annotated, Any, Literal
 
-from service.api.deps import AdminPrincipal
-from service.api.responses import problem_responses
+from fastapi import Form, Query, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
-router = APIRouter(tags=["admin"])
+from service.api.deps import QueueDep, SessionDep, SettingsDep
+from service.api.responses import answer_response, problem_responses
+from service.api.routes import admin_classes
+from service.api.routes.admin_access import (
+    ApiAdmin,
+    CsrfField,
+    CsrfHeader,
+    NextField,
+    PageAdmin,
+    admin_router,
+    render,
+    require_csrf,
+    session_codec,
+    wants_json,
+)
+from service.auth import authenticate
+from service.contexts import dashboard, job_control
+from service.dashboard import STATIC_DIR, STATIC_TYPES
+from service.problems import Problem, not_found
+from service.web_sessions import (
+    SIGN_IN_COOKIE,
+    clear_cookies,
+    from_this_site,
+    safe_next,
+    set_session_cookie,
+    set_sign_in_cookie,
+)
 
-PLACEHOLDER = """<!doctype html>
-<html lang="en">
-<head><meta charset="utf-8"><title>AlignDiff admin</title></head>
-<body><h1>AlignDiff admin — dashboard coming</h1></body>
-</html>
-"""
+MAX_JOBS_SHOWN = 1000
+router = admin_router()
 
 
-@router.get("/admin", response_class=HTMLResponse, responses=problem_responses(401, 403, 422))
-def admin_dashboard(_: AdminPrincipal) -> HTMLResponse:
-    """The admin dashboard (HTML)."""
-    return HTMLResponse(PLACEHOLDER)
+# --- signing in and out ----------------------------------------------------------------------
+
+
+@router.get("/admin/sign-in", response_class=HTMLResponse, include_in_schema=False)
+def sign_in_form(request: Request, settings: SettingsDep, next: str | None = None) -> Response:
+    """The sign-in form: paste an admin key."""
+    return _sign_in_page(request, settings, next_path=safe_next(next))
+
+
+def _sign_in_page(
+    request: Request,
+    settings: Any,
+    *,
+    next_path: str,
+    error: str | None = None,
+    status_code: int = 200,
+) -> Response:
+    token, cookie = session_codec(request).sign_in_token()
+    response = render(
+        request,
+        "sign_in.html",
+        {"sign_in_token": token, "next": next_path, "error": error},
+        status_code=status_code,
+    )
+    set_sign_in_cookie(response, cookie, settings)
+    return response
+
+
+@router.post("/admin/sign-in", include_in_schema=False)
+def sign_in(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    key: Annotated[str, Form(max_length=512)] = "",
+    csrf_token: CsrfField = None,
+    next: NextField = None,
+) -> Response:
+    """Exchange an admin key for a session cookie; a user key is refused."""
+    codec = session_codec(request)
+    if not from_this_site(request) or not codec.sign_in_token_matches(
+        request.cookies.get(SIGN_IN_COOKIE), csrf_token
+    ):
+        raise Problem(403, "cross-site sign-in refused; open the sign-in page and try again")
+    next_path = safe_next(next)
+    try:
+        principal = authenticate(session, f"Bearer {key.strip()}")
+    except Problem:
+        return _sign_in_page(
+            request,
+            settings,
+            next_path=next_path,
+            error="That is not a valid API key.",
+            status_code=401,
+        )
+    if not principal.is_admin:
+        return _sign_in_page(
+            request,
+            settings,
+            next_path=next_path,
+            error="That key is not an admin key: the dashboard is for admins.",
+            status_code=403,
+        )
+    value, _ = codec.issue(principal.key_id)
+    response = RedirectResponse(next_path, status_code=303)
+    clear_cookies(response, settings, names=(SIGN_IN_COOKIE,))
+    set_session_cookie(response, value, settings)
+    return response
+
+
+@router.post("/admin/sign-out", include_in_schema=False)
+def sign_out(
+    request: Request,
+    access: PageAdmin,
+    settings: SettingsDep,
+    csrf_token: CsrfField = None,
+    csrf_header: CsrfHeader = None,
+) -> Response:
+    """End the browser's session (its cookie is removed)."""
+    require_csrf(request, access, csrf_token, csrf_header)
+    response = RedirectResponse("/admin/sign-in", status_code=303)
+    clear_cookies(response, settings)
+    return response
+
+
+# --- jobs ----------------------------------------------------------------------------------
+
+StatusFilter = Annotated[
+    Literal["queued", "running", "succeeded", "failed", "cancelled", ""] | None,
+    Query(description="Only jobs in this state (empty: all)."),
+]
+KindFilter = Annotated[
+    Literal["synthesis", "training", ""] | None,
+    Query(description="Only jobs of this kind (empty: all)."),
+]
+JobsLimit = Annotated[int, Query(ge=1, le=MAX_JOBS_SHOWN, description="Jobs shown.")]
+
+
+def _overview(
+    session: Any, settings: Any, status: str | None, kind: str | None, limit: int
+) -> dashboard.JobsOverview:
+    return dashboard.jobs_overview(
+        session=session,
+        status=status or None,
+        kind=kind or None,
+        limit=limit,
+        heartbeat_seconds=settings.worker_heartbeat_seconds,
+    )
+
+
+@router.get(
+    "/admin",
+    response_class=HTMLResponse,
+    responses={
+        303: {"description": "A browser without a session: to the sign-in page."},
+        **problem_responses(401, 403, 422),
+    },
+)
+def admin_dashboard(
+    request: Request,
+    access: PageAdmin,
+    session: SessionDep,
+    settings: SettingsDep,
+    status: StatusFilter = None,
+    kind: KindFilter = None,
+    limit: JobsLimit = 100,
+) -> HTMLResponse:
+    """The admin dashboard (HTML): every job, the queue's depth and the workers online."""
+    overview = _overview(session, settings, status, kind, limit)
+    return render(
+        request,
+        "jobs.html",
+        {
+            "overview": overview,
+            "status": status or "",
+            "kind": kind or "",
+            "limit": limit,
+            "statuses": dashboard.JOB_STATUSES,
+            "kinds": dashboard.JOB_KINDS,
+        },
+        access=access,
+    )
+
+
+@router.get("/admin/api/jobs", include_in_schema=False)
+def admin_jobs_json(
+    _: ApiAdmin,
+    session: SessionDep,
+    settings: SettingsDep,
+    status: StatusFilter = None,
+    kind: KindFilter = None,
+    limit: JobsLimit = 100,
+) -> JSONResponse:
+    """What the jobs page polls: the queue, the workers online and the jobs."""
+    overview = _overview(session, settings, status, kind, limit)
+    return JSONResponse(overview.to_json(), headers={"Cache-Control": "no-store"})
+
+
+def _after_action(request: Request, next_path: str | None, answer_body: Response) -> Response:
+    if wants_json(request):
+        return answer_body
+    return RedirectResponse(safe_next(next_path), status_code=303)
+
+
+@router.post("/admin/jobs/{job_id}/cancel", include_in_schema=False)
+def admin_cancel_job(
+    request: Request,
+    access: ApiAdmin,
+    session: SessionDep,
+    job_id: uuid.UUID,
+    csrf_token: CsrfField = None,
+    csrf_header: CsrfHeader = None,
+    next: NextField = None,
+) -> Response:
+    """Cancel any owner's job (as `POST /v1/jobs/{id}/cancel`)."""
+    require_csrf(request, access, csrf_token, csrf_header)
+    answer = job_control.cancel_job(
+        session=session, principal=access.principal, job_id=job_id, idempotency_key=None
+    )
+    return _after_action(request, next, answer_response(answer))
+
+
+@router.post("/admin/jobs/{job_id}/retry", include_in_schema=False)
+def admin_retry_job(
+    request: Request,
+    access: ApiAdmin,
+    session: SessionDep,
+    queue: QueueDep,
+    job_id: uuid.UUID,
+    csrf_token: CsrfField = None,
+    csrf_header: CsrfHeader = None,
+    next: NextField = None,
+) -> Response:
+    """Queue any owner's failed or cancelled job again (as `POST /v1/jobs/{id}/retry`)."""
+    require_csrf(request, access, csrf_token, csrf_header)
+    accepted = job_control.retry_job(
+        session=session,
+        principal=access.principal,
+        job_id=job_id,
+        idempotency_key=None,
+    )
+    job_control.start_job(queue=queue, start=accepted.start)
+    return _after_action(request, next, answer_response(accepted.answer))
+
+
+# --- static files ----------------------------------------------------------------------------
+
+
+@router.get("/admin/static/{name}", include_in_schema=False)
+def admin_static(name: str) -> Response:
+    """The dashboard's CSS and JavaScript (their URLs carry a version, so they are cached)."""
+    path = STATIC_DIR / name
+    if "/" in name or path.suffix not in STATIC_TYPES or not path.is_file():
+        raise not_found("file")
+    return Response(
+        path.read_bytes(),
+        media_type=STATIC_TYPES[path.suffix],
+        headers={"Cache-Control": "public, max-age=31536000, immutable"},
+    )
+
+
+router.include_router(admin_classes.router)

@@ -1,0 +1,399 @@
+"""The admin dashboard over HTTP: signing in, cookies, CSRF, who may see it, the jobs page's data
+(timings, tracebacks, workers online), thumbnails and the gallery."""
+
+from __future__ import annotations
+
+import re
+import time
+import traceback
+import uuid
+from datetime import timedelta
+from io import BytesIO
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.models import ApiKey, WorkerHeartbeat, utcnow
+from service.storage import class_prefix
+from service.web_sessions import SECRET_FILE
+from tests.api_support import Api, ApiFactory, add_class, add_sample, get_job_row, set_job
+from worker import synthesis
+from worker.context import WorkerContext
+from worker.heartbeat import Heartbeat
+
+pytest_plugins = ["tests.api_support"]
+
+HTML = {"Accept": "text/html,application/xhtml+xml"}
+JSON = {"Accept": "application/json"}
+
+
+def sign_in(api: Api, key: str) -> TestClient:
+    """A browser-like client (no Authorization header) that signed in with `key`."""
+    browser = TestClient(api.app)
+    form = browser.get("/admin/sign-in", headers=HTML)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+    assert token is not None, form.text
+    answer = browser.post(
+        "/admin/sign-in",
+        data={"key": key, "csrf_token": token.group(1), "next": "/admin"},
+        follow_redirects=False,
+    )
+    assert answer.status_code == 303, answer.text
+    return browser
+
+
+def csrf_token_of(page: str) -> str:
+    found = re.search(r'<meta name="csrf-token" content="([^"]+)">', page)
+    assert found is not None
+    return found.group(1)
+
+
+def test_without_credentials_a_browser_goes_to_sign_in_and_an_api_client_gets_401(
+    api: Api,
+) -> None:
+    page = api.anonymous.get("/admin/classes?x=1", headers=HTML, follow_redirects=False)
+    polled = api.anonymous.get("/admin/api/jobs", headers=JSON)
+
+    assert page.status_code == 303
+    assert page.headers["location"] == "/admin/sign-in?next=/admin/classes%3Fx%3D1"
+    assert polled.status_code == 401
+    assert polled.headers["content-type"] == "application/problem+json"
+
+
+def test_an_admin_key_signs_in_for_a_strict_http_only_session_cookie(api: Api) -> None:
+    browser = sign_in(api, api.keys["admin"])
+
+    cookie = browser.cookies.jar
+    session_cookie = next(c for c in cookie if c.name == "aligndiff_session")
+    raw = browser.get("/admin/sign-in").headers  # a fresh form response, to read its flags
+    assert session_cookie.path == "/admin"
+    assert not session_cookie.secure
+    assert (
+        "httponly" in raw["set-cookie"].lower() and "samesite=strict" in raw["set-cookie"].lower()
+    )
+    page = browser.get("/admin", headers=HTML)
+    assert page.status_code == 200
+    assert "Jobs" in page.text and "workers online" in page.text
+    assert page.headers["cache-control"] == "no-store"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+
+
+def test_the_session_cookie_is_secure_when_the_setting_says_so(make_api: ApiFactory) -> None:
+    api = make_api(session_cookie_secure=True)
+    browser = TestClient(api.app, base_url="https://testserver")
+    form = browser.get("/admin/sign-in")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+    assert token is not None
+
+    answer = browser.post(
+        "/admin/sign-in",
+        data={"key": api.keys["admin"], "csrf_token": token.group(1)},
+        follow_redirects=False,
+    )
+
+    set_cookie = answer.headers["set-cookie"]
+    assert "aligndiff_session=" in set_cookie
+    for flag in ("secure", "httponly", "samesite=strict", "path=/admin"):
+        assert flag in set_cookie.lower()
+
+
+def test_a_user_key_is_refused_at_sign_in_and_on_every_dashboard_route(api: Api) -> None:
+    browser = TestClient(api.app)
+    form = browser.get("/admin/sign-in")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+    assert token is not None
+
+    refused = browser.post(
+        "/admin/sign-in",
+        data={"key": api.keys["alice"], "csrf_token": token.group(1)},
+        follow_redirects=False,
+    )
+
+    assert refused.status_code == 403
+    assert "not an admin key" in refused.text
+    assert "aligndiff_session" not in browser.cookies
+    for path in ("/admin", "/admin/api/jobs", "/admin/classes", "/admin/sign-in"):
+        answer = api.alice.get(path)
+        assert answer.status_code == 403, path
+        assert answer.headers["content-type"] == "application/problem+json"
+
+
+def test_a_wrong_key_at_sign_in_shows_the_form_again(api: Api) -> None:
+    browser = TestClient(api.app)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', browser.get("/admin/sign-in").text)
+    assert token is not None
+
+    answer = browser.post("/admin/sign-in", data={"key": "adk_nope", "csrf_token": token.group(1)})
+
+    assert answer.status_code == 401
+    assert "not a valid API key" in answer.text
+    assert "aligndiff_session" not in browser.cookies
+
+
+@pytest.mark.parametrize(
+    "headers, send_token",
+    [
+        ({"Origin": "https://evil.example"}, True),
+        ({"Origin": "null"}, True),
+        ({"Sec-Fetch-Site": "cross-site"}, True),
+        ({"Origin": "http://testserver"}, False),
+    ],
+    ids=["other-origin", "null-origin", "cross-site-fetch", "no-token"],
+)
+def test_a_cross_site_or_tokenless_post_is_refused(
+    api: Api, headers: dict[str, str], send_token: bool
+) -> None:
+    _, job_id = add_class(api, owner_id=api.alice_id, status="running")
+    browser = sign_in(api, api.keys["admin"])
+    token = csrf_token_of(browser.get("/admin").text)
+    data = {"csrf_token": token} if send_token else {}
+
+    answer = browser.post(f"/admin/jobs/{job_id}/cancel", data=data, headers=headers)
+
+    assert answer.status_code == 403
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert get_job_row(api, job_id).cancel_requested is False
+
+
+def test_a_same_site_post_with_the_token_cancels(api: Api) -> None:
+    _, job_id = add_class(api, owner_id=api.alice_id, status="running")
+    browser = sign_in(api, api.keys["admin"])
+    token = csrf_token_of(browser.get("/admin").text)
+
+    answer = browser.post(
+        f"/admin/jobs/{job_id}/cancel",
+        headers={"Origin": "http://testserver", "X-CSRF-Token": token, **JSON},
+    )
+
+    assert answer.status_code == 202
+    assert get_job_row(api, job_id).cancel_requested is True
+
+
+def test_a_cross_site_sign_in_is_refused(api: Api) -> None:
+    browser = TestClient(api.app)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', browser.get("/admin/sign-in").text)
+    assert token is not None
+
+    forged = TestClient(api.app).post(
+        "/admin/sign-in", data={"key": api.keys["admin"], "csrf_token": token.group(1)}
+    )
+    cross_site = browser.post(
+        "/admin/sign-in",
+        data={"key": api.keys["admin"], "csrf_token": token.group(1)},
+        headers={"Origin": "https://evil.example"},
+    )
+
+    assert forged.status_code == 403  # no sign-in cookie vouches for the token
+    assert cross_site.status_code == 403
+    assert "aligndiff_session" not in browser.cookies
+
+
+def test_a_session_stops_working_when_its_key_is_revoked(api: Api) -> None:
+    browser = sign_in(api, api.keys["admin"])
+    assert browser.get("/admin/api/jobs").status_code == 200
+    with api.session() as session:
+        for key in session.query(ApiKey).filter(ApiKey.is_admin.is_(True)):
+            key.revoked_at = utcnow()
+        session.commit()
+
+    assert browser.get("/admin/api/jobs").status_code == 401
+    assert browser.get("/admin", headers=HTML, follow_redirects=False).status_code == 303
+
+
+def test_signing_out_ends_the_session(api: Api) -> None:
+    browser = sign_in(api, api.keys["admin"])
+    token = csrf_token_of(browser.get("/admin").text)
+
+    answer = browser.post("/admin/sign-out", data={"csrf_token": token}, follow_redirects=False)
+
+    assert answer.status_code == 303
+    assert browser.get("/admin/api/jobs").status_code == 401
+
+
+def test_sessions_survive_a_restart_through_the_secret_file(make_api: ApiFactory) -> None:
+    first = make_api()
+    browser = sign_in(first, first.keys["admin"])
+    secret_file = first.settings.data_dir / SECRET_FILE
+    restarted = make_api()  # same data_dir and database: another process of the same service
+
+    browser.app = restarted.app  # type: ignore[assignment]  # the same cookies, the new app
+
+    assert secret_file.stat().st_mode & 0o077 == 0
+    assert browser.get("/admin/api/jobs").status_code == 200
+
+
+def test_a_configured_session_secret_writes_no_file(make_api: ApiFactory) -> None:
+    api = make_api(session_secret="s" * 40)
+
+    sign_in(api, api.keys["admin"])
+
+    assert not (api.settings.data_dir / SECRET_FILE).exists()
+
+
+def test_the_jobs_data_shows_every_owner_timings_and_an_admin_only_traceback(api: Api) -> None:
+    _, alice_job = add_class(api, owner_id=api.alice_id, status="running", age=timedelta(minutes=2))
+    _, bob_job = add_class(api, owner_id=api.bob_id, status="running", name="cat")
+    set_job(
+        api,
+        alice_job,
+        started_at=utcnow() - timedelta(seconds=75),
+        stage="sampling",
+        progress=0.4,
+        attempts=1,
+        worker="host:42",
+    )
+    try:
+        raise RuntimeError("inversion diverged\nat step 12")
+    except RuntimeError as error:
+        trace = traceback.format_exc()
+        synthesis.record_failure(WorkerContext(api.settings), bob_job, error, trace)
+
+    overview = api.admin.get("/admin/api/jobs").json()
+    public = api.bob.get(f"/v1/jobs/{bob_job}").json()
+    failed_only = api.admin.get("/admin/api/jobs?status=failed").json()
+
+    jobs = {job["id"]: job for job in overview["jobs"]}
+    assert overview["queue"] == {"queued": 0, "running": 1}
+    assert jobs[str(alice_job)]["owner"] == "alice"
+    assert jobs[str(alice_job)]["progress_text"] == "40%"
+    assert jobs[str(alice_job)]["duration"].startswith("1m 1")
+    assert jobs[str(alice_job)]["can_cancel"] and not jobs[str(alice_job)]["can_retry"]
+    failed = jobs[str(bob_job)]
+    assert failed["status"] == "failed" and failed["can_retry"]
+    assert failed["error"] == "RuntimeError: inversion diverged"
+    assert "Traceback (most recent call last)" in failed["traceback"]
+    assert "test_dashboard.py" in failed["traceback"]
+    assert public["error"] == "RuntimeError: inversion diverged"
+    assert "traceback" not in public and "Traceback" not in str(public)
+    assert [job["id"] for job in failed_only["jobs"]] == [str(bob_job)]
+    page = api.admin.get("/admin?kind=synthesis").text
+    assert "Traceback (most recent call last)" in page and "host:42" in page
+
+
+def test_retrying_from_the_dashboard_queues_the_job_again(api: Api) -> None:
+    _, job_id = add_class(api, owner_id=api.bob_id, status="failed", error="boom")
+
+    answer = api.admin.post(f"/admin/jobs/{job_id}/retry", headers=JSON)
+
+    assert answer.status_code == 202
+    assert answer.json()["status"] == "queued"
+    assert api.queue.sent == [("aligndiff.synthesis.start", (str(job_id),))]
+
+
+def test_workers_online_come_from_their_heartbeats(api: Api) -> None:
+    with api.session() as session:
+        session.add(
+            WorkerHeartbeat(
+                name="gone:1",
+                hostname="gone",
+                pid=1,
+                last_seen_at=utcnow() - timedelta(minutes=5),
+            )
+        )
+        session.commit()
+    _, job_id = add_class(api, owner_id=api.alice_id, status="running")
+    heartbeat = Heartbeat(WorkerContext(api.settings), interval=0.1)
+    heartbeat.start()
+    try:
+        heartbeat.set_job(job_id)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            workers = api.admin.get("/admin/api/jobs").json()["workers"]
+            if workers and workers[0]["current_job_id"] == str(job_id):
+                break
+            time.sleep(0.05)
+        assert [w["name"] for w in workers] == [heartbeat.name]
+        assert workers[0]["current_job_id"] == str(job_id)
+    finally:
+        heartbeat.stop()
+
+    assert api.admin.get("/admin/api/jobs").json()["workers"] == []
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    with Image.open(BytesIO(data)) as image:
+        assert image.format == "JPEG"
+        return image.size
+
+
+def test_a_thumbnail_is_drawn_once_kept_under_its_class_and_deleted_with_it(api: Api) -> None:
+    class_id, _ = add_class(api, owner_id=api.alice_id, status="succeeded")
+    big = Image.new("RGB", (300, 200), (20, 120, 200))
+    sample_id = add_sample(api, class_id, 0, image=big)
+    url = f"/admin/samples/{sample_id}/thumbnail?size=128"
+
+    first = api.admin.get(url)
+    for key in api.blobs(f"{class_prefix(class_id)}samples/"):
+        api.storage.delete_prefix(key)  # the sources go: only the kept thumbnail can answer
+    second = api.admin.get(url)
+    revalidated = api.admin.get(url, headers={"If-None-Match": first.headers["etag"]})
+
+    assert first.status_code == 200 and first.headers["content-type"] == "image/jpeg"
+    assert _jpeg_size(first.content) == (128, 85)
+    assert "max-age" in first.headers["cache-control"]
+    assert first.headers["cache-control"].startswith("private")
+    assert second.status_code == 200 and second.content == first.content
+    assert revalidated.status_code == 304
+    thumbnails = api.blobs(f"{class_prefix(class_id)}thumbnails/")
+    assert len(thumbnails) == 1
+    assert api.alice.delete(f"/v1/classes/{class_id}").status_code == 204
+    assert api.blobs(class_prefix(class_id)) == []
+    assert api.admin.get(url).status_code == 404
+
+
+def test_the_thumbnail_shows_the_mask(api: Api) -> None:
+    class_id, _ = add_class(api, owner_id=api.alice_id, status="succeeded")
+    gray = Image.new("RGB", (64, 64), (128, 128, 128))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # the left half is the object
+    sample_id = add_sample(api, class_id, 0, image=gray, mask=mask)
+
+    data = api.admin.get(f"/admin/samples/{sample_id}/thumbnail?size=128").content
+
+    with Image.open(BytesIO(data)) as image:
+        left, right = image.getpixel((10, 32)), image.getpixel((54, 32))
+    assert isinstance(left, tuple) and isinstance(right, tuple)
+    assert left[0] > right[0] + 40  # tinted
+    assert abs(right[0] - 128) < 10 and abs(right[2] - 128) < 10  # untouched
+
+
+def test_a_thumbnail_of_an_unknown_sample_or_size_is_refused(api: Api) -> None:
+    class_id, _ = add_class(api, owner_id=api.alice_id, status="running")
+    unfinished = add_sample(api, class_id, 0, finalized=False)
+
+    assert api.admin.get(f"/admin/samples/{unfinished}/thumbnail").status_code == 404
+    assert api.admin.get(f"/admin/samples/{uuid.uuid4()}/thumbnail").status_code == 404
+    assert api.admin.get(f"/admin/samples/{unfinished}/thumbnail?size=4000").status_code == 422
+
+
+def _indices(page: str) -> list[int]:
+    return [int(i) for i in re.findall(r'class="tile sample[^"]*" data-sample-id="[^"]+" '
+                                       r'data-index="(\d+)"', page)]  # fmt: skip
+
+
+def test_the_gallery_sorts_by_score_and_filters(api: Api) -> None:
+    class_id, _ = add_class(api, owner_id=api.bob_id, status="succeeded")
+    scores = {0: 21.0, 1: 35.5, 2: 28.25, 3: 30.0}
+    for index, score in scores.items():
+        add_sample(api, class_id, index, clip_score=score, accepted=index != 2)
+
+    by_index = api.admin.get(f"/admin/classes/{class_id}").text
+    by_score = api.admin.get(f"/admin/classes/{class_id}?sort=clip_score").text
+    lowest_first = api.admin.get(f"/admin/classes/{class_id}?sort=clip_score&order=asc").text
+    rejected = api.admin.get(f"/admin/classes/{class_id}?accepted=false").text
+    text_only = api.admin.get(f"/admin/classes/{class_id}?prompt_kind=text&sort=clip_score").text
+
+    assert _indices(by_index) == [0, 1, 2, 3]
+    assert _indices(by_score) == [1, 3, 2, 0]
+    assert _indices(lowest_first) == [0, 2, 3, 1]
+    assert _indices(rejected) == [2]
+    assert _indices(text_only) == [1, 3]  # add_sample: odd indices are text prompts
+    counts = [int(c) for c in re.findall(r'class="bar"[^>]*data-count="(\d+)"', by_index)]
+    assert sum(counts) == 4 and counts[0] == 1 and counts[-1] == 1
+    assert "bob" in api.admin.get("/admin/classes").text
+    assert f"/admin/classes/{class_id}" in api.admin.get("/admin/classes").text
+
+
+def test_the_gallery_of_an_unknown_class_is_404(api: Api) -> None:
+    assert api.admin.get(f"/admin/classes/{uuid.uuid4()}").status_code == 404
