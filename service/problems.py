@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,10 +11,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.storage import StorageUnavailable
 
 PROBLEM_JSON = "application/problem+json"
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 log = logging.getLogger(__name__)
 
 TITLES = {
@@ -59,6 +62,21 @@ def not_found(what: str) -> Problem:
     return Problem(404, f"{what} not found")
 
 
+def refuse_unknown_fields(names: Iterable[str], known: Collection[str]) -> None:
+    """422 naming every field in `names` that is not `known`: a field the server would ignore
+    is refused instead, so that a client cannot believe it set what the server decides
+    (`owner_id`, `status`, `id`, …)."""
+    unknown = sorted({name for name in names if name not in known})
+    if unknown:
+        raise Problem(
+            422,
+            "the request is not valid",
+            errors=[
+                {"field": name, "message": "is not a field of this request"} for name in unknown
+            ],
+        )
+
+
 def problem_response(problem: Problem) -> JSONResponse:
     body: dict[str, Any] = {
         "type": problem.type,
@@ -78,6 +96,20 @@ def _field(location: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at the request's path. Starlette's own 405 names only
+    the first route whose path matched, and `GET /v1/classes/{id}` and `DELETE` are two."""
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+    return ", ".join(allowed)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:
@@ -89,9 +121,12 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem_response(Problem(422, "the request is not valid", errors=errors))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else TITLES.get(exc.status_code, "")
-        return problem_response(Problem(exc.status_code, detail, headers=dict(exc.headers or {})))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        return problem_response(Problem(exc.status_code, detail, headers=headers))
 
     @app.exception_handler(OperationalError)
     async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:

@@ -9,6 +9,8 @@ from fastapi.routing import APIRoute
 
 from service.problems import PROBLEM_JSON
 
+_PROBLEM_REF = "#/components/schemas/ProblemDetail"
+
 
 def operation_id(route: APIRoute) -> str:
     """The route function's name (`create_class`, `list_samples`, …): unique in this app."""
@@ -25,10 +27,18 @@ def install_openapi(app: FastAPI) -> None:
             for path in schema.get("paths", {}).values():
                 for operation in path.values():
                     for status, response in operation.get("responses", {}).items():
-                        content = response.get("content", {})
-                        if status[0] in "45" and "application/json" in content:
-                            content[PROBLEM_JSON] = content.pop("application/json")
+                        if status[0] in "45":
+                            _as_problem_json(response.get("content", {}))
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _as_problem_json(content: dict[str, Any]) -> None:
+    """An error's body is problem+json whatever the route's own answers are: FastAPI files it
+    under the route's media type (text/html for the dashboard, say) or application/json."""
+    for media_type in list(content):
+        schema = content[media_type].get("schema", {})
+        if media_type == "application/json" or schema.get("$ref") == _PROBLEM_REF:
+            content[PROBLEM_JSON] = content.pop(media_type)

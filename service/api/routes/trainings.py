@@ -27,7 +27,7 @@ from service.api.responses import PNG, answer_response, blob_response, problem_r
 from service.contexts import job_control, trainings
 from service.contexts.uploads import Upload
 from service.pagination import DEFAULT_LIMIT
-from service.problems import Problem
+from service.problems import Problem, refuse_unknown_fields
 from service.schemas import Page, TrainingCreate, TrainingPublic
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"])
@@ -36,6 +36,7 @@ LOCATION = {"Location": {"description": "The new training's URL.", "schema": {"t
 
 
 MULTIPART = "multipart/form-data"
+MULTIPART_FIELDS = frozenset({"request", "val_images", "val_masks"})
 
 _TRAINING_CREATE = TrainingCreate.model_json_schema(ref_template="#/components/schemas/{model}")
 CREATE_BODY: dict[str, Any] = {
@@ -46,6 +47,7 @@ CREATE_BODY: dict[str, Any] = {
             "schema": {
                 "type": "object",
                 "required": ["request"],
+                "additionalProperties": False,
                 "properties": {
                     "request": {
                         **_TRAINING_CREATE,
@@ -86,6 +88,7 @@ async def training_request(request: Request) -> TrainingRequest:
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith(MULTIPART):
         form = await request.form()
+        refuse_unknown_fields(form.keys(), MULTIPART_FIELDS)
         raw = form.get("request")
         if raw is None:
             raise Problem(
@@ -135,7 +138,7 @@ async def _read(item: str | StarletteUploadFile) -> Upload:
     response_model=TrainingPublic,
     responses={
         202: {"description": "The training, its job queued.", "headers": LOCATION},
-        **problem_responses(401, 404, 409, 413, 415, 422),
+        **problem_responses(400, 401, 404, 409, 413, 415, 422),
     },
     openapi_extra={"requestBody": CREATE_BODY},
 )
@@ -238,7 +241,7 @@ def get_training_weights(
             "background, k the k-th of the training's classes.",
             "content": {PNG: {}},
         },
-        **problem_responses(401, 404, 409, 413, 415, 422, 500, 503),
+        **problem_responses(400, 401, 404, 409, 413, 415, 422, 500, 503),
     },
 )
 def predict_with_training(
