@@ -90,6 +90,46 @@ def worker(
     run_worker(Settings(), concurrency=concurrency, pool=pool, loglevel=loglevel)
 
 
+@app.command()
+def sweep(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be done; change nothing.")
+    ] = False,
+) -> None:
+    """Sweep once, as every worker does periodically: resume jobs whose worker died, send
+    lost starts again, remove stale unfinished samples and orphaned blobs, expire idempotency
+    records. Prints one line per thing done, then a summary."""
+    import socket
+
+    from service.contexts.sweeper import sweep as sweep_once
+    from service.db import make_engine, make_session_factory, session_scope
+    from service.queue import CeleryQueue
+    from service.storage import make_storage
+    from worker.celery_app import make_celery
+
+    settings = Settings()
+    engine = make_engine(settings.resolved_database_url)
+    factory = make_session_factory(engine)
+    storage = make_storage(
+        settings.resolved_storage_url,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+    )
+    try:
+        report = sweep_once(
+            sessions=lambda: session_scope(factory),
+            storage=storage,
+            queue=CeleryQueue(make_celery(settings)),
+            settings=settings,
+            worker=f"sweep@{socket.gethostname()}:{os.getpid()}",
+            dry_run=dry_run,
+        )
+    finally:
+        engine.dispose()
+    for line in report.lines(dry_run=dry_run):
+        typer.echo(line)
+
+
 def _die_with_parent() -> None:
     """In a child process: ask Linux to send SIGTERM when the parent exits."""
     if sys.platform.startswith("linux"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -10,7 +10,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from service.storage import BlobNotFound, StorageUnavailable, validate_key
+from service.storage import BlobInfo, BlobNotFound, StorageUnavailable, validate_key
 
 # NOTE: botocore's defaults (60 s timeouts, several retries with backoff) would keep an API
 # request hanging for minutes when the store is down; fail fast instead, so it answers 503.
@@ -140,11 +140,14 @@ class S3Storage:
         return True
 
     def _iter_full_keys(self, full_prefix: str) -> Iterator[str]:
+        for item in self._iter_objects(full_prefix):
+            yield item["Key"]
+
+    def _iter_objects(self, full_prefix: str) -> Iterator[dict[str, Any]]:
         paginator = self._client.get_paginator("list_objects_v2")
         with _translated():
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
-                for item in page.get("Contents", []):
-                    yield item["Key"]
+                yield from page.get("Contents", [])
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         """Keys starting with `prefix`, relative to this storage's own prefix, in key order."""
@@ -158,6 +161,17 @@ class S3Storage:
         # NOTE: list everything first, then delete: deleting while paginating relies on how a
         # store encodes continuation tokens, which S3-compatible servers do not all agree on.
         full_keys = list(self._iter_full_keys(self._full_prefix(prefix)))
+        return self._delete_full_keys(full_keys, under=prefix)
+
+    def list_blobs(self, prefix: str) -> Iterator[BlobInfo]:
+        strip = len(self.prefix)
+        for item in self._iter_objects(self._full_prefix(prefix)):
+            yield BlobInfo(item["Key"][strip:], item["LastModified"])
+
+    def delete_keys(self, keys: Sequence[str]) -> int:
+        return self._delete_full_keys([self._full_key(key) for key in keys], under="")
+
+    def _delete_full_keys(self, full_keys: list[str], *, under: str) -> int:
         deleted = 0
         for start in range(0, len(full_keys), DELETE_BATCH):
             batch = full_keys[start : start + DELETE_BATCH]
@@ -170,7 +184,7 @@ class S3Storage:
             if errors:
                 first = errors[0]
                 raise StorageUnavailable(
-                    f"could not delete {len(errors)} blob(s) under {prefix!r}: "
+                    f"could not delete {len(errors)} blob(s) under {under!r}: "
                     f"{first.get('Key')}: {first.get('Code')} {first.get('Message')}"
                 )
             deleted += len(batch)

@@ -7,7 +7,10 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
@@ -26,6 +29,15 @@ class StorageUnavailable(RuntimeError):
     """The blob store cannot be reached."""
 
 
+@dataclass(frozen=True)
+class BlobInfo:
+    """A stored blob's key and when it was last written (what tells an in-flight upload, whose
+    row is not committed yet, from an orphan)."""
+
+    key: str
+    modified_at: datetime
+
+
 class Storage(Protocol):
     def put(self, key: str, data: bytes, *, content_type: str) -> None: ...
 
@@ -38,6 +50,14 @@ class Storage(Protocol):
     def delete_prefix(self, prefix: str) -> int: ...
 
     def list_keys(self, prefix: str) -> Iterator[str]: ...
+
+    def list_blobs(self, prefix: str) -> Iterator[BlobInfo]:
+        """The blobs under `prefix` (a whole folder, as `list_keys`), with their write times."""
+        ...
+
+    def delete_keys(self, keys: Sequence[str]) -> int:
+        """Delete these blobs (a missing one is no error); returns how many were asked."""
+        ...
 
     def presigned_url(self, key: str, *, expires_seconds: int) -> str | None:
         """A time-limited GET URL, or None when blobs are served by the API itself."""
@@ -156,6 +176,17 @@ class LocalStorage:
         for path in sorted(base.rglob("*")):
             if path.is_file() and not path.name.startswith(".put-"):
                 yield path.relative_to(self.root).as_posix()
+
+    def list_blobs(self, prefix: str) -> Iterator[BlobInfo]:
+        for key in self.list_keys(prefix):
+            with suppress(FileNotFoundError):  # deleted since it was listed
+                mtime = (self.root / key).stat().st_mtime
+                yield BlobInfo(key, datetime.fromtimestamp(mtime, UTC))
+
+    def delete_keys(self, keys: Sequence[str]) -> int:
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+        return len(keys)
 
     def delete_prefix(self, prefix: str) -> int:
         validate_key(prefix.rstrip("/"))

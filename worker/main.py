@@ -9,6 +9,7 @@ import socket
 from service.settings import Settings
 from worker.celery_app import make_celery
 from worker.heartbeat import install_heartbeat
+from worker.recovery import install_sweeper
 
 POOLS = ("solo", "prefork")
 
@@ -21,8 +22,8 @@ def run_worker(
 
     One worker process per GPU: `pool="solo"` runs tasks in this process (the choice for the
     embedded SQLite setup too); `prefork` forks `concurrency` children, each loading the models
-    once, on its first task. On start the worker enqueues the jobs whose worker died. Every
-    process that runs tasks writes a heartbeat (`worker.heartbeat`).
+    once, on its first task. The worker sweeps when it starts and then periodically
+    (`worker.recovery`). Every process that runs tasks writes a heartbeat (`worker.heartbeat`).
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -30,6 +31,7 @@ def run_worker(
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     app = make_celery(settings)
     install_heartbeat(app)
+    install_sweeper(app)
     app.worker_main(
         [
             "worker",

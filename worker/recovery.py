@@ -1,53 +1,143 @@
-"""Recovering jobs whose worker died or whose start message was lost, for every job kind."""
+"""Recovery inside the workers: the sweeper (`service.contexts.sweeper`) run periodically by
+every worker, and the rules that keep a fault from failing or duplicating a job.
+
+- Every worker sweeps when it starts and then every `sweep_interval_seconds` (± 25 %): jobs
+  whose worker died are taken over, lost start messages are sent again, stale rows and orphaned
+  blobs go. Several workers sweeping at once is safe (the sweeper's changes are
+  compare-and-sets).
+- A redelivered task is not run (`is_redelivery`): its first delivery is still running (the
+  broker's visibility timeout ran out) or died with its worker. Either way the job's lease
+  decides: a live job goes on; a dead one is taken over by the sweep, which counts an attempt
+  and sends the work that is not stored yet. So a task delivered twice does its work once, and
+  a task that kills its worker every time cannot loop without counting attempts.
+- A task that fails because the broker, the database or the blob store cannot be reached
+  (`is_transient`) does not fail its job: the job is left running, its lease runs out, and the
+  sweep resumes it from what is stored once the outage is over.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
+import threading
+import time
 import uuid
-from datetime import timedelta
+from typing import Any
 
-from service.contexts.jobs import (
-    claim,
-    finish_cancelled,
-    stale_running_jobs,
-    unclaimed_queued_jobs,
-)
+from celery.signals import worker_ready, worker_shutdown
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import OperationalError as DatabaseError
+
+from service.contexts.sweeper import SweepReport, recover_jobs, sweep
+from service.storage import StorageUnavailable
+from worker.celery_app import AlignDiffCelery
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
+
+JITTER = 0.25
 
 
 def requeue_orphaned_jobs(
     ctx: WorkerContext, *, kind: str, start_task: str, resume_task: str
 ) -> list[uuid.UUID]:
-    """Take over the jobs of `kind` whose worker died (lease expired: `claim` counts an
-    attempt, or fails a job out of attempts; one asked to stop ends cancelled) and enqueue
-    their `resume_task`; enqueue `start_task` again for queued ones never claimed (their
-    message may be lost: a second start of a job finds it claimed and does nothing). Returns
-    the jobs enqueued."""
-    settings = ctx.settings
-    with ctx.session() as session:
-        orphans = stale_running_jobs(session, kind=kind)
-        unclaimed = unclaimed_queued_jobs(
-            session, older_than=timedelta(seconds=settings.job_lease_seconds), kind=kind
+    """Take over the jobs of `kind` whose worker died and send their `resume_task`, and send
+    `start_task` again for queued ones never claimed (see `sweeper.recover_jobs`). Returns the
+    jobs sent a task."""
+    recovery = recover_jobs(
+        sessions=ctx.session,
+        queue=ctx.queue,
+        settings=ctx.settings,
+        worker=ctx.worker_name,
+        tasks={kind: (start_task, resume_task)},
+    )
+    return recovery.resumed + recovery.restarted
+
+
+def is_redelivery(request: Any) -> bool:
+    """Whether a task's message was delivered before (the broker says so: Redis marks the
+    messages it restores after a visibility timeout or a lost worker)."""
+    delivery_info = getattr(request, "delivery_info", None) or {}
+    return bool(delivery_info.get("redelivered"))
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether `error` says a dependency is unreachable (broker, database, blob store) rather
+    than that the work itself failed."""
+    if isinstance(error, BrokerError | DatabaseError | StorageUnavailable):
+        return True
+    return isinstance(error, DBAPIError) and error.connection_invalidated
+
+
+class PeriodicSweep:
+    """A daemon thread that sweeps at once and then every `sweep_interval_seconds` (± 25 %:
+    workers started together do not sweep in step). The blob store is listed at most once per
+    `orphan_grace_seconds` (a younger orphan could not be deleted anyway)."""
+
+    def __init__(self, ctx: WorkerContext, *, rng: random.Random | None = None) -> None:
+        self.ctx = ctx
+        self.interval = ctx.settings.sweep_interval_seconds
+        self.blob_interval = max(self.interval, float(ctx.settings.orphan_grace_seconds))
+        self._rng = rng or random.Random()
+        self._next_blob_sweep = time.monotonic() + self._rng.uniform(0, self.blob_interval)
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="aligndiff-sweep", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def run_once(self) -> SweepReport:
+        blobs = time.monotonic() >= self._next_blob_sweep
+        report = sweep(
+            sessions=self.ctx.session,
+            storage=self.ctx.storage,
+            queue=self.ctx.queue,
+            settings=self.ctx.settings,
+            worker=self.ctx.worker_name,
+            blobs=blobs,
         )
-    taken = []
-    for job_id in orphans:
-        with ctx.session() as session:
-            # A job whose worker died after a cancel was asked ends cancelled; any other is
-            # claimed (or failed, out of attempts).
-            claimed = not finish_cancelled(session, job_id) and claim(
-                session,
-                job_id,
-                worker=ctx.worker_name,
-                lease_seconds=settings.job_lease_seconds,
-                max_attempts=settings.max_job_attempts,
-            )
-        if claimed:
-            log.warning("job %s lost its worker: taken over, resuming it", job_id)
-            ctx.queue.enqueue(resume_task, str(job_id))
-            taken.append(job_id)
-    for job_id in unclaimed:
-        log.warning("job %s was never claimed: enqueueing its start again", job_id)
-        ctx.queue.enqueue(start_task, str(job_id))
-    return taken + unclaimed
+        if blobs:
+            self._next_blob_sweep = time.monotonic() + self._jittered(self.blob_interval)
+        return report
+
+    def _jittered(self, seconds: float) -> float:
+        return seconds * self._rng.uniform(1 - JITTER, 1 + JITTER)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                report = self.run_once()
+            except Exception:
+                # NOTE: an outage must not stop the sweeps: the next one tries again.
+                log.warning("the sweep failed; trying again next interval", exc_info=True)
+            else:
+                lines = report.lines()
+                if len(lines) > 1:
+                    log.info("sweep: %s", report.summary())
+            self._stopped.wait(self._jittered(self.interval))
+
+
+def install_sweeper(app: AlignDiffCelery) -> None:
+    """Sweep periodically in `app`'s worker (its main process), from when it is ready until
+    it shuts down."""
+    sweeps: list[PeriodicSweep] = []
+
+    def start(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app and not sweeps:
+            sweeps.append(PeriodicSweep(app.context))
+            sweeps[0].start()
+
+    def stop(**_: Any) -> None:
+        while sweeps:
+            sweeps.pop().stop()
+
+    # weak=False: the receivers are closures that would otherwise be collected at once.
+    worker_ready.connect(start, weak=False)
+    worker_shutdown.connect(stop, weak=False)

@@ -1,0 +1,261 @@
+"""The sweeper removes what faults leave behind (orphaned blobs, unfinished samples of jobs
+long ended, old idempotency records) and recovers lost jobs, once however many sweep, and
+never touches anything referenced or in flight. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+from typer.testing import CliRunner
+
+from service.cli import app as cli
+from service.contexts import sweeper
+from service.db import session_scope
+from service.models import IdempotencyRecord, Job, Sample, SegClass, Training, utcnow
+from service.queue import RecordingQueue
+from service.storage import class_key, sample_key, shot_key, training_key
+from tests.api_support import Api, add_class, add_embedding, add_sample, set_job
+
+pytest_plugins = ["tests.api_support"]
+
+HOUR = timedelta(hours=1)
+
+
+def sessions_of(api: Api) -> sweeper.Sessions:
+    def open_session() -> AbstractContextManager[Session]:
+        return session_scope(api.app.state.session_factory)
+
+    return open_session
+
+
+def put(api: Api, *keys: str) -> None:
+    for key in keys:
+        api.storage.put(key, b"blob", content_type="application/octet-stream")
+
+
+def add_training(api: Api, owner_id: uuid.UUID) -> uuid.UUID:
+    with api.session() as session:
+        training = Training(
+            owner_id=owner_id, class_ids=[], architecture="deeplabv3", steps=1, batch_size=1,
+            use_synthetic=True, copy_paste=False, compare_baseline=False,
+        )  # fmt: skip
+        session.add(training)
+        session.commit()
+        return training.id
+
+
+def sample_indices(api: Api, class_id: uuid.UUID) -> list[int]:
+    with api.session() as session:
+        query = select(Sample.index).where(Sample.class_id == class_id).order_by(Sample.index)
+        return list(session.scalars(query))
+
+
+def test_orphaned_blobs_go_once_old_and_nothing_referenced_or_in_flight_does(api: Api) -> None:
+    # given: a finished class with its blobs (sample rows, embedding, a remembered export
+    # length), a training with its weights, a class still running, and other keys
+    done, _ = add_class(api, owner_id=api.alice_id, status="succeeded")
+    first = add_sample(api, done, 0)
+    add_sample(api, done, 1)
+    add_embedding(api, done, b"embedding")
+    put(api, class_key(done, "exports/abc.length"))
+    training = add_training(api, api.alice_id)
+    put(api, training_key(training, "weights.zip"))
+    running, _ = add_class(api, owner_id=api.bob_id, status="running")
+    put(api, sample_key(running, 3, "image.png"))  # drawn, its row not written yet
+    put(api, "notes/readme.txt", "classes/not-an-id/x.png")
+    # ... and what faults left: the blobs of an upload whose rows never committed, of a
+    # training deleted while its store was down, and a sample drawn by a job that then failed
+    gone_class, gone_training = uuid.uuid4(), uuid.uuid4()
+    orphans = [
+        shot_key(gone_class, 0, "image.png"),
+        shot_key(gone_class, 0, "mask.png"),
+        training_key(gone_training, "checkpoint.bin"),
+        sample_key(done, 9, "image.png"),
+        sample_key(done, 9, "coarse_mask.npy"),
+    ]
+    put(api, *orphans)
+    everything = set(api.blobs())
+    sweep = {
+        "sessions": sessions_of(api),
+        "storage": api.storage,
+        "grace_seconds": 3600,
+    }
+
+    # when: the sweeper runs while every blob is younger than the grace period
+    young = sweeper.remove_orphaned_blobs(**sweep)  # type: ignore[arg-type]
+    # then: nothing goes (each could be an upload in flight)
+    assert young == []
+    assert set(api.blobs()) == everything
+
+    # when: it looks again two hours on, first dry
+    later = utcnow() + 2 * HOUR
+    listed = sweeper.remove_orphaned_blobs(**sweep, now=later, dry_run=True)  # type: ignore[arg-type]
+    assert sorted(listed) == sorted(orphans)
+    assert set(api.blobs()) == everything
+    removed = sweeper.remove_orphaned_blobs(**sweep, now=later)  # type: ignore[arg-type]
+
+    # then: exactly the orphans are deleted; every referenced blob, the running class's
+    # sample in flight, and keys outside the known layouts are kept
+    assert sorted(removed) == sorted(orphans)
+    assert set(api.blobs()) == everything - set(orphans)
+    assert api.alice.get(f"/v1/samples/{first}/image").status_code == 200
+    # and: a second sweep finds nothing more
+    assert sweeper.remove_orphaned_blobs(**sweep, now=later) == []  # type: ignore[arg-type]
+
+
+def test_unfinished_samples_go_only_after_their_failed_job_s_retention(api: Api) -> None:
+    # given: a class whose job failed 8 days ago with 2 finalized and 2 unfinished samples,
+    # one that failed yesterday, and one that succeeded long ago
+    long_ago = utcnow() - timedelta(days=8)
+    old_failure, old_job = add_class(api, owner_id=api.alice_id, status="failed")
+    recent_failure, recent_job = add_class(api, owner_id=api.alice_id, status="failed")
+    succeeded, done_job = add_class(api, owner_id=api.bob_id, status="succeeded")
+    for class_id in (old_failure, recent_failure, succeeded):
+        for index in range(4):
+            add_sample(api, class_id, index, finalized=index < 2 or class_id == succeeded)
+    set_job(api, old_job, finished_at=long_ago)
+    set_job(api, recent_job, finished_at=utcnow() - timedelta(days=1))
+    set_job(api, done_job, finished_at=long_ago)
+    with api.session() as session:
+        session.execute(update(SegClass).values(num_samples_done=4))
+        session.commit()
+
+    # when: the sweeper runs with a 7-day retention
+    removed = sweeper.remove_stale_samples(
+        sessions=sessions_of(api), storage=api.storage, retention_seconds=7 * 24 * 3600
+    )
+
+    # then: the long-failed class's unfinished samples are gone, rows and blobs
+    assert removed == [(old_failure, 2), (old_failure, 3)]
+    assert sample_indices(api, old_failure) == [0, 1]
+    assert api.blobs(f"classes/{old_failure}/samples/00002") == []
+    assert api.blobs(f"classes/{old_failure}/samples/00001") != []
+    with api.session() as session:
+        assert session.get(SegClass, old_failure).num_samples_done == 2  # type: ignore[union-attr]
+    # and: the recent failure keeps its work for a retry; the succeeded class is untouched
+    assert sample_indices(api, recent_failure) == [0, 1, 2, 3]
+    assert sample_indices(api, succeeded) == [0, 1, 2, 3]
+
+
+def test_idempotency_records_expire_after_their_ttl(api: Api) -> None:
+    # given: a record from two days ago and one from an hour ago
+    with api.session() as session:
+        for key, age in (("old", timedelta(days=2)), ("new", HOUR)):
+            session.add(
+                IdempotencyRecord(
+                    owner_id=api.alice_id, key=key, request_hash="h", status_code=202,
+                    body="{}", created_at=utcnow() - age,
+                )
+            )  # fmt: skip
+        session.commit()
+
+    # when: records older than a day expire
+    with session_scope(api.app.state.session_factory) as session:
+        expired = sweeper.expire_idempotency_records(session, ttl_seconds=24 * 3600)
+
+    # then: only the old one is gone
+    assert expired == 1
+    with api.session() as session:
+        assert list(session.scalars(select(IdempotencyRecord.key))) == ["new"]
+
+
+def test_sweepers_racing_recover_each_lost_job_once(api: Api) -> None:
+    # given: a job whose worker died (lease expired) and a job whose start was lost
+    _, lost = add_class(
+        api, owner_id=api.alice_id, status="running", attempts=1,
+        lease_expires_at=utcnow() - HOUR, worker="dead:1",
+    )  # fmt: skip
+    _, unstarted = add_class(api, owner_id=api.alice_id, status="queued")
+    with api.session() as session:
+        session.execute(update(Job).where(Job.id == unstarted).values(updated_at=utcnow() - HOUR))
+        session.commit()
+    queue = RecordingQueue()
+    settings = api.settings.model_copy(update={"job_lease_seconds": 60})
+
+    # when: eight workers sweep at the same moment
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def sweep_now(number: int) -> None:
+        barrier.wait()
+        try:
+            sweeper.recover_jobs(
+                sessions=sessions_of(api), queue=queue, settings=settings, worker=f"w:{number}"
+            )
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=sweep_now, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    # then: the lost job is taken over once (one attempt more) and resumed once; the
+    # unstarted one is started once
+    assert errors == []
+    assert sorted(queue.sent) == sorted(
+        [
+            ("aligndiff.synthesis.resume", (str(lost),)),
+            ("aligndiff.synthesis.start", (str(unstarted),)),
+        ]
+    )
+    with api.session() as session:
+        taken = session.get(Job, lost)
+        assert taken is not None
+        assert (taken.status, taken.attempts) == ("running", 2)
+        assert taken.worker is not None and taken.worker.startswith("w:")
+    # and: sweeping again at once sends nothing more
+    sweeper.recover_jobs(sessions=sessions_of(api), queue=queue, settings=settings, worker="w")
+    assert len(queue.sent) == 2
+
+
+@pytest.fixture
+def sweep_env(api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`aligndiff sweep` pointed at the test's database and store."""
+    monkeypatch.setenv("ALIGNDIFF_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("ALIGNDIFF_DATABASE_URL", api.settings.resolved_database_url)
+    monkeypatch.setenv("ALIGNDIFF_STORAGE_URL", f"file://{api.storage.root}")  # type: ignore[attr-defined]
+    monkeypatch.setenv("ALIGNDIFF_BROKER_URL", "memory://")
+    monkeypatch.setenv("ALIGNDIFF_ORPHAN_GRACE_SECONDS", "0")
+    yield
+
+
+def test_aligndiff_sweep_lists_when_dry_and_removes_otherwise(api: Api, sweep_env: None) -> None:
+    # given: an orphaned blob and a job that lost its worker
+    orphan = shot_key(uuid.uuid4(), 0, "image.png")
+    put(api, orphan)
+    _, lost = add_class(
+        api, owner_id=api.alice_id, status="running", attempts=1, lease_expires_at=utcnow() - HOUR
+    )
+    runner = CliRunner()
+
+    # when: a dry run
+    dry = runner.invoke(cli, ["sweep", "--dry-run"])
+
+    # then: it says what it would do and does nothing
+    assert dry.exit_code == 0, dry.output
+    assert f"would delete orphaned blob {orphan}" in dry.output
+    assert f"would resume job {lost}" in dry.output
+    assert api.blobs() == [orphan]
+    with api.session() as session:
+        assert session.get(Job, lost).attempts == 1  # type: ignore[union-attr]
+
+    # when: a real run
+    done = runner.invoke(cli, ["sweep"])
+
+    # then: the blob is gone, the job taken over, and the summary says so
+    assert done.exit_code == 0, done.output
+    assert f"delete orphaned blob {orphan}" in done.output
+    assert "jobs: 1 resumed" in done.output and "orphaned blobs: 1" in done.output
+    assert api.blobs() == []
+    with api.session() as session:
+        assert session.get(Job, lost).attempts == 2  # type: ignore[union-attr]
