@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from aligndiff import __version__
-from service.api.middleware import BodySizeLimit, RequestMetrics
+from service.api.middleware import AuthenticateAndLimit, BodySizeLimit, RequestMetrics
 from service.api.openapi import install_openapi, operation_id
 from service.api.routes import api_router
 from service.auth import PrincipalCache
@@ -13,6 +13,7 @@ from service.db import make_engine, make_session_factory
 from service.metrics import Metrics
 from service.problems import install_problem_handlers
 from service.queue import TaskQueue
+from service.ratelimit import make_rate_limits
 from service.settings import Settings
 from service.storage import Storage, make_storage
 from service.web_sessions import install_sign_in_redirect
@@ -49,11 +50,19 @@ def create_app(
         queue = CeleryQueue(make_celery(settings))
     app.state.queue = queue
     app.state.metrics = Metrics(app.state.session_factory)
+    app.state.rate_limits = make_rate_limits(settings)
     install_problem_handlers(app)
     install_sign_in_redirect(app)
     app.include_router(api_router)
     install_openapi(app)
     # The metrics middleware, added last, is the outermost: refused requests are counted too.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    # Outside the body limit: an anonymous client learns nothing, not even the limit.
+    app.add_middleware(
+        AuthenticateAndLimit,
+        principal_cache=app.state.principal_cache,
+        session_factory=app.state.session_factory,
+        rate_limits=app.state.rate_limits,
+    )
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     return app

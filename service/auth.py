@@ -11,7 +11,8 @@ import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from service.models import ApiKey, Owner
 from service.problems import Problem
@@ -119,3 +120,19 @@ def authenticate(
     if cache is not None:
         cache.put(digest, principal)
     return principal
+
+
+async def authenticate_cached(
+    authorization: str | None, cache: PrincipalCache, session_factory: sessionmaker[Session]
+) -> Principal:
+    """`authenticate` for async callers: a recently verified key (the common case) costs no
+    thread hop and no query; only a cache miss goes to the database, in the thread pool."""
+    cached = cache.get(hash_key(bearer_key(authorization)))
+    if cached is not None:
+        return cached
+
+    def verify() -> Principal:
+        with session_factory() as session:
+            return authenticate(session, authorization, cache)
+
+    return await run_in_threadpool(verify)

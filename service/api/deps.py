@@ -6,14 +6,14 @@ per dependency per request.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.auth import Principal, authenticate, bearer_key, hash_key
+from service.auth import Principal, authenticate_cached
 from service.metrics import Metrics
 from service.pagination import MAX_LIMIT
 from service.problems import Problem
@@ -78,18 +78,14 @@ IdempotencyKey = Annotated[
 async def get_principal(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
-    # NOTE: async so that a recently verified key (the common case) costs no thread hop and no
-    # query; only a cache miss goes to the database, in the thread pool.
-    cache = request.app.state.principal_cache
-    cached = cache.get(hash_key(bearer_key(authorization)))
-    if cached is not None:
-        return cached  # type: ignore[no-any-return]
-
-    def verify() -> Principal:
-        with request.app.state.session_factory() as session:
-            return authenticate(session, authorization, cache)
-
-    return await run_in_threadpool(verify)
+    # NOTE: /v1 requests were authenticated by the `AuthenticateAndLimit` middleware, before
+    # their body was read; the principal it found is reused, never looked up twice.
+    principal = getattr(request.state, "principal", None)
+    if isinstance(principal, Principal):
+        return principal
+    return await authenticate_cached(
+        authorization, request.app.state.principal_cache, request.app.state.session_factory
+    )
 
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
@@ -102,6 +98,20 @@ def get_admin(principal: CurrentPrincipal) -> Principal:
 
 
 AdminPrincipal = Annotated[Principal, Depends(get_admin)]
+
+
+async def require_metrics_token(request: Request) -> None:
+    """401 unless the request bears the metrics token, when the settings set one."""
+    token = request.app.state.settings.metrics_token
+    if token is None:
+        return
+    expected = f"Bearer {token.get_secret_value()}".encode()
+    if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+        raise Problem(
+            401,
+            "the metrics need their token: Authorization: Bearer <metrics token>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def require_multipart(request: Request) -> None:

@@ -1,15 +1,98 @@
-"""ASGI middleware: the request body size limit, and request metrics."""
+"""ASGI middleware: authentication and rate limits before the body is read, the request
+body size limit, and request metrics."""
 
 from __future__ import annotations
 
+import logging
 import time
 
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import Principal, PrincipalCache, authenticate_cached
 from service.metrics import Metrics
 from service.problems import Problem, problem_response
+from service.ratelimit import RateLimits, queues_job
+
+log = logging.getLogger(__name__)
+
+
+class AuthenticateAndLimit:
+    """Check the API key and the key's rate limits of every /v1 request before the app runs.
+
+    FastAPI reads and parses a request's body before it runs any dependency, so a key checked
+    by a dependency is checked only after an anonymous client has made the server read (and
+    spool to disk) up to the upload limit. Here a bad or missing key answers 401, and a key
+    over its rate 429 with `Retry-After`, before a byte of the body is read. The principal
+    found is left in the request's state, where `get_principal` picks it up.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        principal_cache: PrincipalCache,
+        session_factory: sessionmaker[Session],
+        rate_limits: RateLimits,
+    ) -> None:
+        self.app = app
+        self.principal_cache = principal_cache
+        self.session_factory = session_factory
+        self.rate_limits = rate_limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        try:
+            principal = await authenticate_cached(
+                Headers(scope=scope).get("authorization"),
+                self.principal_cache,
+                self.session_factory,
+            )
+            await self._take_tokens(principal, scope)
+        except Problem as refusal:
+            if _has_body(scope):
+                # NOTE: the body is never read: the connection closes after the answer, or
+                # the server would go on reading (and dropping) it to reuse the connection.
+                refusal.headers = {**refusal.headers, "Connection": "close"}
+            await problem_response(refusal)(scope, receive, send)
+            return
+        except OperationalError as error:
+            # As the app's handler answers it: the key could not be checked, for now.
+            log.warning("database unavailable: %s", error)
+            unavailable = Problem(
+                503, "the database is unavailable; retry shortly", headers={"Retry-After": "5"}
+            )
+            await problem_response(unavailable)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+    async def _take_tokens(self, principal: Principal, scope: Scope) -> None:
+        limits, key = self.rate_limits, str(principal.key_id)
+        buckets = [limits.requests]
+        if queues_job(scope["method"], scope["path"]):
+            buckets.append(limits.jobs)
+        for bucket in buckets:
+            if bucket is None:
+                continue
+            verdict = await limits.limiter.hit(bucket, key)
+            if not verdict.allowed:
+                raise Problem(
+                    429,
+                    f"this API key is over its rate limit of {bucket.describe()}; retry after "
+                    f"{verdict.retry_after_header} s",
+                    headers={"Retry-After": verdict.retry_after_header},
+                )
+
+
+def _has_body(scope: Scope) -> bool:
+    headers = Headers(scope=scope)
+    return headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
 
 
 class BodyTooLarge(HTTPException):

@@ -17,7 +17,7 @@ from aligndiff.masks import mask_to_image
 from aligndiff.names import find_name, inversion_token
 from aligndiff.shots import Shot, ShotError, ShotFormatError, load_shot
 from service.auth import Principal
-from service.contexts import jobs
+from service.contexts import jobs, quotas
 from service.contexts.access import visible_to
 from service.contexts.idempotency import Answer, claim_for, commit_with_answer, find_answer
 from service.contexts.idempotency import fingerprint as request_fingerprint
@@ -48,6 +48,7 @@ def create_class(
     masks: Sequence[Upload],
     idempotency_key: str | None,
     location_of: Callable[[uuid.UUID], str],
+    quota_exempt: bool = False,
 ) -> Accepted:
     """Check the shots, store them, and record the class with its queued synthesis job.
 
@@ -55,22 +56,29 @@ def create_class(
     written; blobs are written before the rows that name them and deleted again when the rows
     cannot be committed. The caller starts the job (`job_control.start_job`) afterwards.
     Invalid fields or shots answer 422, files of a type other than JPEG/PNG/WEBP images and
-    PNG masks 415, each with the fields concerned (`images[0]`, `masks[1]`, …).
+    PNG masks 415, each with the fields concerned (`images[0]`, `masks[1]`, …). Over one of
+    the owner's quotas (`service.contexts.quotas`; not for `quota_exempt`) answers 429.
     """
     claim = claim_for(owner_id, idempotency_key, _fingerprint(class_in, images, masks))
     if (replay := find_answer(session, claim)) is not None:
         return Accepted(replay, start=None)
-    # NOTE: decoding and storing the shots takes a while; the connection goes back to the
-    # pool meanwhile rather than sit idle in a transaction.
-    session.rollback()
 
     name = class_in.name.strip()
     _check_fields(class_in, name=name, images=images, masks=masks, settings=settings)
+    quotas.check_samples(settings, num_samples=class_in.num_samples, exempt=quota_exempt)
+    upload_bytes = sum(len(upload.data) for upload in (*images, *masks))
+    demand = quotas.JobDemand(owner_id, exempt=quota_exempt, upload_bytes=upload_bytes)
+    quotas.enforce(session, settings, demand, lock=False)
+    # NOTE: decoding and storing the shots takes a while; the connection goes back to the
+    # pool meanwhile rather than sit idle in a transaction.
+    session.rollback()
     shots = _load_shots(images, masks, settings=settings)
 
     class_id = uuid.uuid4()
     try:
         shot_rows = _store_shots(storage, class_id, shots, images=images, masks=masks)
+        # Again, under the owner's lock, in the transaction that adds the job.
+        quotas.enforce(session, settings, demand)
         job = jobs.create_job(session, kind=SYNTHESIS, owner_id=owner_id, target_id=class_id)
         seg_class = SegClass(
             id=class_id,
@@ -81,6 +89,7 @@ def create_class(
             num_shots=len(shots),
             num_samples_requested=class_in.num_samples,
             job_id=job.id,
+            upload_bytes=upload_bytes,
         )
         session.add(seg_class)
         session.add_all(shot_rows)

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.auth import Principal
-from service.contexts import jobs
+from service.contexts import jobs, quotas
 from service.contexts.access import visible_to
 from service.contexts.idempotency import (
     Answer,
@@ -26,6 +26,7 @@ from service.pagination import newest_first, newest_first_cursor, split_page
 from service.problems import Problem, not_found
 from service.queue import TaskQueue
 from service.schemas import JobPublic, JobStatus, Page
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +114,23 @@ def cancel_job(
 
 
 def retry_job(
-    *, session: Session, principal: Principal, job_id: uuid.UUID, idempotency_key: str | None
+    *,
+    session: Session,
+    settings: Settings,
+    principal: Principal,
+    job_id: uuid.UUID,
+    idempotency_key: str | None,
 ) -> Accepted:
-    """Queue a failed or cancelled job again (see `jobs.retry`); 409 for any other state.
-    The caller starts it (`start_job`) once this has returned."""
+    """Queue a failed or cancelled job again (see `jobs.retry`); 409 for any other state, 429
+    when its owner is at the quota of queued + running jobs (admins have none). The caller
+    starts it (`start_job`) once this has returned."""
     claim = _claim(principal, idempotency_key, "retry_job", job_id)
     if (answer := find_answer(session, claim)) is not None:
         return Accepted(answer, start=None)
     job = _visible_job(session, principal, job_id)
     if job.kind == "synthesis" and session.get(SegClass, job.target_id) is None:
         raise Problem(409, "the job's class was deleted; it cannot be retried")
+    quotas.enforce(session, settings, quotas.JobDemand(job.owner_id, exempt=principal.is_admin))
     jobs.retry(session, job)
     answer = _commit_job_answer(session, claim, job)
     return Accepted(answer, start=None if answer.replayed else StartTask(job.kind, job.id))

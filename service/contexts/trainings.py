@@ -8,6 +8,7 @@ import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from io import BytesIO
 from typing import Any
 
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from aligndiff.shots import ShotError, ShotFormatError, decode_image
 from service.auth import Principal
-from service.contexts import jobs
+from service.contexts import jobs, quotas
 from service.contexts.access import visible_to
 from service.contexts.idempotency import (
     Answer,
@@ -85,6 +86,8 @@ def create_training(
     than on the shots. Its pairs are all checked first (415 for a file of a type not accepted,
     else 422 naming `val_images[i]` / `val_masks[i]`), stored under the training's prefix
     before the rows, and deleted again when the rows cannot be committed.
+
+    Over one of the owner's quotas (`service.contexts.quotas`; admins have none) answers 429.
     """
     owner_id = principal.owner_id
     claim = claim_for(owner_id, idempotency_key, _fingerprint(training_in, val_images, val_masks))
@@ -92,12 +95,19 @@ def create_training(
         return Accepted(replay, start=None)
     _check_fields(training_in, settings, val_images=val_images, val_masks=val_masks)
     _check_classes(session, principal, training_in.class_ids)
+    demand = quotas.JobDemand(
+        owner_id,
+        exempt=principal.is_admin,
+        upload_bytes=sum(len(upload.data) for upload in (*val_images, *val_masks)),
+    )
+    record = partial(
+        _record_training, session, settings, claim, demand, training_in, location_of=location_of
+    )
     if not val_images:
-        training_id = uuid.uuid4()
-        return _record_training(
-            session, claim, owner_id, training_in, training_id, None, location_of=location_of
-        )
+        return record(uuid.uuid4(), None)
 
+    # Early, before the work on the validation set; again below, under the owner's lock.
+    quotas.enforce(session, settings, demand, lock=False)
     # NOTE: decoding and storing the validation set takes a while; the connection goes back
     # to the pool meanwhile rather than sit idle in a transaction (the classes are checked
     # again below, in the transaction that records the training).
@@ -107,9 +117,7 @@ def create_training(
     try:
         keys = _store_validation(storage, training_id, pairs)
         _check_classes(session, principal, training_in.class_ids)
-        accepted = _record_training(
-            session, claim, owner_id, training_in, training_id, keys, location_of=location_of
-        )
+        accepted = record(training_id, keys)
     except BaseException:
         session.rollback()
         delete_prefix_quietly(storage, training_prefix(training_id))
@@ -123,14 +131,17 @@ def create_training(
 
 def _record_training(
     session: Session,
+    settings: Settings,
     claim: IdempotencyClaim | None,
-    owner_id: uuid.UUID,
+    demand: quotas.JobDemand,
     training_in: TrainingCreate,
     training_id: uuid.UUID,
     validation_keys: list[list[str]] | None,
     *,
     location_of: Callable[[uuid.UUID], str],
 ) -> Accepted:
+    owner_id = demand.owner_id
+    quotas.enforce(session, settings, demand)
     job = jobs.create_job(session, kind=TRAINING, owner_id=owner_id, target_id=training_id)
     training = Training(
         id=training_id,
@@ -145,6 +156,7 @@ def _record_training(
         eval_set="shots" if validation_keys is None else "validation",
         validation_keys=validation_keys,
         job_id=job.id,
+        upload_bytes=demand.upload_bytes,
     )
     session.add(training)
     session.flush()

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from service.api.responses import problem_responses
 from service.api.routes import admin, classes, datasets, jobs, ops, samples, trainings
 
 api_router = APIRouter()
-for module in (classes, samples, datasets, trainings, jobs, ops, admin):
+# Any /v1 request may answer 429: its key is over its rate limit (`AuthenticateAndLimit`).
+for module in (classes, samples, datasets, trainings, jobs):
+    api_router.include_router(module.router, responses=problem_responses(429))
+for module in (ops, admin):
     api_router.include_router(module.router)

@@ -232,6 +232,7 @@ def admin_retry_job(
     access: ApiAdmin,
     session: SessionDep,
     queue: QueueDep,
+    settings: SettingsDep,
     job_id: uuid.UUID,
     csrf_token: CsrfField = None,
     csrf_header: CsrfHeader = None,
@@ -241,6 +242,7 @@ def admin_retry_job(
     require_csrf(request, access, csrf_token, csrf_header)
     accepted = job_control.retry_job(
         session=session,
+        settings=settings,
         principal=access.principal,
         job_id=job_id,
         idempotency_key=None,

@@ -65,6 +65,7 @@ def create_class(
         masks=[_read(upload) for upload in masks],
         idempotency_key=idempotency_key,
         location_of=lambda class_id: str(request.url_for("get_class", class_id=class_id)),
+        quota_exempt=principal.is_admin,
     )
     job_control.start_job(queue=queue, start=accepted.start)
     return answer_response(accepted.answer)

@@ -14,6 +14,7 @@ from service.api.deps import (
     Limit,
     QueueDep,
     SessionDep,
+    SettingsDep,
 )
 from service.api.responses import answer_response, problem_responses
 from service.contexts import job_control
@@ -75,14 +76,20 @@ def cancel_job(
 def retry_job(
     session: SessionDep,
     queue: QueueDep,
+    settings: SettingsDep,
     principal: CurrentPrincipal,
     job_id: uuid.UUID,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Queue a failed or cancelled job again; the work it already stored is kept, not redone.
-    409 for a job in any other state."""
+    409 for a job in any other state; 429 when its owner has as many jobs queued or running
+    as the quota allows."""
     accepted = job_control.retry_job(
-        session=session, principal=principal, job_id=job_id, idempotency_key=idempotency_key
+        session=session,
+        settings=settings,
+        principal=principal,
+        job_id=job_id,
+        idempotency_key=idempotency_key,
     )
     job_control.start_job(queue=queue, start=accepted.start)
     return answer_response(accepted.answer)

@@ -1,12 +1,18 @@
 """Operations: liveness, readiness and Prometheus metrics (no API key: probes and scrapers
-call these)."""
+call these; the metrics need the metrics token when the settings set one)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.deps import MetricsDep, QueueDep, SessionDep, StorageDep
+from service.api.deps import (
+    MetricsDep,
+    QueueDep,
+    SessionDep,
+    StorageDep,
+    require_metrics_token,
+)
 from service.api.responses import problem_responses
 from service.contexts import health
 from service.schemas import Health, Readiness
@@ -29,7 +35,11 @@ def readyz(session: SessionDep, queue: QueueDep, storage: StorageDep) -> Readine
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"description": "Prometheus text format.", "content": {"text/plain": {}}}},
+    dependencies=[Depends(require_metrics_token)],
+    responses={
+        200: {"description": "Prometheus text format.", "content": {"text/plain": {}}},
+        **problem_responses(401),
+    },
 )
 def metrics(metrics: MetricsDep) -> Response:
     """Request counts and latencies by route, and jobs by kind and status."""
