@@ -43,6 +43,7 @@ def extract(archive: str | Path, dest: str | Path) -> list[Path]:
         for entry, target in targets:
             if target == root and not entry.is_dir:
                 raise UnsafeArchive(f"refusing a file entry without a name ({entry.name!r})")
+        _check_no_file_is_a_folder(root, targets)
         written = []
         for entry, target in targets:
             if entry.is_dir:
@@ -53,6 +54,17 @@ def extract(archive: str | Path, dest: str | Path) -> list[Path]:
                 shutil.copyfileobj(source, out)
             written.append(target)
     return written
+
+
+def _check_no_file_is_a_folder(root: Path, targets: list[tuple[_Entry, Path]]) -> None:
+    """Refuse an archive in which one path is both a file and a folder (`a` and `a/b`), which
+    no extraction can honour."""
+    folders = {target for entry, target in targets if entry.is_dir}
+    for _, target in targets:
+        folders.update(parent for parent in target.parents if parent.is_relative_to(root))
+    for entry, target in targets:
+        if not entry.is_dir and target in folders:
+            raise UnsafeArchive(f"refusing {entry.name!r}: another entry makes it a folder")
 
 
 @contextmanager
