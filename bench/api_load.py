@@ -109,6 +109,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+NO_LIMITS = {
+    "ALIGNDIFF_RATE_LIMIT_PER_SECOND": "0",
+    "ALIGNDIFF_JOB_RATE_LIMIT_PER_MINUTE": "0",
+    "ALIGNDIFF_QUOTA_CONCURRENT_JOBS": "0",
+    "ALIGNDIFF_QUOTA_UPLOAD_BYTES": "0",
+}
+
+
 @contextmanager
 def api_server(
     database_url: str,
@@ -123,6 +131,9 @@ def api_server(
     scratch = data_dir is None
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="aligndiff-bench-"))
     env = {
+        # One key drives the whole load: the per-key rate limits and per-owner quotas are
+        # off (unless the environment sets them), as this measures capacity, not the throttle.
+        **NO_LIMITS,
         **os.environ,
         "ALIGNDIFF_DATABASE_URL": database_url,
         "ALIGNDIFF_DATA_DIR": str(data_dir),
