@@ -8,7 +8,6 @@ import secrets
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import suppress
-from pathlib import PurePosixPath
 
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
@@ -22,7 +21,7 @@ from service.contexts.access import visible_to
 from service.contexts.idempotency import Answer, claim_for, commit_with_answer, find_answer
 from service.contexts.idempotency import fingerprint as request_fingerprint
 from service.contexts.job_control import Accepted, StartTask
-from service.contexts.uploads import Upload, file_digests
+from service.contexts.uploads import Upload, display_name, file_digests
 from service.models import Job, SegClass
 from service.models import Shot as ShotRow
 from service.pagination import newest_first, newest_first_cursor, split_page
@@ -330,7 +329,7 @@ def _store_shots(
             ShotRow(
                 class_id=class_id,
                 position=position,
-                filename=_display_name(upload.filename, position),
+                filename=display_name(upload.filename, fallback=f"shot-{position:02d}"),
                 width=shot.image.width,
                 height=shot.image.height,
                 original_key=original_key,
@@ -340,9 +339,3 @@ def _store_shots(
             )
         )
     return rows
-
-
-def _display_name(filename: str, position: int) -> str:
-    """The client's file name without any folder part (kept for display and exports)."""
-    name = PurePosixPath(filename.replace("\\", "/")).name
-    return name[:255] or f"shot-{position:02d}"

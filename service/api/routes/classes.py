@@ -23,6 +23,7 @@ from service.api.responses import answer_response, blob_response, problem_respon
 from service.contexts import classes, job_control
 from service.contexts.uploads import Upload
 from service.pagination import DEFAULT_LIMIT
+from service.problems import refuse_unknown_fields
 from service.schemas import ClassCreate, ClassPublic, Page
 
 router = APIRouter(prefix="/v1/classes", tags=["classes"])
@@ -30,14 +31,23 @@ router = APIRouter(prefix="/v1/classes", tags=["classes"])
 LOCATION = {"Location": {"description": "The new class's URL.", "schema": {"type": "string"}}}
 
 
+# The multipart fields of `POST /v1/classes`; any other is refused (422), never ignored.
+CREATE_FIELDS = frozenset({*ClassCreate.model_fields, "images", "masks"})
+
+
+async def known_fields_only(request: Request) -> None:
+    # NOTE: FastAPI has parsed the form already; this reads Starlette's cached parse.
+    refuse_unknown_fields((await request.form()).keys(), CREATE_FIELDS)
+
+
 @router.post(
     "",
     status_code=202,
     response_model=ClassPublic,
-    dependencies=[Depends(require_multipart)],
+    dependencies=[Depends(require_multipart), Depends(known_fields_only)],
     responses={
         202: {"description": "The class, its synthesis job queued.", "headers": LOCATION},
-        **problem_responses(401, 413, 415, 422),
+        **problem_responses(400, 401, 413, 415, 422),
     },
 )
 def create_class(
@@ -48,9 +58,12 @@ def create_class(
     settings: SettingsDep,
     principal: CurrentPrincipal,
     class_in: Annotated[ClassCreate, Form()],
-    images: Annotated[list[UploadFile], File(description="1–10 shot images: JPEG, PNG, WEBP.")],
+    images: Annotated[
+        list[UploadFile], File(min_length=1, description="1–10 shot images: JPEG, PNG, WEBP.")
+    ],
     masks: Annotated[
-        list[UploadFile], File(description="One PNG mask per image, in the images' order.")
+        list[UploadFile],
+        File(min_length=1, description="One PNG mask per image, in the images' order."),
     ],
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
