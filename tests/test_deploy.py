@@ -602,6 +602,45 @@ def test_the_api_image_installs_the_project_without_torch() -> None:
     assert api.user() not in (None, "root", "0")
 
 
+def requirement_closure(requirements: list[str]) -> set[str]:
+    """Every distribution `requirements` pull in, extras followed, read from the installed
+    packages' metadata (this environment holds a superset of the api image's)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    wanted: dict[str, set[str]] = {}
+    todo = [Requirement(requirement) for requirement in requirements]
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        extras = set(requirement.extras)
+        if name in wanted and extras <= wanted[name]:
+            continue
+        wanted[name] = wanted.get(name, set()) | extras
+        try:
+            needs = requires(name) or []
+        except PackageNotFoundError:
+            raise AssertionError(f"{name} is required but not installed") from None
+        for need in map(Requirement, needs):
+            marker = need.marker
+            if marker is None or any(marker.evaluate({"extra": e}) for e in extras | {""}):
+                todo.append(need)
+    return set(wanted)
+
+
+def test_nothing_the_api_installs_pulls_in_torch() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    closure = requirement_closure(project["dependencies"])
+
+    assert closure & ML_PACKAGES == set()
+    # the extras were followed: uvicorn[standard] and psycopg[binary] bring these
+    assert {"uvloop", "psycopg-binary", "fastapi", "celery"} <= closure
+    assert ML_PACKAGES.issubset(requirement_closure(project["optional-dependencies"]["ml"]))
+
+
 def test_the_worker_image_installs_a_pinned_cuda_torch_then_the_ml_extra() -> None:
     worker = Dockerfile.read(ROOT / "docker" / "worker.Dockerfile")
     args = worker.args()
