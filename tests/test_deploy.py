@@ -840,3 +840,42 @@ def test_the_worker_health_check_follows_this_containers_heartbeat(tmp_path: Pat
     missing = {**env, "ALIGNDIFF_DATABASE_URL": f"sqlite:///{tmp_path / 'none' / 'x.db'}"}
     failed = subprocess.run(script, env=missing, capture_output=True, text=True, timeout=60)
     assert failed.returncode == 1 and failed.stderr.startswith("unhealthy:")
+
+
+def test_a_real_workers_heartbeat_keeps_its_container_healthy_until_it_dies(
+    tmp_path: Path,
+) -> None:
+    from tests.worker_support import WorkerProcess, private_redis, wait_for, worker_env
+
+    url = f"sqlite:///{tmp_path / 'aligndiff.db'}"
+    upgrade(url)
+    script = [sys.executable, str(ROOT / "docker" / "worker_healthcheck.py")]
+    probe_env = {
+        **os.environ,
+        "ALIGNDIFF_DATABASE_URL": url,
+        "ALIGNDIFF_WORKER_HEARTBEAT_SECONDS": "0.5",
+    }
+
+    def healthy() -> bool:
+        return (
+            subprocess.run(script, env=probe_env, capture_output=True, timeout=60).returncode == 0
+        )
+
+    with private_redis(tmp_path) as broker:
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            database_url=url,
+            broker_url=broker,
+            storage_url=f"file://{tmp_path / 'blobs'}",
+        )
+        env = worker_env(settings, tmp_path / "models", ALIGNDIFF_WORKER_HEARTBEAT_SECONDS="0.5")
+        worker = WorkerProcess(env, tmp_path / "worker.log", pool="solo", concurrency=1)
+        try:
+            # when: a worker runs on this machine, the health check passes
+            wait_for(healthy, timeout=90, what="a healthy worker", log=worker.log)
+
+            # when: it is killed, its last heartbeat ages past 3 intervals and the check fails
+            worker.kill()
+            wait_for(lambda: not healthy(), timeout=30, what="an unhealthy worker")
+        finally:
+            worker.stop()
