@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -219,6 +220,45 @@ def test_a_training_of_two_classes_succeeds_with_metrics_and_a_working_model(
     decoded = np.asarray(Image.open(BytesIO(image)).convert("RGB"))
     (expected,) = predict(model, [decoded], resolution=RESOLUTION)
     assert np.array_equal(np.asarray(Image.open(BytesIO(predicted.content))), expected)
+
+
+class CountingStorage(LocalStorage):
+    """A local store that counts the reads of each key."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reads: Counter[str] = Counter()
+
+    def get(self, key: str) -> bytes:
+        self.reads[key] += 1
+        return super().get(key)
+
+
+def test_a_worker_loads_a_trained_segmenter_once_for_many_predictions(
+    setup: Setup, tmp_path: Path
+) -> None:
+    # given: a succeeded training, and a worker whose blob reads are counted
+    dog = finished_class(setup, "dog")
+    created = setup.create([dog])
+    setup.run()
+    storage = CountingStorage(tmp_path / "blobs")
+    setup.queue.worker = setup.worker(storage=storage)
+    image = shot_image(setup, dog)
+
+    # when: the same image is sent to predict three times
+    masks = [
+        setup.client.post(
+            f"/v1/trainings/{created['id']}/predict",
+            files={"image": ("a.jpg", image, "image/jpeg")},
+        )
+        for _ in range(3)
+    ]
+
+    # then: every answer is the same mask, and the weights were read from storage once
+    assert [mask.status_code for mask in masks] == [200] * 3
+    assert masks[0].content == masks[1].content == masks[2].content
+    weights_key = setup.row(created["id"]).weights_key
+    assert weights_key is not None and storage.reads[weights_key] == 1
 
 
 def test_compare_baseline_reports_the_shots_only_model_too(setup: Setup) -> None:
