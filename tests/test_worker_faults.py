@@ -1,22 +1,32 @@
-"""Jobs survive faults: a worker killed mid-sampling, and a failed job retried; neither loses,
-redoes nor duplicates a sample."""
+"""Jobs survive faults: a worker killed mid-sampling is replaced by another without a restart,
+a job whose worker dies every time fails after its attempts, and a failed job retried keeps its
+samples; none loses, redoes nor duplicates a sample."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import socket
+import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import boto3
 import pytest
 from sqlalchemy import func, select, update
 
 from aligndiff.synth import Models
 from service.contexts.jobs import TERMINAL, retry
-from service.models import Job, Owner, Sample, Shot
+from service.db import make_engine, make_session_factory
+from service.models import Base, Job, Owner, Sample, Shot, WorkerHeartbeat
 from service.settings import Settings
-from service.storage import LocalStorage
+from service.storage import LocalStorage, make_storage
 from tests.conftest import SHOTS_DIR
+from tests.fault_support import AWS_TEST_ENVIRONMENT, PrivateRedis, moto_server
 from tests.worker_support import (
     InProcessQueue,
     Service,
@@ -31,6 +41,13 @@ from worker import synthesis
 from worker.celery_app import make_celery
 
 DOG = SHOTS_DIR / "dog"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A Redis of the test's own (requested before `workers`, so it outlives them)."""
+    with PrivateRedis.running(tmp_path) as redis:
+        yield redis
 
 
 @pytest.fixture
@@ -50,57 +67,55 @@ def wait_for_end(service: Service, job_id: uuid.UUID, *, timeout: float, log: Pa
     return wait_for(ended, timeout=timeout, what="the job to end", log=log)
 
 
-def test_a_killed_worker_s_job_resumes_on_a_new_worker_without_duplicates(
+def test_a_killed_worker_s_job_resumes_on_another_worker_without_duplicates(
     tmp_path: Path,
     postgres_url: str,
-    redis_url: str,
     model_cache: Path,
     tiny_models: Models,
+    broker: PrivateRedis,
     workers: list[WorkerProcess],
 ) -> None:
     # given: a class of 8 samples (its token already learned), one sample per chunk, a short
-    # lease and visibility timeout, and a worker sampling it
+    # lease, and two workers sampling it
     settings = Settings(
         data_dir=tmp_path,
         database_url=postgres_url,
-        broker_url=redis_url,
+        broker_url=broker.url,
         storage_url=f"file://{tmp_path / 'blobs'}",
         sample_chunk_size=1,
         annotation_chunk_size=4,
-        job_lease_seconds=4,
-        task_visibility_timeout=30,
+        job_lease_seconds=5,
+        task_visibility_timeout=60,
     )
     service = Service.create(settings)
     created = create_class(service, DOG, name="dog", num_samples=8)
     give_embedding(service, created.class_id, token_embedding(tiny_models, "<dog>"), "<dog>")
-    env = worker_env(settings, model_cache)
+    env = worker_env(settings, model_cache, ALIGNDIFF_SWEEP_INTERVAL_SECONDS="0.5")
     log = tmp_path / "worker.log"
-    workers.append(WorkerProcess(env, log, pool="solo", concurrency=1))
+    workers += [WorkerProcess(env, log, pool="solo", concurrency=1) for _ in range(2)]
     make_celery(settings).send_task(synthesis.START, args=[str(created.job_id)])
     wait_for(
         lambda: len(service.samples(created.class_id)) >= 2,
-        timeout=60,
+        timeout=90,
         what="the first samples",
         log=log,
     )
 
-    # when: the worker's machine dies mid-sampling (the whole process group, SIGKILL)
-    workers[0].kill()
+    # when: the machine of the worker that claimed the job dies mid-sampling (the whole
+    # process group, SIGKILL)
+    claimer = service.job(created.job_id).worker
+    (victim,) = [w for w in workers if claimer == f"{socket.gethostname()}:{w.process.pid}"]
+    victim.kill()
     before = {s.index: (s.id, s.created_at) for s in service.samples(created.class_id)}
     assert 2 <= len(before) < 8
     assert service.job(created.job_id).status == "running"
-    # ... its lease runs out, and a new worker starts
-    wait_for(
-        lambda: service.job(created.job_id).lease_expires_at < datetime.now(UTC),  # type: ignore[operator]
-        timeout=15,
-        what="the lease to expire",
-    )
-    workers.append(WorkerProcess(env, log, pool="solo", concurrency=1))
 
-    # then: the new worker takes the job over and completes it
+    # then: the other worker takes it over once its lease runs out (no worker restarts)
+    # and completes it
     job = wait_for_end(service, created.job_id, timeout=120, log=log)
     assert job.status == "succeeded", job.error
     assert job.attempts >= 2
+    assert job.worker != claimer
     # and: exactly 8 samples, one per index, the ones drawn before the kill untouched
     samples = service.samples(created.class_id)
     assert [s.index for s in samples] == list(range(8))
@@ -111,6 +126,167 @@ def test_a_killed_worker_s_job_resumes_on_a_new_worker_without_duplicates(
     assert rows == 8
     assert all(s.finalized_at is not None for s in samples)
     assert {i: (s.id, s.created_at) for i, s in enumerate(samples) if i in before} == before
+
+
+def test_a_job_whose_worker_dies_every_time_fails_after_its_attempts(
+    tmp_path: Path,
+    postgres_url: str,
+    model_cache: Path,
+    tiny_models: Models,
+    broker: PrivateRedis,
+    workers: list[WorkerProcess],
+) -> None:
+    # given: jobs get 2 attempts; a prefork worker (the process running a task is a child)
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=postgres_url,
+        broker_url=broker.url,
+        storage_url=f"file://{tmp_path / 'blobs'}",
+        # NOTE: longer than a worker takes to load its models (no report meanwhile)
+        job_lease_seconds=6,
+        max_job_attempts=2,
+    )
+    service = Service.create(settings)
+    created = create_class(service, DOG, name="dog", num_samples=4)
+    give_embedding(service, created.class_id, token_embedding(tiny_models, "<dog>"), "<dog>")
+    log = tmp_path / "worker.log"
+    env = worker_env(
+        settings,
+        model_cache,
+        ALIGNDIFF_SWEEP_INTERVAL_SECONDS="0.5",
+        ALIGNDIFF_WORKER_HEARTBEAT_SECONDS="0.5",
+    )
+    workers.append(WorkerProcess(env, log, pool="prefork", concurrency=1))
+    make_celery(settings).send_task(synthesis.START, args=[str(created.job_id)])
+
+    # when: every process that takes the job up dies at once (SIGKILL, as an out-of-memory
+    # kill would), whether it took it from its start or as a resumed job
+    killed: set[int] = set()
+
+    def kill_its_worker_or_see_the_end() -> Job | None:
+        job = service.job(created.job_id)
+        if job.status in TERMINAL:
+            return job
+        if job.status == "running" and job.attempts == len(killed) + 1:
+            for pid in running_the_job(service, created.job_id) - killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        return None
+
+    job = wait_for(kill_its_worker_or_see_the_end, timeout=120, what="the end", log=log)
+
+    # then: it failed after its 2 attempts, saying why
+    assert job.status == "failed"
+    assert len(killed) == 2 and job.attempts == 2
+    assert job.error is not None
+    assert "gave up after 2 attempts" in job.error and "worker was lost" in job.error
+    # and: the message each dying process held came back, and was not run again (the
+    # sweep, counting an attempt, resumed the job instead)
+    wait_for(
+        lambda: log.read_text(errors="replace").count("was delivered again: not run") >= 2,
+        timeout=30,
+        what="the redelivered messages",
+        log=log,
+    )
+
+
+def test_a_task_delivered_again_while_it_runs_does_its_work_once(
+    tmp_path: Path,
+    postgres_url: str,
+    model_cache: Path,
+    tiny_models: Models,
+    broker: PrivateRedis,
+    workers: list[WorkerProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # given: blobs in S3 with versioning on (every write of a key leaves a version), a class of
+    # 6 samples drawn by one chunk task, a visibility timeout of 1 s, and two workers
+    for name, value in AWS_TEST_ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    with moto_server() as endpoint:
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket="blobs")
+        s3.put_bucket_versioning(Bucket="blobs", VersioningConfiguration={"Status": "Enabled"})
+        settings = Settings(
+            data_dir=tmp_path,
+            database_url=postgres_url,
+            broker_url=broker.url,
+            storage_url="s3://blobs/aligndiff",
+            s3_endpoint_url=endpoint,
+            sample_chunk_size=6,
+            annotation_chunk_size=6,
+            task_visibility_timeout=1,
+        )
+        engine = make_engine(postgres_url)
+        Base.metadata.create_all(engine)
+        service = Service(
+            settings,
+            make_session_factory(engine),
+            make_storage(settings.resolved_storage_url, endpoint_url=endpoint),
+        )
+        created = create_class(service, DOG, name="dog", num_samples=6)
+        give_embedding(service, created.class_id, token_embedding(tiny_models, "<dog>"), "<dog>")
+        env = worker_env(settings, model_cache, ALIGNDIFF_S3_ENDPOINT_URL=endpoint)
+        log = tmp_path / "worker.log"
+        workers += [WorkerProcess(env, log, pool="solo", concurrency=1) for _ in range(2)]
+        app = make_celery(settings)
+        app.send_task(synthesis.START, args=[str(created.job_id)])
+        chunk = re.compile(r"Task aligndiff\.synthesis\.sample_chunk\[([0-9a-f-]+)\] received")
+        task_id = wait_for(
+            lambda: (found := chunk.search(log.read_text(errors="replace"))) and found[1],
+            timeout=90,
+            what="the chunk task to start",
+            log=log,
+        )
+
+        # when: the chunk runs past the visibility timeout, and Redis hands its message out
+        # again (kombu's restore of overdue unacknowledged messages, as any consumer runs it)
+        time.sleep(1.5)
+        assert len(service.samples(created.class_id)) < 6, "the chunk ended too soon to race"
+        with app.connection_for_read() as connection:
+            connection.default_channel.qos.restore_visible(num=100, interval=1)
+
+        # then: the other worker gets the message while the first still draws, and does not
+        # run it
+        wait_for(
+            lambda: f"({task_id}) was delivered again: not run" in log.read_text(errors="replace"),
+            timeout=30,
+            what="the redelivery",
+            log=log,
+        )
+        # and: the job succeeds once, on its first attempt, with 6 samples
+        job = wait_for_end(service, created.job_id, timeout=120, log=log)
+        assert (job.status, job.attempts) == ("succeeded", 1), job.error
+        assert [s.index for s in service.samples(created.class_id)] == list(range(6))
+        # and: no blob was written twice: each sample was drawn, annotated and scored once
+        versions = Counter(
+            version["Key"]
+            for page in s3.get_paginator("list_object_versions").paginate(Bucket="blobs")
+            for version in page.get("Versions", [])
+        )
+        engine.dispose()
+    sample_blobs = [key for key in versions if "/samples/" in key]
+    assert len(sample_blobs) == 6 * 3  # image, coarse mask, mask
+    assert set(versions.values()) == {1}, [key for key, n in versions.items() if n > 1]
+
+
+def running_the_job(service: Service, job_id: uuid.UUID) -> set[int]:
+    """The live processes whose heartbeat says they run a task of the job."""
+    with service.session() as session:
+        pids = set(
+            session.scalars(
+                select(WorkerHeartbeat.pid).where(WorkerHeartbeat.current_job_id == job_id)
+            )
+        )
+    return {pid for pid in pids if _alive(pid)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_retrying_a_failed_job_keeps_its_stored_samples(
