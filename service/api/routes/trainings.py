@@ -88,7 +88,6 @@ async def training_request(request: Request) -> TrainingRequest:
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith(MULTIPART):
         form = await request.form()
-        refuse_unknown_fields(form.keys(), MULTIPART_FIELDS)
         raw = form.get("request")
         if raw is None:
             raise Problem(
@@ -96,6 +95,7 @@ async def training_request(request: Request) -> TrainingRequest:
                 "the request is not valid",
                 errors=[{"field": "request", "message": "the training's JSON body is required"}],
             )
+        refuse_unknown_fields(form.keys(), MULTIPART_FIELDS)
         if isinstance(raw, StarletteUploadFile):
             raw = (await raw.read()).decode("utf-8", errors="replace")
         return TrainingRequest(
