@@ -32,7 +32,10 @@ class CeleryQueue:
         self.celery_app = celery_app
 
     def enqueue(self, task_name: str, *args: Any) -> None:
-        self.celery_app.send_task(task_name, args=list(args))
+        # NOTE: nobody waits for a job task's result. Without `ignore_result`, every send also
+        # subscribes to the result backend for its answer: one subscription per task, and, with
+        # the broker's Redis down, a send held ~20 s by the backend's reconnects.
+        self.celery_app.send_task(task_name, args=list(args), ignore_result=True)
 
     def call(self, task_name: str, *args: Any, timeout: float) -> Any:
         """Send a task and return its result, waiting `timeout` seconds at most.
