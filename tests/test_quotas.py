@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from sqlalchemy import func, select
 
+from aligndiff_client import Client, RateLimited
+from service.contexts.quotas import OVER_LASTING_QUOTA
 from service.models import Job, SegClass, Training
 from tests.api_support import (
     Api,
@@ -142,6 +145,7 @@ def test_more_samples_than_the_owners_quota_is_429_and_past_the_server_max_422(
     admin = api.admin.post("/v1/classes", files=pair(), data=class_form(num_samples=50))
 
     body = assert_over_quota(over_quota)
+    assert body["type"] == OVER_LASTING_QUOTA
     assert body["errors"] == [
         {"field": "num_samples", "message": "must be at most 10 for your key"}
     ]
@@ -210,3 +214,62 @@ def test_a_quota_of_zero_is_no_quota(make_api: ApiFactory, setting: str) -> None
     response = api.alice.post("/v1/classes", files=pair(), data=class_form(num_samples=900))
 
     assert response.status_code == 202, response.text
+
+
+# --- what the SDK makes of a quota ------------------------------------------------------------
+
+
+def sdk_for(api: Api, name: str, sleep: Callable[[float], None]) -> Client:
+    """The real SDK talking to the app in-process as `name`, waiting through `sleep`."""
+    app = api.anonymous
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        answer = app.request(
+            request.method,
+            request.url.raw_path.decode(),
+            headers=dict(request.headers),
+            content=request.read(),
+        )
+        return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
+
+    return Client(
+        "http://testserver", api.keys[name], transport=httpx.MockTransport(handle), sleep=sleep
+    )
+
+
+def test_the_sdk_gives_up_at_once_on_a_quota_that_waiting_cannot_lift(
+    make_api: ApiFactory,
+) -> None:
+    # given: a per-class samples quota of 2
+    api = make_api(quota_samples_per_class=2, **NO_RATE_LIMITS)
+    sleeps: list[float] = []
+    image, mask = pair()[0][1][1], pair()[1][1][1]
+
+    # when: the SDK asks for 3 samples
+    with sdk_for(api, "alice", sleeps.append) as client, pytest.raises(RateLimited) as refused:
+        client.create_class("dog", [image], [mask], num_samples=3)
+
+    # then: it raises without waiting or trying again
+    assert sleeps == []
+    assert "quota of 2 per class" in str(refused.value)
+    assert count(api, SegClass) == 0
+
+
+def test_the_sdk_waits_out_the_concurrent_jobs_quota(make_api: ApiFactory) -> None:
+    # given: a quota of one running job, taken; it finishes while the SDK waits
+    api = make_api(quota_concurrent_jobs=1, **NO_RATE_LIMITS)
+    _, running_job = add_class(api, owner_id=api.alice_id, status="running")
+    sleeps: list[float] = []
+
+    def finish_the_running_job(seconds: float) -> None:
+        sleeps.append(seconds)
+        set_job(api, running_job, status="succeeded")
+
+    image, mask = pair()[0][1][1], pair()[1][1][1]
+    with sdk_for(api, "alice", finish_the_running_job) as client:
+        # when
+        created = client.create_class("dog", [image], [mask], num_samples=2)
+
+    # then: one wait of the Retry-After the quota asked for, then the class was created
+    assert sleeps == [30]
+    assert created.status == "queued"

@@ -1,6 +1,7 @@
 """When to try a request again, and how long to wait first.
 
-Retried: 429 and 5xx answers (but 501 and 505, which a retry cannot change) and transport
+Retried: 429 and 5xx answers (but 501 and 505, which a retry cannot change, and a 429 whose
+problem type says the request is over a quota that waiting does not lift) and transport
 errors (connection refused or reset, timeouts). Never another 4xx: the same request would get
 the same answer. The wait is the answer's `Retry-After` (seconds or an HTTP date) when it has
 one, else an exponential backoff.
@@ -17,10 +18,23 @@ from email.utils import parsedate_to_datetime
 import httpx
 
 _NOT_RETRIED_5XX = frozenset({501, 505})
+# The service's problem type for a 429 that only a different request can avoid (e.g. more
+# samples than the per-class quota).
+OVER_LASTING_QUOTA = "urn:aligndiff:problem:over-quota"
 
 
 def is_retryable(status: int) -> bool:
     return status == 429 or (500 <= status < 600 and status not in _NOT_RETRIED_5XX)
+
+
+def problem_type(response: httpx.Response) -> str | None:
+    """The `type` of a problem+json answer whose body has been read, else None."""
+    try:
+        body = response.json()
+    except (httpx.ResponseNotRead, ValueError):
+        return None
+    kind = body.get("type") if isinstance(body, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def retry_after_seconds(response: httpx.Response) -> float | None:
@@ -62,6 +76,8 @@ class RetryPolicy:
             return None
         if response is not None:
             if not is_retryable(response.status_code):
+                return None
+            if response.status_code == 429 and problem_type(response) == OVER_LASTING_QUOTA:
                 return None
             asked = retry_after_seconds(response)
             if asked is not None:

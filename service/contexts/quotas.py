@@ -20,6 +20,11 @@ from service.models import Job, Owner, SegClass, Training
 from service.problems import Problem
 from service.settings import Settings
 
+# The problem `type` of a refusal that waiting cannot lift (a request over a per-class cap,
+# uploads over the bytes quota): clients should change the request, not retry it. Over the
+# concurrent-jobs quota keeps "about:blank", like a rate limit: it lifts as jobs finish.
+OVER_LASTING_QUOTA = "urn:aligndiff:problem:over-quota"
+
 
 def lock_owner(session: Session, owner_id: uuid.UUID) -> None:
     """Take the owner's lock until the session's transaction ends.
@@ -45,6 +50,7 @@ def check_samples(settings: Settings, *, num_samples: int, exempt: bool) -> None
         settings,
         f"{num_samples} samples is over your quota of {cap} per class; ask for fewer",
         errors=[{"field": "num_samples", "message": f"must be at most {cap} for your key"}],
+        lasting=True,
     )
 
 
@@ -88,6 +94,7 @@ def enforce(session: Session, settings: Settings, demand: JobDemand, *, lock: bo
                 f"your classes and trainings keep {kept:,} bytes of uploads; these "
                 f"{demand.upload_bytes:,} more would pass your quota of {cap:,}; delete "
                 "classes or trainings you no longer need",
+                lasting=True,
             )
 
 
@@ -107,11 +114,17 @@ def stored_upload_bytes(session: Session, owner_id: uuid.UUID) -> int:
 
 
 def _over_quota(
-    settings: Settings, detail: str, *, errors: list[dict[str, str]] | None = None
+    settings: Settings,
+    detail: str,
+    *,
+    errors: list[dict[str, str]] | None = None,
+    lasting: bool = False,
 ) -> Problem:
     return Problem(
         429,
         detail,
         errors=errors,
         headers={"Retry-After": str(settings.quota_retry_after_seconds)},
+        type_=OVER_LASTING_QUOTA if lasting else "about:blank",
+        title="Over quota" if lasting else None,
     )
