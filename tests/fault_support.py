@@ -138,7 +138,8 @@ class PrivatePostgres:
 class CuttableProxy:
     """A TCP proxy on a free loopback port to `target_port`. `cut()` closes the listener and
     every open connection (the endpoint is unreachable: connections are refused); `restore()`
-    listens again on the same port."""
+    listens again on the same port. `cut_after(n, b"PUT ")` cuts it as the (n+1)-th HTTP
+    request of that method arrives, before passing it on: an outage in the middle of work."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -146,7 +147,27 @@ class CuttableProxy:
         self._listener: socket.socket | None = None
         self._connections: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._cut_after: tuple[int, bytes] | None = None
+        self.requests_seen = 0
         self.restore()
+
+    def cut_after(self, requests: int, method: bytes) -> None:
+        with self._lock:
+            self.requests_seen = 0
+            self._cut_after = (requests, method)
+
+    def _passes(self, data: bytes) -> bool:
+        """Whether a chunk from a client may go on (False: the proxy was cut for it)."""
+        with self._lock:
+            rule = self._cut_after
+            if rule is None or not data.startswith(rule[1]):
+                return True
+            self.requests_seen += 1
+            if self.requests_seen <= rule[0]:
+                return True
+            self._cut_after = None
+        self.cut()
+        return False
 
     def restore(self) -> None:
         listener = socket.socket()
@@ -190,8 +211,7 @@ class CuttableProxy:
                 self._connections += [client, upstream]
             threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
 
-    @staticmethod
-    def _pipe(client: socket.socket, upstream: socket.socket) -> None:
+    def _pipe(self, client: socket.socket, upstream: socket.socket) -> None:
         selector = selectors.DefaultSelector()
         selector.register(client, selectors.EVENT_READ, upstream)
         selector.register(upstream, selectors.EVENT_READ, client)
@@ -199,7 +219,7 @@ class CuttableProxy:
             while True:
                 for key, _ in selector.select(timeout=1):
                     data = key.fileobj.recv(65536)  # type: ignore[union-attr]
-                    if not data:
+                    if not data or (key.fileobj is client and not self._passes(data)):
                         return
                     key.data.sendall(data)
         except (OSError, ValueError):
