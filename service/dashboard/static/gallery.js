@@ -6,10 +6,20 @@
   const dialog = document.getElementById("sample-dialog");
   const filters = document.getElementById("gallery-filters");
 
-  filters.addEventListener("change", () => filters.submit());
+  filters.addEventListener("change", (event) => {
+    // A new sort key starts from its natural order: best scores first, indices ascending.
+    if (event.target.id === "sort") {
+      document.getElementById("order").value = event.target.value === "index" ? "asc" : "desc";
+    }
+    filters.submit();
+  });
 
   function show(id, value) {
     document.getElementById(id).textContent = value === "" || value === undefined ? "–" : value;
+  }
+
+  function score(id, value) {
+    show(id, value === "" || value === undefined ? "" : Number(value).toFixed(4));
   }
 
   document.getElementById("samples").addEventListener("click", (event) => {
@@ -26,10 +36,10 @@
     show("dialog-prompt-kind", data.promptKind);
     show("dialog-seed", data.seed);
     show("dialog-size", data.size);
-    show("dialog-clip-score", data.clipScore);
-    show("dialog-shot-similarity", data.shotSimilarity);
-    show("dialog-consensus-iou", data.consensusIou);
-    show("dialog-ood-iou", data.oodIou);
+    score("dialog-clip-score", data.clipScore);
+    score("dialog-shot-similarity", data.shotSimilarity);
+    score("dialog-consensus-iou", data.consensusIou);
+    score("dialog-ood-iou", data.oodIou);
     show("dialog-mask-source", data.maskSource);
     show("dialog-accepted", data.accepted);
     dialog.showModal();
