@@ -5,18 +5,28 @@ keeps the fused SDPA kernel). For each layer call it adds the attention probabil
 class-name tokens, averaged over heads, into one running sum per resolution, so the state is
 (batch × query positions) per resolution whatever the number of steps: MBs, not the GBs of
 storing every map of every step.
+
+Two ways to compute a captured layer: "explicit" materializes the probabilities (softmax of
+QKᵀ·scale) and reads the class-name columns; "sdpa" keeps the fused kernel and appends the
+token weights to the values as one more channel, so that channel of the output is the weighted
+attention mass itself: Σₜ softmax(·)ₜ·wₜ, no probability tensor at all. "sdpa" also skips the
+capture in layers whose resolution the coarse mask does not read.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+CaptureMode = Literal["explicit", "sdpa"]
+CAPTURE_MODES: tuple[CaptureMode, ...] = ("explicit", "sdpa")
 
 
 class AttentionCapture:
@@ -24,22 +34,54 @@ class AttentionCapture:
 
     `token_weights` (B, T) selects and weights the text tokens of each sample (1 on the class
     name's tokens). Under classifier-free guidance the UNet batch is [uncond; cond]: only rows
-    `conditional_offset:` are read, the unconditional half carries no class information.
+    `conditional_offset:` are read, the unconditional half carries no class information. Rows
+    after the B conditional ones (a batch padded up to a compiled size) are ignored.
+    `positions`: the query-position counts (resolutions) worth capturing; None: all.
     """
 
-    def __init__(self, token_weights: torch.Tensor, *, conditional_offset: int = 0) -> None:
+    def __init__(
+        self,
+        token_weights: torch.Tensor,
+        *,
+        conditional_offset: int = 0,
+        positions: Collection[int] | None = None,
+    ) -> None:
         self.token_weights = token_weights.float()
         self.conditional_offset = conditional_offset
+        self.positions = None if positions is None else frozenset(positions)
         self.sums: dict[int, torch.Tensor] = {}  # query positions → (B, positions) float32
         self.counts: dict[int, int] = {}
 
+    def wants(self, positions: int) -> bool:
+        """Whether layers with this many query positions are captured."""
+        return self.positions is None or positions in self.positions
+
+    def value_weights(self, rows: int) -> torch.Tensor:
+        """(rows, T) float32: the token weights at the conditional rows of a UNet batch of
+        `rows`, zero elsewhere (what the "sdpa" mode appends to the values)."""
+        weights = self.token_weights.new_zeros((rows, self.token_weights.shape[1]))
+        start = self.conditional_offset
+        weights[start : start + len(self.token_weights)] = self.token_weights
+        return weights
+
     def add(self, probs: torch.Tensor) -> None:
         """Accumulate one layer call's attention probabilities (B', heads, positions, T)."""
-        rows = probs[self.conditional_offset :]
+        start = self.conditional_offset
+        rows = probs[start : start + len(self.token_weights)]
         weights = self.token_weights.to(rows.device)
         # (B, H, N, T) · (B, T) → (B, N), mean over heads; accumulated in float32.
         mass = torch.einsum("bhnt,bt->bn", rows.float(), weights) / rows.shape[1]
-        positions = rows.shape[2]
+        self._accumulate(mass)
+
+    def add_mass(self, mass: torch.Tensor) -> None:
+        """Accumulate one layer call's weighted attention mass, already averaged over heads:
+        (B', positions), every row of the UNet batch."""
+        start = self.conditional_offset
+        rows = mass[start : start + len(self.token_weights)]
+        self._accumulate(rows.to(torch.float32, copy=True))
+
+    def _accumulate(self, mass: torch.Tensor) -> None:
+        positions = mass.shape[1]
         if positions in self.sums:
             self.sums[positions] += mass
             self.counts[positions] += 1
@@ -77,14 +119,62 @@ class AttentionCapture:
         return (total / len(finest)).squeeze(1).clamp(0, 1)
 
 
-class CapturingCrossAttnProcessor:
-    """Cross-attention that computes its probabilities explicitly and feeds them to a capture.
+class SharedCapture:
+    """The capture state a UNet's shared processors read and write (`install_shared_capture`).
 
-    The output equals the stock processor's; with `capture` unset it is the stock SDPA path.
+    A compiled UNet must keep its processors for life (swapping them invalidates the compiled
+    code), so they hold this one object instead of a capture. Around each UNet call the eager
+    caller (`BucketedUNet`) sets `weights` for the padded batch from the active capture, and
+    afterwards hands the `masses` the processors appended to it. Inside the compiled graph
+    this is plain tensor and list work, so the UNet compiles without graph breaks.
     """
 
-    def __init__(self, capture: AttentionCapture | None = None) -> None:
+    def __init__(self) -> None:
+        self.capture: AttentionCapture | None = None  # read by the eager caller only
+        self.weights: torch.Tensor | None = None  # (rows, T) for the call under way
+        self.positions: frozenset[int] | None = None
+        self.masses: list[torch.Tensor] = []
+
+    def wants(self, positions: int) -> bool:
+        return self.weights is not None and (self.positions is None or positions in self.positions)
+
+    def begin(self, rows: int, device: torch.device) -> None:
+        """Before a UNet call of `rows` (padded) rows."""
+        capture = self.capture
+        self.weights = None if capture is None else capture.value_weights(rows).to(device)
+        self.positions = None if capture is None else capture.positions
+        self.masses.clear()
+
+    def end(self) -> None:
+        """After the call: the appended masses go to the active capture."""
+        if self.capture is not None:
+            for mass in self.masses:
+                self.capture.add_mass(mass)
+        self.masses.clear()
+        self.weights = None
+
+
+class CapturingCrossAttnProcessor:
+    """Cross-attention that feeds the class-name tokens' attention to a capture.
+
+    The output equals the stock processor's; with no capture (or one that does not want this
+    layer's resolution) it is the stock SDPA path. `mode` picks how a captured layer computes:
+    "explicit" probabilities, or "sdpa" with the weights as an extra value channel. `shared`:
+    the capture is the one `capturing_cross_attention` made active, not `capture`.
+    """
+
+    def __init__(
+        self,
+        capture: AttentionCapture | None = None,
+        *,
+        mode: CaptureMode = "explicit",
+        shared: SharedCapture | None = None,
+    ) -> None:
+        if mode not in CAPTURE_MODES:
+            raise ValueError(f"unknown capture mode {mode!r}; use one of {CAPTURE_MODES}")
         self.capture = capture
+        self.mode = mode
+        self.shared = shared
         self._fallback = AttnProcessor2_0()
 
     def __call__(
@@ -97,7 +187,7 @@ class CapturingCrossAttnProcessor:
         *args: object,
         **kwargs: object,
     ) -> torch.Tensor:
-        if self.capture is None or encoder_hidden_states is None:
+        if encoder_hidden_states is None or (self.capture is None and self.shared is None):
             return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -106,7 +196,18 @@ class CapturingCrossAttnProcessor:
         if input_ndim == 4:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch = hidden_states.shape[0]
+        batch, positions = hidden_states.shape[0], hidden_states.shape[1]
+        weights: torch.Tensor | None = None
+        if self.shared is not None:
+            if not self.shared.wants(positions):
+                return self._fallback(attn, residual, encoder_hidden_states, attention_mask, temb)
+            weights = self.shared.weights
+        else:
+            assert self.capture is not None
+            if not self.capture.wants(positions):
+                return self._fallback(attn, residual, encoder_hidden_states, attention_mask, temb)
+            if self.mode == "sdpa":
+                weights = self.capture.value_weights(batch).to(hidden_states.device)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         if attn.norm_cross:
@@ -119,14 +220,26 @@ class CapturingCrossAttnProcessor:
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-
-        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+        mask = None
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-            scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
-        probs = scores.softmax(dim=-1)
-        self.capture.add(probs)
-        hidden_states = torch.matmul(probs, value)
+            mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+
+        if self.mode == "explicit":
+            scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+            if mask is not None:
+                scores = scores + mask
+            probs = scores.softmax(dim=-1)
+            if weights is None:
+                assert self.capture is not None
+                self.capture.add(probs)
+            else:
+                mass = torch.einsum("bhnt,bt->bn", probs.float(), weights.float())
+                self._add_mass(mass / probs.shape[1])
+            hidden_states = torch.matmul(probs, value)
+        else:
+            assert weights is not None
+            hidden_states = self._sdpa_with_mass(query, key, value, mask, weights, attn.scale)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -136,22 +249,126 @@ class CapturingCrossAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+    def _sdpa_with_mass(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        weights: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Fused attention over values [V | w | 0…]: channel `head_dim` of the output is
+        Σₜ pₜ·wₜ per head. Query and key get zero channels to match (their dot products are
+        unchanged) so every head has one size, a multiple of 8, which fused kernels need."""
+        batch, heads, tokens, head_dim = value.shape
+        extra = 1 + (-(head_dim + 1)) % 8
+        column = weights.to(value.dtype)[:, None, :, None].expand(batch, heads, tokens, 1)
+        padding = value.new_zeros((batch, heads, tokens, extra - 1))
+        value = torch.cat([value, column, padding], dim=-1)
+        query = F.pad(query, (0, extra))
+        key = F.pad(key, (0, extra))
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        self._add_mass(out[..., head_dim].mean(dim=1))
+        return out[..., :head_dim]
+
+    def _add_mass(self, mass: torch.Tensor) -> None:
+        if self.shared is not None:
+            self.shared.masses.append(mass)
+        else:
+            assert self.capture is not None
+            self.capture.add_mass(mass)
+
 
 def is_cross_attention(processor_name: str) -> bool:
     # diffusers names SD's transformer-block attentions attn1 (self) and attn2 (cross).
     return processor_name.endswith("attn2.processor")
 
 
+def cross_attention_positions(
+    unet: UNet2DConditionModel, latent_size: tuple[int, int]
+) -> dict[str, int]:
+    """Query positions of every cross-attention layer for a latent of `latent_size`.
+
+    Down block i works at the latent size halved i times (rounding up, as a stride-2 conv
+    with padding 1 does), the mid block at the last down block's, up block j mirrors down
+    block n-1-j.
+    """
+    levels = len(unet.config.block_out_channels)
+    h, w = latent_size
+    sizes = []
+    for _ in range(levels):
+        sizes.append(h * w)
+        h, w = (h + 1) // 2, (w + 1) // 2
+    positions = {}
+    for name in unet.attn_processors:
+        if not is_cross_attention(name):
+            continue
+        block, _, rest = name.partition(".")
+        if block == "mid_block":
+            level = levels - 1
+        else:
+            index = int(rest.split(".", 1)[0])
+            level = index if block == "down_blocks" else levels - 1 - index
+        positions[name] = sizes[level]
+    return positions
+
+
+def finest_positions(
+    unet: UNet2DConditionModel, latent_size: tuple[int, int], resolutions: int
+) -> frozenset[int]:
+    """The `resolutions` finest query-position counts among the cross-attention layers:
+    the maps `coarse_masks` reads, so the only ones worth capturing."""
+    counts = set(cross_attention_positions(unet, latent_size).values())
+    return frozenset(sorted(counts, reverse=True)[:resolutions])
+
+
+def install_shared_capture(
+    unet: UNet2DConditionModel, *, mode: CaptureMode = "sdpa"
+) -> SharedCapture:
+    """Give the UNet capturing processors for good (a compiled UNet must keep its modules).
+
+    They capture into whatever `capturing_cross_attention` makes active, nothing otherwise;
+    the caller of the UNet brackets each call with the returned state's `begin` and `end`.
+    """
+    shared = SharedCapture()
+    processor = CapturingCrossAttnProcessor(mode=mode, shared=shared)
+    unet.set_attn_processor(
+        {
+            name: processor if is_cross_attention(name) else AttnProcessor2_0()
+            for name in unet.attn_processors
+        }
+    )
+    unet._aligndiff_shared_capture = shared  # type: ignore[assignment]
+    return shared
+
+
+def shared_capture(unet: UNet2DConditionModel) -> SharedCapture | None:
+    """The UNet's shared capture state, if `install_shared_capture` gave it one."""
+    shared = getattr(unet, "_aligndiff_shared_capture", None)
+    return shared if isinstance(shared, SharedCapture) else None
+
+
 @contextmanager
 def capturing_cross_attention(
-    unet: UNet2DConditionModel, capture: AttentionCapture
+    unet: UNet2DConditionModel, capture: AttentionCapture, *, mode: CaptureMode = "explicit"
 ) -> Iterator[AttentionCapture]:
-    """Install capturing processors on the UNet's cross-attention layers for a block of code.
+    """Capture the UNet's cross-attention into `capture` for a block of code.
 
-    Self-attention layers get the stock SDPA processor; the previous processors come back after.
+    Installs capturing processors on the cross-attention layers (self-attention gets the stock
+    SDPA processor), and the previous processors come back after. A UNet with shared
+    processors keeps them: `capture` is made the active one instead.
     """
+    shared = shared_capture(unet)
+    if shared is not None:
+        previous_capture, shared.capture = shared.capture, capture
+        try:
+            yield capture
+        finally:
+            shared.capture = previous_capture
+        return
     previous = dict(unet.attn_processors)
-    processor = CapturingCrossAttnProcessor(capture)
+    processor = CapturingCrossAttnProcessor(capture, mode=mode)
     unet.set_attn_processor(
         {name: processor if is_cross_attention(name) else AttnProcessor2_0() for name in previous}
     )

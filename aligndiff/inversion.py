@@ -189,9 +189,7 @@ class InversionObjective:
         noisy = model.scheduler.add_noise(latents, noise, timesteps)
         states = encode_prompts(model.text_encoder, self.tokens, embedding.to(model.dtype))
         states = states.expand(len(indices), -1, -1)
-        prediction = model.unet(
-            noisy.to(model.dtype), timesteps, encoder_hidden_states=states
-        ).sample
+        prediction = model.denoise(noisy.to(model.dtype), timesteps, states)
         if self.prediction_type == "v_prediction":
             target = model.scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -241,6 +239,9 @@ def invert(
         mask_threshold=config.mask_threshold,
     )
     objective = InversionObjective(model, data, class_name=class_name, lambda_bg=config.lambda_bg)
+    # The trained row is a float32 master copy whatever the model's dtype: it is cast to the
+    # model's dtype inside the loss, so AdamW's update (lr 5e-4 on entries near 0.01) does not
+    # round away in float16 or bfloat16.
     embedding = torch.nn.Parameter(initial_embedding(model).to(model.device))
     optimizer = torch.optim.AdamW(
         [embedding], lr=config.learning_rate, weight_decay=config.weight_decay
@@ -248,6 +249,9 @@ def invert(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.steps))
     )
+    # float16 gradients of one row underflow to zero: scale the loss up (dynamically; a step
+    # whose gradient overflowed is skipped). bfloat16 has float32's range and needs none.
+    scaler = torch.amp.GradScaler(model.device.type, enabled=model.dtype == torch.float16)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     num_train_timesteps = model.scheduler.config.num_train_timesteps
     shape = tuple(data.latent_mean.shape[1:])
@@ -268,9 +272,10 @@ def invert(
                 0, num_train_timesteps, (config.batch_size,), generator=generator
             )
             loss = objective.loss(embedding, indices, noise, timesteps, latent_noise)
-            (loss / config.gradient_accumulation).backward()
+            scaler.scale(loss / config.gradient_accumulation).backward()
             total += loss.item() / config.gradient_accumulation
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         result.losses.append(total)
         if progress is not None:

@@ -10,7 +10,7 @@ import numpy.typing as npt
 import torch
 from diffusers import DDIMScheduler
 
-from aligndiff.attention import AttentionCapture, capturing_cross_attention
+from aligndiff.attention import AttentionCapture, capturing_cross_attention, finest_positions
 from aligndiff.conditioning import encode_prompts
 from aligndiff.models.diffusion import DiffusionModel
 from aligndiff.prompts import SampleSpec, tokenize_prompts
@@ -136,27 +136,41 @@ class Sampler:
         scheduler = DDIMScheduler.from_config(model.scheduler.config)
         scheduler.set_timesteps(config.num_steps, device=model.device)
 
+        # NOTE: the latents and the scheduler's arithmetic stay float32 whatever the model's
+        # dtype: 50 DDIM updates in float16 would round the image away; only the UNet and VAE
+        # run in the model's dtype.
         latents = torch.cat([initial_noise(spec.seed, shape) for spec in specs])
-        latents = latents.to(model.device, model.dtype) * scheduler.init_noise_sigma
+        latents = latents.to(model.device) * scheduler.init_noise_sigma
         states = [self._prompt_state(spec.prompt) for spec in specs]
         cond = torch.stack([s for s, _ in states])
         name_weights = torch.stack([w for _, w in states])
         batch = len(specs)
         guided = config.guidance_scale > 1.0
         text = torch.cat([self._uncond.expand(batch, -1, -1), cond]) if guided else cond
-        capture = AttentionCapture(name_weights, conditional_offset=batch if guided else 0)
+        mode = model.acceleration.capture_attention
+        capture = AttentionCapture(
+            name_weights,
+            conditional_offset=batch if guided else 0,
+            # The fused mode captures only the maps `coarse_masks` reads.
+            positions=(
+                finest_positions(model.unet, latent_size, config.mask_resolutions)
+                if mode == "sdpa"
+                else None
+            ),
+        )
 
-        with capturing_cross_attention(model.unet, capture):
+        with capturing_cross_attention(model.unet, capture, mode=mode):
             for t in scheduler.timesteps:
                 unet_in = torch.cat([latents, latents]) if guided else latents
-                unet_in = scheduler.scale_model_input(unet_in, t)
-                noise = model.unet(unet_in, t, encoder_hidden_states=text).sample
+                unet_in = scheduler.scale_model_input(unet_in, t).to(model.dtype)
+                noise = model.denoise(unet_in, t, text).float()
                 if guided:
                     uncond_noise, cond_noise = noise.chunk(2)
                     noise = uncond_noise + config.guidance_scale * (cond_noise - uncond_noise)
                 latents = scheduler.step(noise, t, latents).prev_sample
 
-        decoded = model.vae.decode(latents / model.vae.config.scaling_factor).sample
+        scaled = (latents / model.vae.config.scaling_factor).to(model.dtype)
+        decoded = model.vae.decode(scaled).sample
         pixels = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         images = pixels.permute(0, 2, 3, 1).cpu().numpy()
         masks = capture.coarse_masks(

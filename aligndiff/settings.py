@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,7 +26,24 @@ class Settings(BaseSettings):
     fss_backbone: str = TINY
     model_cache_dir: Path = Field(default_factory=_default_cache_dir)
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "float32"  # UNet, VAE and text encoder; also "float16" or "bfloat16"
+
+    # The GPU fast path (aligndiff.acceleration). Every switch is off by default, so a CPU run is
+    # the plain eager float32 pipeline and its samples keep their bits.
+    channels_last: bool = False
+    # "explicit": captured cross-attention layers compute their probabilities (the reference);
+    # "sdpa": fused attention everywhere, the capture read from an extra value channel.
+    capture_attention: Literal["explicit", "sdpa"] = "explicit"
+    compile_unet: bool = False
+    # UNet batch sizes compiled once each; a batch is padded up to the nearest (JSON list).
+    compile_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    # Sampling batch size: unset keeps the model's default; "auto" fits free device memory
+    # (CUDA; elsewhere the default).
+    batch_size: int | Literal["auto"] | None = Field(default=None)
+    # Share of free device memory "auto" may plan to fill.
+    memory_fraction: float = Field(default=0.85, gt=0, le=1)
 
     @property
     def uses_tiny_models(self) -> bool:

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from aligndiff import __version__
+from aligndiff.acceleration import Acceleration, resolve_batch_size
 from aligndiff.annotation import AnnotationConfig, annotate
 from aligndiff.fss import FewShotSegmenter, PrototypeSegmenter
 from aligndiff.inversion import InversionConfig, InversionResult, invert, save_embedding
@@ -50,6 +51,22 @@ class SynthConfig:
             return cls(inversion=InversionConfig.tiny(), sampling=SamplingConfig.tiny())
         return cls()
 
+    @classmethod
+    def for_settings(cls, settings: Settings, diffusion: DiffusionModel) -> SynthConfig:
+        """`for_model`, with the sampling batch size of `settings` (`batch_size`: a number,
+        or "auto" to fit the free memory of `diffusion`'s device)."""
+        config = cls.for_model(settings.diffusion_model)
+        sampling = config.sampling
+        size = resolve_batch_size(
+            settings.batch_size,
+            configured=sampling.batch_size,
+            model=diffusion,
+            resolution=sampling.resolution or diffusion.default_resolution,
+            guided=sampling.guidance_scale > 1.0,
+            fraction=settings.memory_fraction,
+        )
+        return replace(config, sampling=replace(sampling, batch_size=size))
+
 
 @dataclass
 class Models:
@@ -72,13 +89,18 @@ class Models:
 def load_models(
     settings: Settings, *, device: str | None = None, dtype: str | None = None
 ) -> Models:
-    """Load the diffusion model, the FSS backbone and CLIP named by `settings`."""
+    """Load the diffusion model, the FSS backbone and CLIP named by `settings`; the
+    diffusion model is prepared with the settings' fast path (`Acceleration`)."""
     torch_device = device or settings.device
     torch_dtype = resolve_dtype(dtype or settings.dtype)
     cache = settings.model_cache_dir
     return Models(
         diffusion=load_diffusion_model(
-            settings.diffusion_model, device=torch_device, dtype=torch_dtype, cache_dir=cache
+            settings.diffusion_model,
+            device=torch_device,
+            dtype=torch_dtype,
+            cache_dir=cache,
+            acceleration=Acceleration.from_settings(settings),
         ),
         segmenter=PrototypeSegmenter(
             load_backbone(

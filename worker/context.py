@@ -56,6 +56,7 @@ class WorkerContext:
         self._queue: TaskQueue | None = self._given_queue
         self._storage: Storage | None = self._given_storage
         self._models: Models | None = self._given_models
+        self._config: SynthConfig | None = None
         self._segmenters: SegmenterCache | None = None
 
     def _own_process(self) -> None:
@@ -144,7 +145,13 @@ class WorkerContext:
     @property
     def config(self) -> SynthConfig:
         """Every stage's settings; the same on every worker of one model, so a sample's bits
-        do not depend on which worker drew it."""
+        do not depend on which worker drew it. A `batch_size` setting is applied once; "auto"
+        sizes from this worker's free device memory (then bits depend on the device)."""
         from aligndiff.synth import SynthConfig
 
-        return SynthConfig.for_model(self.settings.diffusion_model)
+        if self.settings.batch_size is None:
+            return SynthConfig.for_model(self.settings.diffusion_model)
+        self._own_process()
+        if self._config is None:
+            self._config = SynthConfig.for_settings(self.settings, self.models.diffusion)
+        return self._config

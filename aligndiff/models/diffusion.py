@@ -8,7 +8,8 @@ like any other checkpoint.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from aligndiff.acceleration import Acceleration, prepare
 from aligndiff.models.cache import cached_build
 from aligndiff.models.tokenizer import BOS, CONTEXT_LENGTH, EOS, write_tiny_tokenizer
 from aligndiff.settings import TINY
@@ -49,6 +51,19 @@ class DiffusionModel:
     model_id: str
     device: torch.device
     dtype: torch.dtype
+    acceleration: Acceleration = field(default_factory=Acceleration)
+    # The UNet as `denoise` runs it when it is not called directly (a compiled one, bucketed).
+    runner: Callable[[torch.Tensor, torch.Tensor | float, torch.Tensor], torch.Tensor] | None = None
+    # Device memory per sampled image, by (resolution, guided): measured once ("auto" batch).
+    image_bytes: dict[tuple[int, bool], int] = field(default_factory=dict)
+
+    def denoise(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float, states: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet's noise prediction for `sample` at `timestep` given text `states`."""
+        if self.runner is not None:
+            return self.runner(sample, timestep, states)
+        return self.unet(sample, timestep, encoder_hidden_states=states).sample
 
     @property
     def vae_scale_factor(self) -> int:
@@ -172,10 +187,12 @@ def load_diffusion_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
     cache_dir: Path,
+    acceleration: Acceleration | None = None,
 ) -> DiffusionModel:
     """Load a Stable Diffusion checkpoint (`tiny`, a local diffusers folder or a hub id).
 
-    Every module is frozen (eval mode, no gradients) and placed on `device` in `dtype`.
+    Every module is frozen (eval mode, no gradients) and placed on `device` in `dtype`;
+    `acceleration` (default: none) is applied last.
     """
     source = (
         str(cached_build(cache_dir, TINY_CACHE_NAME, save_tiny_diffusion)) if spec == TINY else spec
@@ -195,7 +212,7 @@ def load_diffusion_model(
         module.requires_grad_(False)
         module.eval()
         module.to(torch_device)  # type: ignore[arg-type]
-    return DiffusionModel(
+    model = DiffusionModel(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
@@ -205,3 +222,4 @@ def load_diffusion_model(
         device=torch_device,
         dtype=torch_dtype,
     )
+    return prepare(model, acceleration or Acceleration())
