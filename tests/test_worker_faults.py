@@ -17,6 +17,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import func, select, update
 
 from aligndiff.synth import Models
@@ -52,10 +53,12 @@ def broker(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 @pytest.fixture
 def workers() -> Iterator[list[WorkerProcess]]:
-    """Worker processes started by a test; whatever is left of them is stopped afterwards."""
+    """Worker processes started by a test; whatever is left of them is killed afterwards (a
+    warm shutdown takes seconds each, and the test has checked all it needs by then)."""
     started: list[WorkerProcess] = []
     yield started
     for worker in started:
+        worker.kill()
         worker.stop()
 
 
@@ -400,3 +403,37 @@ def test_a_starting_worker_takes_over_orphaned_jobs_only(tmp_path: Path) -> None
     for situation in ("running fine", "just queued", "finished"):
         job = service.job(ids[situation])
         assert (job.status, job.attempts) == (situations[situation]["status"], 1)
+
+
+class UnreachableBroker:
+    """A task queue whose broker does not answer."""
+
+    def enqueue(self, task_name: str, *args: object) -> None:
+        raise BrokerError(f"Error 111 connecting to the broker: cannot send {task_name}")
+
+
+def test_a_task_that_meets_an_outage_leaves_its_job_running_for_the_sweep(
+    tmp_path: Path, tiny_models: Models
+) -> None:
+    # given: a class ready to sample, and a worker whose broker is down
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'aligndiff.db'}",
+        broker_url="memory://",
+        storage_url=f"file://{tmp_path / 'blobs'}",
+    )
+    service = Service.create(settings)
+    created = create_class(service, DOG, name="dog", num_samples=2)
+    give_embedding(service, created.class_id, token_embedding(tiny_models, "<dog>"), "<dog>")
+    app = make_celery(settings, queue=UnreachableBroker(), models=tiny_models)
+    app.loader.import_default_modules()  # the task modules, as a worker imports them at start
+
+    # when: the job's start runs and cannot send its sampling tasks
+    result = app.tasks[synthesis.START].apply(args=[str(created.job_id)])
+
+    # then: the task failed, but the job did not: it stays running, its lease running out,
+    # for the sweep to resume once the broker answers
+    assert isinstance(result.result, BrokerError)
+    job = service.job(created.job_id)
+    assert (job.status, job.error, job.attempts) == ("running", None, 1)
+    assert job.lease_expires_at is not None
