@@ -25,7 +25,7 @@ from service.contexts.jobs import TERMINAL, retry
 from service.db import make_engine, make_session_factory
 from service.models import Base, Job, Owner, Sample, Shot, WorkerHeartbeat
 from service.settings import Settings
-from service.storage import LocalStorage, make_storage
+from service.storage import LocalStorage, StorageUnavailable, make_storage
 from tests.conftest import SHOTS_DIR
 from tests.fault_support import AWS_TEST_ENVIRONMENT, PrivateRedis, moto_server
 from tests.worker_support import (
@@ -412,10 +412,18 @@ class UnreachableBroker:
         raise BrokerError(f"Error 111 connecting to the broker: cannot send {task_name}")
 
 
+class UnreachableStore(LocalStorage):
+    """A blob store that stops answering reads."""
+
+    def get(self, key: str) -> bytes:
+        raise StorageUnavailable(f"could not connect to the endpoint to read {key}")
+
+
+@pytest.mark.parametrize("outage", ["broker", "blob store"])
 def test_a_task_that_meets_an_outage_leaves_its_job_running_for_the_sweep(
-    tmp_path: Path, tiny_models: Models
+    tmp_path: Path, tiny_models: Models, outage: str
 ) -> None:
-    # given: a class ready to sample, and a worker whose broker is down
+    # given: a class ready to sample, and a worker whose broker or blob store is down
     settings = Settings(
         data_dir=tmp_path,
         database_url=f"sqlite:///{tmp_path / 'aligndiff.db'}",
@@ -425,15 +433,22 @@ def test_a_task_that_meets_an_outage_leaves_its_job_running_for_the_sweep(
     service = Service.create(settings)
     created = create_class(service, DOG, name="dog", num_samples=2)
     give_embedding(service, created.class_id, token_embedding(tiny_models, "<dog>"), "<dog>")
-    app = make_celery(settings, queue=UnreachableBroker(), models=tiny_models)
-    app.loader.import_default_modules()  # the task modules, as a worker imports them at start
+    queue = InProcessQueue()
+    started = make_celery(settings, queue=queue, models=tiny_models)
+    started.loader.import_default_modules()  # the task modules, as a worker imports them
+    started.tasks[synthesis.START].apply(args=[str(created.job_id)], throw=True)
+    broken = {"queue": UnreachableBroker()} if outage == "broker" else {"queue": queue}
+    if outage == "blob store":
+        broken["storage"] = UnreachableStore(tmp_path / "blobs")
+    app = make_celery(settings, models=tiny_models, **broken)
 
-    # when: the job's start runs and cannot send its sampling tasks
-    result = app.tasks[synthesis.START].apply(args=[str(created.job_id)])
+    # when: the sampling task runs, and cannot send its next task or read its inputs
+    name, args = queue.pending.popleft()
+    result = app.tasks[name].apply(args=list(args))
 
     # then: the task failed, but the job did not: it stays running, its lease running out,
-    # for the sweep to resume once the broker answers
-    assert isinstance(result.result, BrokerError)
+    # for the sweep to resume once the outage is over
+    assert isinstance(result.result, BrokerError | StorageUnavailable)
     job = service.job(created.job_id)
     assert (job.status, job.error, job.attempts) == ("running", None, 1)
     assert job.lease_expires_at is not None
