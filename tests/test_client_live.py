@@ -12,12 +12,17 @@ import tarfile
 import uuid
 import zipfile
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
+from aligndiff.models.segmenters import load_segmenter
+from aligndiff.training import predict
 from aligndiff_client import ClassInfo, Client, shot_files
 from aligndiff_client.client import archive_suffix
 from tests.conftest import SHOTS_DIR
@@ -135,6 +140,37 @@ def test_an_interrupted_download_resumes_to_the_same_bytes(
     assert any("/dataset?" in line and " 206" in line for line in server.output), (
         "no ranged answer in the server's log"
     )
+
+
+# NOTE: before the command line's tests: the class one of them creates would keep serve's one
+# worker busy while this training waits.
+def test_a_trained_segmenter_predicts_on_the_worker_as_its_downloaded_weights_do(
+    server: Server, client: Client, dog: ClassInfo
+) -> None:
+    # when: a segmenter is trained on the class, waited for, and an image is sent to predict
+    # (the API hands it to serve's embedded worker)
+    queued = client.train([dog.id], steps=2, batch_size=2)
+    training = client.wait_training(
+        queued.id, timeout=JOB_TIMEOUT, poll_interval=0.5, progress=False
+    )
+    image = (SHOTS_DIR / "dog" / "1.jpg").read_bytes()
+    headers = {"Authorization": f"Bearer {server.admin_key}"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
+        predicted = http.post(
+            f"/v1/trainings/{training.id}/predict",
+            files={"image": ("dog.jpg", image, "image/jpeg")},
+        )
+        weights = http.get(f"/v1/trainings/{training.id}/weights")
+
+    # then: the worker's mask is what the downloaded weights predict in this process
+    assert training.status == "succeeded", training
+    assert predicted.status_code == 200, predicted.text
+    model, config = load_segmenter(weights.content)
+    decoded = np.asarray(Image.open(BytesIO(image)).convert("RGB"))
+    (expected,) = predict(model, [decoded], resolution=int(config["resolution"]))
+    assert np.array_equal(np.asarray(Image.open(BytesIO(predicted.content))), expected)
+    # and: the API process (serve itself, not its worker) has no torch loaded
+    assert "libtorch" not in Path(f"/proc/{server.process.pid}/maps").read_text()
 
 
 def test_the_command_line_creates_and_shows_a_class(server: Server, dog: ClassInfo) -> None:

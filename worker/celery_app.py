@@ -12,9 +12,9 @@ from worker.context import WorkerContext
 
 TASK_MODULES = ["worker.tasks"]
 
-# The queues every worker consumes (unless started with `--queues`): the jobs' tasks, and the
-# predictions the API waits on, which get a queue of their own so that they are not served
-# after every sampling chunk already queued.
+# The queues every worker consumes: the jobs' tasks, and the predictions the API waits on,
+# which get a queue of their own so that they are not served after every sampling chunk
+# already queued.
 JOBS_QUEUE = "aligndiff"
 PREDICT_QUEUE = "aligndiff.predict"
 PREDICT_TASK = "aligndiff.training.predict"
