@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import socket
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -203,7 +202,7 @@ def test_a_task_delivered_again_while_it_runs_does_its_work_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # given: blobs in S3 with versioning on (every write of a key leaves a version), a class of
-    # 6 samples drawn by one chunk task, a visibility timeout of 1 s, and two workers
+    # 8 samples drawn by one chunk task, and two workers
     for name, value in AWS_TEST_ENVIRONMENT.items():
         monkeypatch.setenv(name, value)
     with moto_server() as endpoint:
@@ -216,9 +215,8 @@ def test_a_task_delivered_again_while_it_runs_does_its_work_once(
             broker_url=broker.url,
             storage_url="s3://blobs/aligndiff",
             s3_endpoint_url=endpoint,
-            sample_chunk_size=6,
-            annotation_chunk_size=6,
-            task_visibility_timeout=1,
+            sample_chunk_size=8,
+            annotation_chunk_size=8,
         )
         engine = make_engine(postgres_url)
         Base.metadata.create_all(engine)
@@ -227,7 +225,7 @@ def test_a_task_delivered_again_while_it_runs_does_its_work_once(
             make_session_factory(engine),
             make_storage(settings.resolved_storage_url, endpoint_url=endpoint),
         )
-        created = create_class(service, DOG, name="dog", num_samples=6)
+        created = create_class(service, DOG, name="dog", num_samples=8)
         give_embedding(service, created.class_id, token_embedding(tiny_models, "<dog>"), "<dog>")
         env = worker_env(settings, model_cache, ALIGNDIFF_S3_ENDPOINT_URL=endpoint)
         log = tmp_path / "worker.log"
@@ -242,25 +240,30 @@ def test_a_task_delivered_again_while_it_runs_does_its_work_once(
             log=log,
         )
 
-        # when: the chunk runs past the visibility timeout, and Redis hands its message out
-        # again (kombu's restore of overdue unacknowledged messages, as any consumer runs it)
-        time.sleep(1.5)
-        assert len(service.samples(created.class_id)) < 6, "the chunk ended too soon to race"
-        with app.connection_for_read() as connection:
+        # when: mid-chunk (its first samples stored), the visibility timeout runs out and Redis
+        # hands the message out again: kombu's restore of overdue unacknowledged messages, as
+        # a consumer with a visibility timeout of 0 s runs it
+        wait_for(
+            lambda: service.samples(created.class_id),
+            timeout=60,
+            what="the first samples",
+            log=log,
+        )
+        overdue = {"visibility_timeout": 0}
+        with app.connection_for_read(transport_options=overdue) as connection:
             connection.default_channel.qos.restore_visible(num=100, interval=1)
 
         # then: the other worker gets the message while the first still draws, and does not
         # run it
-        wait_for(
-            lambda: f"({task_id}) was delivered again: not run" in log.read_text(errors="replace"),
-            timeout=30,
-            what="the redelivery",
-            log=log,
-        )
-        # and: the job succeeds once, on its first attempt, with 6 samples
+        dropped = f"({task_id}) was delivered again: not run"
+        done = f"sample_chunk[{task_id}] succeeded"
+        wait_for(lambda: dropped in log.read_text(errors="replace"), timeout=30, what="it", log=log)
+        # and: the job succeeds once, on its first attempt, with 8 samples
         job = wait_for_end(service, created.job_id, timeout=120, log=log)
         assert (job.status, job.attempts) == ("succeeded", 1), job.error
-        assert [s.index for s in service.samples(created.class_id)] == list(range(6))
+        assert [s.index for s in service.samples(created.class_id)] == list(range(8))
+        text = log.read_text(errors="replace")
+        assert text.index(dropped) < text.index(done), "the first delivery had ended: no race"
         # and: no blob was written twice: each sample was drawn, annotated and scored once
         versions = Counter(
             version["Key"]
@@ -269,7 +272,7 @@ def test_a_task_delivered_again_while_it_runs_does_its_work_once(
         )
         engine.dispose()
     sample_blobs = [key for key in versions if "/samples/" in key]
-    assert len(sample_blobs) == 6 * 3  # image, coarse mask, mask
+    assert len(sample_blobs) == 8 * 3  # image, coarse mask, mask
     assert set(versions.values()) == {1}, [key for key, n in versions.items() if n > 1]
 
 
