@@ -83,11 +83,25 @@ def worker(
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Worker processes.")] = 1,
     pool: Annotated[str, typer.Option("--pool", help="solo or prefork.")] = "solo",
     loglevel: Annotated[str, typer.Option("--loglevel")] = "info",
+    queues: Annotated[
+        str,
+        typer.Option(
+            "--queues",
+            help="Comma-separated: aligndiff (jobs), aligndiff.predict (predictions). "
+            "Default: both.",
+        ),
+    ] = "",
 ) -> None:
     """Run a Celery worker (GPU work). Run one per GPU."""
     from worker.main import run_worker
 
-    run_worker(Settings(), concurrency=concurrency, pool=pool, loglevel=loglevel)
+    run_worker(
+        Settings(),
+        concurrency=concurrency,
+        pool=pool,
+        loglevel=loglevel,
+        queues=[queue for queue in queues.split(",") if queue],
+    )
 
 
 @app.command()

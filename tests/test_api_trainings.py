@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 from sqlalchemy import func, select
 
@@ -27,7 +28,7 @@ from service.settings import Settings
 from service.storage import LocalStorage, training_key
 from tests.api_support import Api, ApiFactory, add_class, box_mask, encode, get_job_row, photo
 from tests.worker_support import Service, WorkerProcess, private_redis, worker_env
-from worker.celery_app import make_celery
+from worker.celery_app import JOBS_QUEUE, PREDICT_QUEUE, make_celery
 
 pytest_plugins = ["tests.api_support"]
 
@@ -37,8 +38,8 @@ RESOLUTION = 32
 
 @dataclass(frozen=True)
 class PredictWorker:
-    """A real worker process on a Redis of the module's own (broker and result backend),
-    reading blobs from `blobs`."""
+    """A real worker process that serves predictions only (`--queues aligndiff.predict`), on
+    a Redis of the module's own (broker and result backend), reading blobs from `blobs`."""
 
     redis_url: str
     blobs: Path
@@ -60,7 +61,11 @@ def predict_worker(
         )
         Service.create(settings)  # the tables its start-up sweep for orphaned jobs reads
         process = WorkerProcess(
-            worker_env(settings, model_cache), folder / "worker.log", pool="solo", concurrency=1
+            worker_env(settings, model_cache),
+            folder / "worker.log",
+            pool="solo",
+            concurrency=1,
+            queues=PREDICT_QUEUE,
         )
         try:
             yield PredictWorker(redis_url, folder / "blobs", process)
@@ -544,6 +549,30 @@ def test_predict_refuses_what_is_not_an_image(api: Api, model_cache: Path) -> No
     assert missing.status_code == 422
     # and: none of them reached a worker
     assert api.queue.sent == []
+
+
+def test_a_prediction_only_worker_answers_while_it_leaves_the_jobs_tasks_queued(
+    worker_api: Api, model_cache: Path
+) -> None:
+    # given: a training queued (its task sent to the jobs' queue on the worker's Redis) and a
+    # succeeded one
+    api = worker_api
+    dog = finished_class(api)
+    queued = api.alice.post("/v1/trainings", json=body(dog))
+    training_id = trained(api, model_cache, [dog])
+
+    # when: an image is sent to predict with the succeeded one
+    predicted = api.alice.post(
+        f"/v1/trainings/{training_id}/predict",
+        files={"image": ("a.png", encode(photo()), "image/png")},
+    )
+
+    # then: the worker answered, and left the job's task to the workers of the jobs' queue
+    assert queued.status_code == 202 and predicted.status_code == 200, predicted.text
+    broker = redis.Redis.from_url(api.settings.resolved_broker_url)
+    assert broker.llen(JOBS_QUEUE) == 1
+    broker.delete(JOBS_QUEUE)
+    broker.close()
 
 
 def test_a_worker_that_fails_to_predict_answers_a_problem_naming_the_error(

@@ -265,12 +265,14 @@ def _pings(client: Any) -> bool:
 class WorkerProcess:
     """`python -m worker.main` in its own process group, logging to a file."""
 
-    def __init__(self, env: dict[str, str], log: Path, *, pool: str, concurrency: int) -> None:
+    def __init__(
+        self, env: dict[str, str], log: Path, *, pool: str, concurrency: int, queues: str = ""
+    ) -> None:
         self.log = log
         self._log_handle = log.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "worker.main", f"--pool={pool}",
-             f"--concurrency={concurrency}", "--loglevel=INFO"],
+             f"--concurrency={concurrency}", "--loglevel=INFO", f"--queues={queues}"],
             env=env,
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,

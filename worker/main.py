@@ -5,17 +5,24 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+from collections.abc import Sequence
 
 from service.settings import Settings
-from worker.celery_app import make_celery
+from worker.celery_app import JOBS_QUEUE, PREDICT_QUEUE, make_celery
 from worker.heartbeat import install_heartbeat
 from worker.recovery import install_sweeper
 
 POOLS = ("solo", "prefork")
+QUEUES = (JOBS_QUEUE, PREDICT_QUEUE)
 
 
 def run_worker(
-    settings: Settings, *, concurrency: int = 1, pool: str = "solo", loglevel: str = "INFO"
+    settings: Settings,
+    *,
+    concurrency: int = 1,
+    pool: str = "solo",
+    loglevel: str = "INFO",
+    queues: Sequence[str] = (),
 ) -> None:
     """Run a Celery worker on the configured broker until it is stopped (blocks; it installs
     signal handlers, so call it from a process's main thread).
@@ -24,11 +31,17 @@ def run_worker(
     embedded SQLite setup too); `prefork` forks `concurrency` children, each loading the models
     once, on its first task. The worker sweeps when it starts and then periodically
     (`worker.recovery`). Every process that runs tasks writes a heartbeat (`worker.heartbeat`).
+
+    It consumes every queue in `QUEUES`, or only `queues`: `["aligndiff.predict"]` makes a
+    worker that serves predictions only, so that they never wait for a job's task.
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    unknown = sorted(set(queues) - set(QUEUES))
+    if unknown:
+        raise ValueError(f"unknown queues {unknown}: choose among {list(QUEUES)}")
     app = make_celery(settings)
     install_heartbeat(app)
     install_sweeper(app)
@@ -44,6 +57,7 @@ def run_worker(
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
+            *([f"--queues={','.join(queues)}"] if queues else []),
         ]
     )
 
@@ -56,8 +70,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--pool", choices=POOLS, default="solo")
     parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument(
+        "--queues", default="", help=f"comma-separated, among {', '.join(QUEUES)}; default all"
+    )
     args = parser.parse_args(argv)
-    run_worker(Settings(), concurrency=args.concurrency, pool=args.pool, loglevel=args.loglevel)
+    run_worker(
+        Settings(),
+        concurrency=args.concurrency,
+        pool=args.pool,
+        loglevel=args.loglevel,
+        queues=[queue for queue in args.queues.split(",") if queue],
+    )
 
 
 if __name__ == "__main__":
