@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
 
 
 def make_engine(url: str, *, pool_size: int = 32) -> Engine:
@@ -31,6 +35,18 @@ def make_engine(url: str, *, pool_size: int = 32) -> Engine:
     # fails its request once with OperationalError (answered 503); SQLAlchemy then discards
     # the whole pool and the next requests reconnect by themselves.
     return create_engine(url, pool_size=pool_size, max_overflow=8, pool_recycle=1800)
+
+
+def close_session(session: Session) -> None:
+    """Close a request's session once its answer is on its way. A connection the database
+    dropped meanwhile (it restarted) fails the closing ROLLBACK: it is discarded and logged,
+    never raised into a response that has already started."""
+    try:
+        session.close()
+    except SQLAlchemyError as error:
+        log.warning("discarding a database connection that failed to close: %s", error)
+        with suppress(SQLAlchemyError):
+            session.invalidate()
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

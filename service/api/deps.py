@@ -14,6 +14,7 @@ from fastapi import Depends, Header, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.auth import Principal, authenticate_cached
+from service.db import close_session
 from service.metrics import Metrics
 from service.pagination import MAX_LIMIT
 from service.problems import Problem
@@ -31,7 +32,7 @@ def get_session(request: Request) -> Iterator[Session]:
     try:
         yield session
     finally:
-        session.close()
+        close_session(session)
 
 
 async def get_session_factory(request: Request) -> sessionmaker[Session]:
