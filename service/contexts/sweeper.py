@@ -145,6 +145,11 @@ def sweep(
         now=moment,
         dry_run=dry_run,
     )
+    with sessions() as session:
+        report.expired_idempotency_records = expire_idempotency_records(
+            session, ttl_seconds=settings.idempotency_ttl_seconds, now=moment, dry_run=dry_run
+        )
+    # NOTE: last, as it raises while the blob store is down (the next pass tries again).
     if blobs:
         report.orphaned_blobs = remove_orphaned_blobs(
             sessions=sessions,
@@ -152,10 +157,6 @@ def sweep(
             grace_seconds=settings.orphan_grace_seconds,
             now=moment,
             dry_run=dry_run,
-        )
-    with sessions() as session:
-        report.expired_idempotency_records = expire_idempotency_records(
-            session, ttl_seconds=settings.idempotency_ttl_seconds, now=moment, dry_run=dry_run
         )
     return report
 
