@@ -95,8 +95,9 @@ def _cross_site_form_post(page: Any, target: str) -> int:
 
 
 def test_an_admin_signs_in_watches_a_job_advance_and_cancels_it(page: Any, server: Server) -> None:
-    # given a class big enough to run for a while
-    created = create_class(server, name="busy dog", num_samples=48)
+    # given a class big enough to run for minutes (48 samples took under a minute on a quiet
+    # machine: the job ended before the test could cancel it); it is cancelled long before
+    created = create_class(server, name="busy dog", num_samples=600)
     job_id = created["job_id"]
 
     # when the admin signs in through the form
