@@ -163,10 +163,15 @@ def main() -> None:
             upload_script(body, scripts["upload"])
             wrk_script(class_id, args.samples, scripts["list"])
             blob_script(ids, scripts["blob"])
+            # A kind given 0 connections is left out (to measure the others without it).
             connections = {
-                "upload": args.upload_connections,
-                "list": args.list_connections,
-                "blob": args.blob_connections,
+                name: count
+                for name, count in (
+                    ("upload", args.upload_connections),
+                    ("list", args.list_connections),
+                    ("blob", args.blob_connections),
+                )
+                if count > 0
             }
             with (
                 api_server(url, args.api_workers, data_dir=scratch / "data", env=env) as api,
@@ -176,7 +181,7 @@ def main() -> None:
                     name: pool.submit(
                         run_wrk, api, key, scripts[name], connections[name], args.duration
                     )
-                    for name in scripts
+                    for name in connections
                 }
                 results = {name: run.result() for name, run in runs.items()}
             classes, queued = count_uploads(url, class_id)
@@ -189,14 +194,25 @@ def main() -> None:
         "list": "GET /v1/classes/{id}/samples",
         "blob": "GET /v1/samples/{id}/image (512² PNG)",
     }
-    rows = [[labels[name], connections[name], *results[name].values()] for name in scripts]
-    total = sum(float(results[name]["requests/s"]) for name in scripts)
+    rows = [[labels[name], connections[name], *results[name].values()] for name in results]
+    total = sum(float(results[name]["requests/s"]) for name in results)
     table = markdown_table(
-        ["requests", "connections", "p50", "p90", "p99", "count", "requests/s", "non-2xx / errors"],
+        [
+            "requests",
+            "connections",
+            "p50",
+            "p90",
+            "p95",
+            "p99",
+            "count",
+            "requests/s",
+            "non-2xx / errors",
+        ],
         rows,
     )
     print(table)
-    accepted = int(results["upload"]["requests"]) - int(results["upload"]["errors"].split()[0])
+    uploads = results.get("upload", {"requests": "0", "errors": "0"})
+    accepted = int(uploads["requests"]) - int(uploads["errors"].split()[0])
     consistency = (
         f"{accepted} uploads were answered 202; the database holds {classes} new classes and "
         f"{queued} queued jobs for them (one each per accepted upload; wrk stops mid-request "
