@@ -12,7 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
@@ -21,7 +21,7 @@ from service.contexts import sweeper
 from service.db import session_scope
 from service.models import IdempotencyRecord, Job, Sample, SegClass, Training, utcnow
 from service.queue import RecordingQueue
-from service.storage import class_key, sample_key, shot_key, training_key
+from service.storage import class_key, class_prefix, sample_key, shot_key, training_key
 from tests.api_support import Api, add_class, add_embedding, add_sample, set_job
 
 pytest_plugins = ["tests.api_support"]
@@ -109,6 +109,54 @@ def test_orphaned_blobs_go_once_old_and_nothing_referenced_or_in_flight_does(api
     assert api.alice.get(f"/v1/samples/{first}/image").status_code == 200
     # and: a second sweep finds nothing more
     assert sweeper.remove_orphaned_blobs(**sweep, now=later) == []  # type: ignore[arg-type]
+
+
+def test_thumbnails_of_samples_that_no_longer_exist_go_once_old(api: Api) -> None:
+    # given: a finished class whose samples 0 and 1 the dashboard drew at both sizes, and a
+    # shot thumbnail; then sample 1's row and blobs go (as removed by hand, or by a fault)
+    done, _ = add_class(api, owner_id=api.alice_id, status="succeeded")
+    kept_sample = add_sample(api, done, 0)
+    removed_sample = add_sample(api, done, 1)
+    for sample_id in (kept_sample, removed_sample):
+        for size in (128, 512):
+            url = f"/admin/samples/{sample_id}/thumbnail?size={size}"
+            assert api.admin.get(url).status_code == 200
+    shot_thumbnail = class_key(done, "thumbnails/shot-00-128.jpg")
+    put(api, shot_thumbnail)
+    with api.session() as session:
+        session.execute(delete(Sample).where(Sample.id == removed_sample))
+        session.commit()
+    api.storage.delete_prefix(f"{class_prefix(done)}samples/00001/")
+    # ... and a running class with a thumbnail at an index its job is drawing again
+    running, _ = add_class(api, owner_id=api.bob_id, status="running")
+    in_flight = class_key(running, "thumbnails/sample-00003-128.jpg")
+    put(api, in_flight)
+    everything = set(api.blobs())
+    stale = [
+        class_key(done, "thumbnails/sample-00001-128.jpg"),
+        class_key(done, "thumbnails/sample-00001-512.jpg"),
+    ]
+    assert set(stale) <= everything
+    sweep = {"sessions": sessions_of(api), "storage": api.storage, "grace_seconds": 3600}
+
+    # when: the sweeper runs while the thumbnails are younger than the grace period
+    # then: none goes
+    assert sweeper.remove_orphaned_blobs(**sweep) == []  # type: ignore[arg-type]
+    assert set(api.blobs()) == everything
+
+    # when: it runs two hours on
+    removed = sweeper.remove_orphaned_blobs(**sweep, now=utcnow() + 2 * HOUR)  # type: ignore[arg-type]
+
+    # then: exactly the removed sample's thumbnails are gone; the existing sample's, the
+    # shot's and the running class's stay
+    assert sorted(removed) == sorted(stale)
+    assert set(api.blobs()) == everything - set(stale)
+    assert api.admin.get(f"/admin/samples/{kept_sample}/thumbnail?size=128").status_code == 200
+    assert set(api.blobs(f"{class_prefix(done)}thumbnails/")) == {
+        class_key(done, "thumbnails/sample-00000-128.jpg"),
+        class_key(done, "thumbnails/sample-00000-512.jpg"),
+        shot_thumbnail,
+    }
 
 
 def test_unfinished_samples_go_only_after_their_failed_job_s_retention(api: Api) -> None:

@@ -18,9 +18,10 @@ What counts as stale, precisely:
   rows and their blobs go (a later retry draws them again, bit for bit).
 - **Orphaned blobs**, written more than `orphan_grace_seconds` ago: under `classes/<id>/` when
   class <id> does not exist, under `trainings/<id>/` when training <id> does not exist, and under
-  `classes/<id>/samples/<n>/` when the class has no sample n and its job is not active. Every
-  blob is written before the row that names it, so a younger blob may belong to work in flight
-  and is never touched; nor is any key outside these layouts.
+  `classes/<id>/samples/<n>/` (and the dashboard's thumbnails of sample n,
+  `classes/<id>/thumbnails/sample-<n>-<size>.jpg`) when the class has no sample n and its job
+  is not active. Every blob is written before the row that names it, so a younger blob may
+  belong to work in flight and is never touched; nor is any key outside these layouts.
 - **Idempotency records** older than `idempotency_ttl_seconds`: a repeat after that is new work.
 """
 
@@ -40,6 +41,7 @@ from sqlalchemy.orm import Session
 
 from service.contexts import jobs
 from service.contexts.job_control import START_TASKS
+from service.contexts.thumbnails import thumbnail_sample_index
 from service.models import IdempotencyRecord, Job, Sample, SegClass, Training, utcnow
 from service.queue import TaskQueue
 from service.settings import Settings
@@ -418,11 +420,11 @@ def _class_orphans(session: Session, class_id: uuid.UUID, blobs: Iterable[BlobIn
 
 
 def _sample_index(class_id: uuid.UUID, key: str) -> int | None:
-    """n for a key under `classes/<id>/samples/<n>/`, else None."""
+    """n for a key under `classes/<id>/samples/<n>/` or of a thumbnail of sample n, else None."""
     rest = key.removeprefix(class_prefix(class_id)).split("/")
     if len(rest) >= 3 and rest[0] == "samples" and rest[1].isdigit():
         return int(rest[1])
-    return None
+    return thumbnail_sample_index(class_id, key)
 
 
 def _training_orphans(

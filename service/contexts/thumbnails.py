@@ -8,6 +8,7 @@ have one: their image and mask never change afterwards.
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from dataclasses import dataclass
 from io import BytesIO
@@ -26,6 +27,7 @@ SIZES = (128, 512)
 JPEG = "image/jpeg"
 OVERLAY_RGB = np.array([255, 40, 150], dtype=np.float32)
 OVERLAY_ALPHA = 0.45
+_SAMPLE_THUMBNAIL = re.compile(r"thumbnails/sample-(\d+)-\d+\.jpg")
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,20 @@ def sample_thumbnail(
     ).scalar_one_or_none()
     if sample is None or sample.mask_key is None:
         raise not_found("sample")
-    key = class_key(sample.class_id, f"thumbnails/sample-{sample.index:05d}-{size}.jpg")
+    key = sample_thumbnail_key(sample.class_id, sample.index, size)
     return _cached(session, storage, sample.class_id, key, sample.image_key, sample.mask_key, size)
+
+
+def sample_thumbnail_key(class_id: uuid.UUID, index: int, size: int) -> str:
+    """Where the thumbnail of `size` px of sample `index` is kept (named by the sample's index,
+    as its blobs are)."""
+    return class_key(class_id, f"thumbnails/sample-{index:05d}-{size}.jpg")
+
+
+def thumbnail_sample_index(class_id: uuid.UUID, key: str) -> int | None:
+    """n for the key of a thumbnail of class `class_id`'s sample n, else None."""
+    found = _SAMPLE_THUMBNAIL.fullmatch(key.removeprefix(class_key(class_id, "")))
+    return int(found.group(1)) if found is not None else None
 
 
 def shot_thumbnail(
