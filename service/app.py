@@ -42,6 +42,7 @@ def create_app(
         settings.resolved_storage_url,
         endpoint_url=settings.s3_endpoint_url,
         region=settings.s3_region,
+        public_endpoint_url=settings.s3_public_endpoint_url,
     )
     if queue is None:
         from service.queue import CeleryQueue

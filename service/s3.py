@@ -73,6 +73,7 @@ class S3Storage:
         prefix: str = "",
         endpoint_url: str | None = None,
         region: str = "us-east-1",
+        public_endpoint_url: str | None = None,
     ) -> None:
         if not bucket:
             raise ValueError("an S3 bucket name is required")
@@ -80,11 +81,25 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = f"{validate_key(prefix)}/" if prefix else ""
         self.endpoint_url = endpoint_url
+        self.public_endpoint_url = public_endpoint_url or endpoint_url
         self.region = region
         # A session of our own: creating clients from boto3's default session is not thread-safe.
-        self._client: Any = boto3.session.Session().client(
+        session = boto3.session.Session()
+        self._client: Any = session.client(
             "s3", endpoint_url=endpoint_url, region_name=region, config=CLIENT_CONFIG
         )
+        # Clients may know the store by another name than the service does (compose's
+        # http://minio:9000 resolves only inside its network). SigV4 signs the Host, so a URL
+        # for them must be signed for their name, not rewritten afterwards: a second client,
+        # used only to presign, which is computed locally and sends nothing.
+        self._presign_client: Any = self._client
+        if self.public_endpoint_url != endpoint_url:
+            self._presign_client = session.client(
+                "s3",
+                endpoint_url=self.public_endpoint_url,
+                region_name=region,
+                config=CLIENT_CONFIG,
+            )
 
     def _full_key(self, key: str) -> str:
         return self.prefix + validate_key(key)
@@ -193,7 +208,7 @@ class S3Storage:
     def presigned_url(self, key: str, *, expires_seconds: int) -> str | None:
         full_key = self._full_key(key)
         with _translated():
-            url = self._client.generate_presigned_url(
+            url = self._presign_client.generate_presigned_url(
                 "get_object",
                 Params={"Bucket": self.bucket, "Key": full_key},
                 ExpiresIn=expires_seconds,

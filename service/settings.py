@@ -29,6 +29,9 @@ class Settings(CoreSettings):
     result_backend_url: str | None = None
     storage_url: str | None = None
     s3_endpoint_url: str | None = None
+    # Where clients reach the S3 store, when not at `s3_endpoint_url` (e.g. a name only the
+    # containers resolve): presigned download URLs are signed for it. Unset: the same.
+    s3_public_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     presign_seconds: int = 900
     # How long a process trusts a key it verified (a revoked key works that much longer there).

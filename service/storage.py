@@ -214,9 +214,14 @@ class LocalStorage:
 
 
 def make_storage(
-    url: str, *, endpoint_url: str | None = None, region: str = "us-east-1"
+    url: str,
+    *,
+    endpoint_url: str | None = None,
+    region: str = "us-east-1",
+    public_endpoint_url: str | None = None,
 ) -> Storage:
-    """`file:///path` → LocalStorage; `s3://bucket/prefix` → S3Storage."""
+    """`file:///path` → LocalStorage; `s3://bucket/prefix` → S3Storage, whose presigned URLs
+    name `public_endpoint_url` when given (else `endpoint_url`)."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         # `file://data/blobs` (a relative folder) parses as host "data", path "/blobs": keep
@@ -231,5 +236,6 @@ def make_storage(
             prefix=parsed.path.lstrip("/"),
             endpoint_url=endpoint_url,
             region=region,
+            public_endpoint_url=public_endpoint_url,
         )
     raise ValueError(f"unsupported storage URL {url!r}: use file://… or s3://bucket/prefix")

@@ -512,6 +512,10 @@ def test_health_checks_and_addresses_use_the_ports_the_services_listen_on() -> N
     assert any(
         interpolate(port, env).endswith(f":{minio_port}") for port in services["minio"]["ports"]
     )
+    # Presigned URLs name the public endpoint: MinIO's published host port, not compose's name.
+    public = urlparse(api_env["ALIGNDIFF_S3_PUBLIC_ENDPOINT_URL"])
+    published = {interpolate(port, env) for port in services["minio"]["ports"]}
+    assert public.hostname != "minio" and f"{public.port}:{minio_port}" in published
 
 
 def test_minio_setup_makes_the_bucket_and_the_user_the_service_uses() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import socket
 import subprocess
@@ -12,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import boto3
 import httpx
@@ -29,6 +32,9 @@ from service.storage import (
     sample_key,
     shot_key,
 )
+from tests.api_support import ApiFactory, add_class, add_sample
+
+pytest_plugins = ["tests.api_support"]
 
 # Every S3 storage under test keeps its blobs below this prefix, as a shared bucket would.
 S3_PREFIX = "team/blobs"
@@ -378,6 +384,110 @@ def test_s3_presigned_url_serves_the_bytes_over_plain_http(s3_storage: S3Storage
     assert response.status_code == 200
     assert response.content == b"\x89PNG bytes"
     assert response.headers["content-type"] == "image/png"
+
+
+def _public_name(internal_endpoint: str) -> str:
+    """The same moto server under another loopback name, as clients outside compose's network
+    reach MinIO by another name than the containers do."""
+    return internal_endpoint.replace("//127.0.0.1:", "//localhost:")
+
+
+def _signature_matches(url: str, secret: str = "testing") -> bool:
+    """Whether a presigned URL's SigV4 query signature is valid for the host it names: the
+    check S3 makes on the request it receives (moto's server skips it)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    params = dict(query)
+    canonical_query = "&".join(
+        f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
+        for k, v in sorted(query)
+        if k != "X-Amz-Signature"
+    )
+    canonical_request = "\n".join(
+        ["GET", parts.path, canonical_query, f"host:{parts.netloc}", "", "host", "UNSIGNED-PAYLOAD"]
+    )
+    scope = params["X-Amz-Credential"].split("/", 1)[1]
+    date, region, service, _ = scope.split("/")
+    string_to_sign = "\n".join(
+        [
+            "AWS4-HMAC-SHA256",
+            params["X-Amz-Date"],
+            scope,
+            hashlib.sha256(canonical_request.encode()).hexdigest(),
+        ]
+    )
+    key = f"AWS4{secret}".encode()
+    for part in (date, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(signature, params["X-Amz-Signature"])
+
+
+def test_s3_presigned_url_names_the_public_endpoint_and_is_signed_for_it(
+    s3_endpoint: str, bucket: str
+) -> None:
+    public = _public_name(s3_endpoint)
+    store = S3Storage(
+        bucket, prefix=S3_PREFIX, endpoint_url=s3_endpoint, public_endpoint_url=public
+    )
+    store.put("classes/a/image.png", b"\x89PNG bytes", content_type="image/png")
+
+    url = store.presigned_url("classes/a/image.png", expires_seconds=60)
+
+    assert url is not None
+    assert url.startswith(f"{public}/{bucket}/{S3_PREFIX}/classes/a/image.png?")
+    assert _signature_matches(url)
+    # The same URL with its host rewritten afterwards would be refused by S3: the Host is signed.
+    assert not _signature_matches(url.replace(public, s3_endpoint))
+    response = httpx.get(url)
+    assert response.status_code == 200
+    assert response.content == b"\x89PNG bytes"
+
+
+def test_s3_public_endpoint_is_used_only_for_presigned_urls(s3_endpoint: str, bucket: str) -> None:
+    # Nothing listens there: the store's own calls must go to the internal endpoint.
+    unreachable = _closed_port_url()
+    store = S3Storage(bucket, endpoint_url=s3_endpoint, public_endpoint_url=unreachable)
+
+    store.check()
+    store.put("classes/a/image.png", b"x", content_type="image/png")
+    assert store.get("classes/a/image.png") == b"x"
+    url = store.presigned_url("classes/a/image.png", expires_seconds=60)
+
+    assert url is not None and url.startswith(f"{unreachable}/{bucket}/classes/a/image.png?")
+    assert _signature_matches(url)
+
+
+def test_s3_presigned_url_without_a_public_endpoint_names_the_endpoint(
+    s3_storage: S3Storage,
+) -> None:
+    url = s3_storage.presigned_url("classes/a/image.png", expires_seconds=60)
+
+    assert url is not None and url.startswith(f"{s3_storage.endpoint_url}/")
+    assert _signature_matches(url)
+
+
+def test_sample_image_redirects_to_the_public_s3_endpoint(
+    make_api: ApiFactory, s3_endpoint: str, bucket: str
+) -> None:
+    public = _public_name(s3_endpoint)
+    api = make_api(
+        storage_url=f"s3://{bucket}/{S3_PREFIX}",
+        s3_endpoint_url=s3_endpoint,
+        s3_public_endpoint_url=public,
+    )
+    class_id, _ = add_class(api, owner_id=api.alice_id)
+    sample_id = add_sample(api, class_id, 2)
+
+    response = api.alice.get(f"/v1/samples/{sample_id}/image", follow_redirects=False)
+
+    assert response.status_code == 307
+    location = response.headers["location"]
+    assert location.startswith(f"{public}/{bucket}/{S3_PREFIX}/classes/{class_id}/samples/")
+    assert _signature_matches(location)
+    image = httpx.get(location)
+    assert image.status_code == 200
+    assert image.content == api.storage.get(sample_key(class_id, 2, "image.png"))
 
 
 def test_s3_check_fails_fast_when_the_endpoint_is_down(aws_environment: None) -> None:
