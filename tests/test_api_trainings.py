@@ -5,6 +5,7 @@ download and prediction."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 import zipfile
@@ -22,6 +23,7 @@ from sqlalchemy import func, select
 
 from aligndiff.models.segmenters import build_segmenter, load_segmenter, save_segmenter
 from aligndiff.training import predict
+from service.contexts import jobs, quotas
 from service.models import Job, Training
 from service.queue import CeleryQueue
 from service.settings import Settings
@@ -490,6 +492,102 @@ def test_weights_and_predict_are_a_conflict_until_the_training_succeeded(api: Ap
     predicted = api.alice.post(f"/v1/trainings/{training['id']}/predict", files=files)
 
     assert (weights.status_code, predicted.status_code) == (409, 409)
+
+
+# --- deleting a class trained on ----------------------------------------------------------
+
+
+def test_deleting_a_class_cancels_its_owners_unfinished_trainings_on_it_with_the_reason(
+    api: Api, model_cache: Path
+) -> None:
+    # given: alice's trainings on her class dog: one queued, one running (a worker has it),
+    # one finished; and a queued one on her other class only
+    dog, cat = finished_class(api, "dog"), finished_class(api, "cat")
+    queued = api.alice.post("/v1/trainings", json=body(cat, dog)).json()
+    running = api.alice.post("/v1/trainings", json=body(dog)).json()
+    running_job = uuid.UUID(running["job_id"])
+    with api.session() as session:
+        assert jobs.claim(session, running_job, worker="w:1", lease_seconds=600, max_attempts=3)
+        session.commit()
+    other = api.alice.post("/v1/trainings", json=body(cat)).json()
+    finished = trained(api, model_cache, [dog])
+    finished_before = api.alice.get(f"/v1/trainings/{finished}").json()
+
+    # when: alice deletes dog
+    assert api.alice.delete(f"/v1/classes/{dog}").status_code == 204
+
+    # then: the queued training is cancelled at once, its job saying why
+    reason = f"cancelled: class {dog}, which it trains on, was deleted"
+    shown = api.alice.get(f"/v1/trainings/{queued['id']}").json()
+    assert (shown["status"], shown["error"]) == ("cancelled", reason)
+    job = api.alice.get(f"/v1/jobs/{queued['job_id']}").json()
+    assert (job["status"], job["error"]) == ("cancelled", reason)
+    # and: the running one is told to stop at its next batch, and ends cancelled with the
+    # reason when its worker sees it
+    with api.session() as session:
+        assert not jobs.report_progress(
+            session, running_job, stage=None, progress=0.5, lease_seconds=600
+        )
+        assert jobs.should_stop(session, running_job)
+        assert jobs.finish_cancelled(session, running_job)
+        session.commit()
+    shown = api.alice.get(f"/v1/trainings/{running['id']}").json()
+    assert (shown["status"], shown["error"]) == ("cancelled", reason)
+    # and: the training on cat only goes on; the finished one keeps its weights and metrics
+    shown = api.alice.get(f"/v1/trainings/{other['id']}").json()
+    assert (shown["status"], shown["error"]) == ("queued", None)
+    assert api.alice.get(f"/v1/trainings/{finished}").json() == finished_before
+    weights = api.alice.get(f"/v1/trainings/{finished}/weights")
+    assert weights.status_code == 200
+    assert load_segmenter(weights.content)[1]["class_names"] == ["class0"]
+
+
+def test_a_class_deleted_while_a_training_on_it_is_created_cancels_that_training(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if api.settings.resolved_database_url.startswith("sqlite"):
+        pytest.skip("SQLite runs one writer at a time: no interleaving to test")
+    # given: a training being created on dog, held just after it checked its classes
+    dog = finished_class(api, "dog")
+    checked, go = threading.Event(), threading.Event()
+    enforce = quotas.enforce
+
+    def held(*args: Any, **kwargs: Any) -> None:
+        if kwargs.get("lock", True):
+            checked.set()
+            go.wait(timeout=20)
+        enforce(*args, **kwargs)
+
+    monkeypatch.setattr(quotas, "enforce", held)
+    answers: dict[str, Any] = {}
+
+    def create() -> None:
+        answers["created"] = api.alice.post("/v1/trainings", json=body(dog))
+
+    def delete() -> None:
+        answers["deleted"] = api.alice.delete(f"/v1/classes/{dog}")
+
+    creating = threading.Thread(target=create)
+    creating.start()
+    assert checked.wait(timeout=20)
+
+    # when: alice deletes dog meanwhile, and then the training's creation goes on
+    deleting = threading.Thread(target=delete)
+    deleting.start()
+    deleting.join(timeout=1)
+    waited = deleting.is_alive()
+    go.set()
+    creating.join(timeout=30)
+    deleting.join(timeout=30)
+
+    # then: the delete waited for the training, which it then cancelled
+    assert waited
+    assert answers["created"].status_code == 202 and answers["deleted"].status_code == 204
+    shown = api.alice.get(f"/v1/trainings/{answers['created'].json()['id']}").json()
+    assert (shown["status"], shown["error"]) == (
+        "cancelled",
+        f"cancelled: class {dog}, which it trains on, was deleted",
+    )
 
 
 # --- the trained model ---------------------------------------------------------------------

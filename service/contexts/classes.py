@@ -22,7 +22,7 @@ from service.contexts.idempotency import Answer, claim_for, commit_with_answer, 
 from service.contexts.idempotency import fingerprint as request_fingerprint
 from service.contexts.job_control import Accepted, StartTask
 from service.contexts.uploads import Upload, display_name, file_digests
-from service.models import Job, SegClass
+from service.models import Job, SegClass, Training
 from service.models import Shot as ShotRow
 from service.pagination import newest_first, newest_first_cursor, split_page
 from service.problems import Problem, not_found
@@ -137,18 +137,40 @@ def delete_class(
 ) -> None:
     """Delete a class: cancel its job if still active, delete its rows (its shots and samples
     go with it) and then its blobs. The job row stays, `cancelled` if it was active, as the
-    record of the work done."""
+    record of the work done. Its owner's queued or running trainings on the class are
+    cancelled too, with the reason as their job's error; finished ones keep their weights."""
     seg_class, job = visible_class(session, principal, class_id)
     if job is not None and job.status in jobs.ACTIVE:
         # It may finish between the read and the cancel: then there is nothing to stop.
         with suppress(Problem):
             jobs.request_cancel(session, job)
+    owner_id = seg_class.owner_id
     session.delete(seg_class)
+    # NOTE: the DELETE is flushed before the trainings are read: a training being created on
+    # this class reads its row FOR SHARE, so either it commits first (and is found below) or
+    # it finds the class gone.
+    session.flush()
+    _cancel_trainings_on(session, owner_id=owner_id, class_id=class_id)
     session.commit()
     # NOTE: blobs go after the commit: a blob without a row is harmless, a row without its blob
     # is a broken resource. Should this fail, the class is still deleted as asked and the
     # orphaned blobs are logged.
     delete_prefix_quietly(storage, class_prefix(class_id))
+
+
+def _cancel_trainings_on(session: Session, *, owner_id: uuid.UUID, class_id: uuid.UUID) -> None:
+    """Cancel `owner_id`'s queued or running trainings that use class `class_id`."""
+    active = session.execute(
+        select(Training.class_ids, Job)
+        .join(Job, Job.id == Training.job_id)
+        .where(Training.owner_id == owner_id, Job.status.in_(jobs.ACTIVE))
+    ).all()
+    reason = f"cancelled: class {class_id}, which it trains on, was deleted"
+    for class_ids, training_job in active:
+        if str(class_id) in class_ids:
+            # It may finish between the read and the cancel: then it keeps what it made.
+            with suppress(Problem):
+                jobs.request_cancel(session, training_job, reason=reason)
 
 
 def embedding_blob(

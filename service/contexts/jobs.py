@@ -53,18 +53,20 @@ def _cas(session: Session, job_id: uuid.UUID, where: list, values: dict) -> bool
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def request_cancel(session: Session, job: Job) -> None:
+def request_cancel(session: Session, job: Job, *, reason: str | None = None) -> None:
     """Cancel a job: a queued one ends `cancelled` now; a running one is asked to stop and ends
-    `cancelled` when its worker next checks (between batches). A finished job answers 409."""
+    `cancelled` when its worker next checks (between batches). A finished job answers 409.
+    A `reason` (cancelled by the service, not its owner) becomes the job's `error`."""
     now = utcnow()
+    why = {} if reason is None else {"error": reason}
     if _cas(
         session,
         job.id,
         [Job.status == "queued"],
-        {"status": "cancelled", "cancel_requested": True, "finished_at": now},
+        {"status": "cancelled", "cancel_requested": True, "finished_at": now, **why},
     ):
         return
-    if _cas(session, job.id, [Job.status == "running"], {"cancel_requested": True}):
+    if _cas(session, job.id, [Job.status == "running"], {"cancel_requested": True, **why}):
         return
     session.refresh(job)
     raise Problem(409, f"the job is already {job.status}")

@@ -335,6 +335,9 @@ def _check_classes(session: Session, principal: Principal, class_ids: list[uuid.
         select(SegClass.id, Job.status)
         .outerjoin(Job, Job.id == SegClass.job_id)
         .where(SegClass.id.in_(class_ids), visible_to(principal, SegClass.owner_id))
+        # NOTE: held until the training commits, so a class deleted meanwhile waits for it
+        # and then cancels it (see `classes.delete_class`).
+        .with_for_update(read=True, of=SegClass)
     ).all()
     status = {row[0]: row[1] for row in rows}
     missing = [class_id for class_id in class_ids if class_id not in status]
