@@ -540,6 +540,10 @@ def test_deleting_a_class_cancels_its_owners_unfinished_trainings_on_it_with_the
     weights = api.alice.get(f"/v1/trainings/{finished}/weights")
     assert weights.status_code == 200
     assert load_segmenter(weights.content)[1]["class_names"] == ["class0"]
+    # and: a cancelled training on the deleted class cannot be retried (it could only fail)
+    retried = api.alice.post(f"/v1/jobs/{queued['job_id']}/retry")
+    assert retried.status_code == 409
+    assert f"class {dog} was deleted" in retried.json()["detail"]
 
 
 def test_a_class_deleted_while_a_training_on_it_is_created_cancels_that_training(

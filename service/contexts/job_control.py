@@ -21,7 +21,7 @@ from service.contexts.idempotency import (
     find_answer,
     fingerprint,
 )
-from service.models import Job, SegClass
+from service.models import Job, SegClass, Training
 from service.pagination import newest_first, newest_first_cursor, split_page
 from service.problems import Problem, not_found
 from service.queue import TaskQueue
@@ -130,10 +130,25 @@ def retry_job(
     job = _visible_job(session, principal, job_id)
     if job.kind == "synthesis" and session.get(SegClass, job.target_id) is None:
         raise Problem(409, "the job's class was deleted; it cannot be retried")
+    if job.kind == "training":
+        _require_training_classes(session, job.target_id)
     quotas.enforce(session, settings, quotas.JobDemand(job.owner_id, exempt=principal.is_admin))
     jobs.retry(session, job)
     answer = _commit_job_answer(session, claim, job)
     return Accepted(answer, start=None if answer.replayed else StartTask(job.kind, job.id))
+
+
+def _require_training_classes(session: Session, training_id: uuid.UUID) -> None:
+    """409 when a class the training trains on was deleted: a retry could only fail again."""
+    training = session.get(Training, training_id)
+    if training is None:
+        raise Problem(409, "the job's training was deleted; it cannot be retried")
+    wanted = {uuid.UUID(class_id) for class_id in training.class_ids}
+    found = set(session.execute(select(SegClass.id).where(SegClass.id.in_(wanted))).scalars())
+    if missing := sorted(str(class_id) for class_id in wanted - found):
+        raise Problem(
+            409, f"the training's class {', '.join(missing)} was deleted; it cannot be retried"
+        )
 
 
 def _claim(
