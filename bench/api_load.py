@@ -246,6 +246,7 @@ def main() -> None:
             "connections",
             "p50",
             "p90",
+            "p95",
             "p99",
             "requests",
             "requests/s",
