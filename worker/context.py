@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.contexts.jobs import claim
+from service.contexts.jobs import claim, report_progress
 from service.db import make_engine, make_session_factory, session_scope
 from service.queue import CeleryQueue, TaskQueue
 from service.settings import Settings
@@ -155,3 +156,44 @@ class WorkerContext:
         if self._config is None:
             self._config = SynthConfig.for_settings(self.settings, self.models.diffusion)
         return self._config
+
+
+class ThrottledProgress:
+    """`progress` and `should_stop` callbacks for a long loop (inversion, training): progress
+    is written, and the job's lease renewed, at most once per `interval` seconds, since a step
+    is far shorter than a lease; `should_stop` turns true once the job is no longer running
+    or asked to stop, and stays true."""
+
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        job_id: uuid.UUID,
+        *,
+        stage: str | None,
+        span: tuple[float, float],
+        interval: float,
+    ) -> None:
+        self.ctx, self.job_id, self.stage, self.span = ctx, job_id, stage, span
+        self.interval = interval
+        self.fraction = 0.0
+        self.stopped = False
+        self.last: float | None = None
+
+    def progress(self, done: int, total: int) -> None:
+        self.fraction = done / max(total, 1)
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if self.last is None or now - self.last >= self.interval:
+            self.last = now
+            low, high = self.span
+            with self.ctx.session() as session:
+                going = report_progress(
+                    session,
+                    self.job_id,
+                    stage=self.stage,
+                    progress=low + (high - low) * self.fraction,
+                    lease_seconds=self.ctx.settings.job_lease_seconds,
+                )
+            self.stopped = self.stopped or not going
+        return self.stopped

@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,7 +61,7 @@ from service.models import Job, Sample, SegClass, utcnow
 from service.models import Shot as ShotRow
 from service.storage import class_key, png_bytes, sample_key
 from worker import recovery
-from worker.context import WorkerContext
+from worker.context import ThrottledProgress, WorkerContext
 
 log = logging.getLogger(__name__)
 
@@ -410,42 +409,18 @@ class _StopCheck:
         return self.stopped
 
 
-class _InversionHeartbeat:
-    """Progress and cancel checks for inversion, written at most once per interval (an
-    optimizer step is far shorter than a sampling batch)."""
-
-    def __init__(self, ctx: WorkerContext, info: ClassInfo) -> None:
-        self.ctx, self.info = ctx, info
-        self.fraction = 0.0
-        self.stopped = False
-        self.last: float | None = None
-
-    def progress(self, done: int, total: int) -> None:
-        self.fraction = done / max(total, 1)
-
-    def should_stop(self) -> bool:
-        now = time.monotonic()
-        if self.last is None or now - self.last >= INVERSION_REPORT_SECONDS:
-            self.last = now
-            low, high = PROGRESS_SPANS["inversion"]
-            with self.ctx.session() as session:
-                going = report_progress(
-                    session,
-                    self.info.job_id,
-                    stage="inversion",
-                    progress=low + (high - low) * self.fraction,
-                    lease_seconds=self.ctx.settings.job_lease_seconds,
-                )
-            self.stopped = self.stopped or not going
-        return self.stopped
-
-
 def _invert(ctx: WorkerContext, info: ClassInfo) -> bool:
     """Learn the class token and store it; False when the job was stopped meanwhile."""
     with ctx.session() as session:
         advance_stage(session, info.job_id, stage="inversion")
     shots = _load_shots(ctx, info)
-    heartbeat = _InversionHeartbeat(ctx, info)
+    heartbeat = ThrottledProgress(
+        ctx,
+        info.job_id,
+        stage="inversion",
+        span=PROGRESS_SPANS["inversion"],
+        interval=INVERSION_REPORT_SECONDS,
+    )
     result = invert(
         ctx.models.diffusion,
         [shot.image_array for shot in shots],

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,13 +32,13 @@ from sqlalchemy.orm import Session
 from aligndiff.copy_paste import LabeledImage, ObjectKind, PasteObject
 from aligndiff.masks import binarize_mask
 from aligndiff.shots import decode_image
-from service.contexts.jobs import complete, finish_cancelled, report_progress, should_stop
+from service.contexts.jobs import complete, finish_cancelled, should_stop
 from service.models import Sample, SegClass, Training, utcnow
 from service.models import Shot as ShotRow
 from service.storage import Storage, png_bytes, training_key
 from worker import recovery
 from worker.celery_app import PREDICT_TASK
-from worker.context import WorkerContext
+from worker.context import ThrottledProgress, WorkerContext
 
 if TYPE_CHECKING:
     from aligndiff.models.segmenters import SegmentationModel
@@ -277,7 +276,13 @@ def _train(
         with ctx.session() as session:
             _update_training(session, info.id, {"checkpoint_key": checkpoint_key})
 
-    heartbeat = _Heartbeat(ctx, info.job_id, run.span)
+    heartbeat = ThrottledProgress(
+        ctx,
+        info.job_id,
+        stage=None,
+        span=run.span,
+        interval=ctx.settings.training_report_seconds,
+    )
     outcome = train_segmenter(
         model,
         data,
@@ -295,36 +300,6 @@ def _train(
     with ctx.session() as session:
         _update_training(session, info.id, {run.weights_column: weights_key})
     return model
-
-
-class _Heartbeat:
-    """Progress and cancel checks for training, written at most once per interval (an
-    optimizer step is far shorter than the job's lease)."""
-
-    def __init__(self, ctx: WorkerContext, job_id: uuid.UUID, span: tuple[float, float]) -> None:
-        self.ctx, self.job_id, self.span = ctx, job_id, span
-        self.fraction = 0.0
-        self.stopped = False
-        self.last: float | None = None
-
-    def progress(self, done: int, total: int) -> None:
-        self.fraction = done / max(total, 1)
-
-    def should_stop(self) -> bool:
-        now = time.monotonic()
-        if self.last is None or now - self.last >= self.ctx.settings.training_report_seconds:
-            self.last = now
-            low, high = self.span
-            with self.ctx.session() as session:
-                going = report_progress(
-                    session,
-                    self.job_id,
-                    stage=None,
-                    progress=low + (high - low) * self.fraction,
-                    lease_seconds=self.ctx.settings.job_lease_seconds,
-                )
-            self.stopped = self.stopped or not going
-        return self.stopped
 
 
 def _load_training(ctx: WorkerContext, job_id: uuid.UUID) -> TrainingInfo:

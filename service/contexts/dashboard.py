@@ -17,6 +17,7 @@ from typing import Any, Literal
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from service.contexts.classes import class_public
 from service.contexts.jobs import ACTIVE
 from service.models import Job, Owner, Sample, SegClass, Shot, WorkerHeartbeat, utcnow
 from service.problems import not_found
@@ -226,19 +227,21 @@ def class_rows(*, session: Session, limit: int) -> list[ClassRow]:
 
 
 def _class_row(seg_class: SegClass, owner: str, job: Job | None) -> ClassRow:
+    # The class as the API shows it (its state is its job's), plus who owns it.
+    public = class_public(seg_class, job)
     return ClassRow(
-        id=str(seg_class.id),
-        name=seg_class.name,
+        id=str(public.id),
+        name=public.name,
         owner=owner,
-        status=job.status if job is not None else "queued",
-        stage=(job.stage or "") if job is not None else "",
-        progress=job.progress if job is not None else 0.0,
-        num_shots=seg_class.num_shots,
-        num_samples_requested=seg_class.num_samples_requested,
-        num_samples_done=seg_class.num_samples_done,
-        num_accepted=seg_class.num_accepted,
-        clip_score_mean=seg_class.clip_score_mean,
-        created_at=format_time(seg_class.created_at),
+        status=public.status,
+        stage=public.stage or "",
+        progress=public.progress,
+        num_shots=public.num_shots,
+        num_samples_requested=public.num_samples_requested,
+        num_samples_done=public.num_samples_done,
+        num_accepted=public.num_accepted,
+        clip_score_mean=public.clip_score_mean,
+        created_at=format_time(public.created_at),
     )
 
 
