@@ -93,28 +93,42 @@ def test_a_killed_worker_s_job_resumes_on_another_worker_without_duplicates(
     created = create_class(service, DOG, name="dog", num_samples=8)
     give_embedding(service, created.class_id, token_embedding(tiny_models, "<dog>"), "<dog>")
     env = worker_env(settings, model_cache, ALIGNDIFF_SWEEP_INTERVAL_SECONDS="0.5")
-    log = tmp_path / "worker.log"
-    workers += [WorkerProcess(env, log, pool="solo", concurrency=1) for _ in range(2)]
+    logs = [tmp_path / f"worker-{n}.log" for n in range(2)]
+    workers += [WorkerProcess(env, log, pool="solo", concurrency=1) for log in logs]
     make_celery(settings).send_task(synthesis.START, args=[str(created.job_id)])
-    wait_for(
-        lambda: len(service.samples(created.class_id)) >= 2,
-        timeout=90,
-        what="the first samples",
-        log=log,
-    )
 
-    # when: the machine of the worker that claimed the job dies mid-sampling (the whole
-    # process group, SIGKILL)
-    claimer = service.job(created.job_id).worker
-    (victim,) = [w for w in workers if claimer == f"{socket.gethostname()}:{w.process.pid}"]
-    victim.kill()
+    # when: the machine of the worker that claimed the job dies mid-sample (the whole process
+    # group, SIGKILL) with 2 or more samples stored. NOTE: the other worker draws chunks too,
+    # so a kill between two of the victim's chunks, or after it stored its sample, loses no
+    # work and needs no takeover. The victim is frozen (SIGSTOP) to check, from its log and
+    # the stored rows, that it is drawing a sample not stored; if not, it goes on and the
+    # check is made again.
+    def kill_the_claimer_mid_sample() -> tuple[WorkerProcess, str, int] | None:
+        claimer = service.job(created.job_id).worker
+        stored = {s.index for s in service.samples(created.class_id)}
+        if claimer is None or len(stored) < 2:
+            return None
+        victim = next(w for w in workers if claimer == f"{socket.gethostname()}:{w.process.pid}")
+        victim.pause()
+        drawing = re.findall(r"drawing samples (\d+)$", victim.log.read_text(), re.MULTILINE)
+        stored = {s.index for s in service.samples(created.class_id)}
+        if drawing and int(drawing[-1]) not in stored:
+            victim.kill()
+            return victim, claimer, int(drawing[-1])
+        victim.resume()
+        return None
+
+    victim, claimer, lost = wait_for(
+        kill_the_claimer_mid_sample, timeout=90, what="the claimer mid-sample", log=logs[0]
+    )
     before = {s.index: (s.id, s.created_at) for s in service.samples(created.class_id)}
-    assert 2 <= len(before) < 8
+    assert 2 <= len(before) < 8 and lost not in before
     assert service.job(created.job_id).status == "running"
 
     # then: the other worker takes it over once its lease runs out (no worker restarts)
     # and completes it
-    job = wait_for_end(service, created.job_id, timeout=120, log=log)
+    (survivor,) = [w for w in workers if w is not victim]
+    job = wait_for_end(service, created.job_id, timeout=120, log=survivor.log)
     assert job.status == "succeeded", job.error
     assert job.attempts >= 2
     assert job.worker != claimer

@@ -285,6 +285,13 @@ class WorkerProcess:
         self._signal_group(signal.SIGKILL)
         self.process.wait(timeout=10)
 
+    def pause(self) -> None:
+        """Freeze the whole process group (SIGSTOP): it does nothing until `resume` or `kill`."""
+        self._signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_group(signal.SIGCONT)
+
     def stop(self) -> None:
         """A warm shutdown, then SIGKILL for whatever is left."""
         if self.process.poll() is None:

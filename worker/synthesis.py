@@ -142,6 +142,7 @@ def sample_chunk(ctx: WorkerContext, job_id: uuid.UUID, indices: Sequence[int]) 
         stored = _indices(session, info, Sample.index.in_(wanted))
     missing = [i for i in wanted if i not in stored]
     if missing:
+        log.info("job %s: drawing samples %s", job_id, ",".join(map(str, missing)))
         specs = prompt_bank(
             info.name, num_samples=info.num_samples, class_seed=info.seed, prompts=info.prompts
         )
