@@ -546,6 +546,26 @@ def test_deleting_a_class_cancels_its_owners_unfinished_trainings_on_it_with_the
     assert f"class {dog} was deleted" in retried.json()["detail"]
 
 
+def test_deleting_a_class_cancels_an_admin_s_training_on_it_too(api: Api) -> None:
+    # given: an admin training on alice's class dog, and bob's training on his own class
+    dog = finished_class(api, "dog")
+    admins = api.admin.post("/v1/trainings", json=body(dog))
+    assert admins.status_code == 202
+    bobs = api.bob.post("/v1/trainings", json=body(finished_class(api, "cat", owner="bob")))
+    assert bobs.status_code == 202
+
+    # when: alice deletes dog
+    assert api.alice.delete(f"/v1/classes/{dog}").status_code == 204
+
+    # then: the admin's training is cancelled with the reason; bob's is left alone
+    shown = api.admin.get(f"/v1/trainings/{admins.json()['id']}").json()
+    assert (shown["status"], shown["error"]) == (
+        "cancelled",
+        f"cancelled: class {dog}, which it trains on, was deleted",
+    )
+    assert api.bob.get(f"/v1/trainings/{bobs.json()['id']}").json()["status"] == "queued"
+
+
 def test_a_class_deleted_while_a_training_on_it_is_created_cancels_that_training(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -137,20 +137,20 @@ def delete_class(
 ) -> None:
     """Delete a class: cancel its job if still active, delete its rows (its shots and samples
     go with it) and then its blobs. The job row stays, `cancelled` if it was active, as the
-    record of the work done. Its owner's queued or running trainings on the class are
-    cancelled too, with the reason as their job's error; finished ones keep their weights."""
+    record of the work done. Queued or running trainings on the class (its owner's, or an
+    admin's) are cancelled too, with the reason as their job's error; finished ones keep their
+    weights."""
     seg_class, job = visible_class(session, principal, class_id)
     if job is not None and job.status in jobs.ACTIVE:
         # It may finish between the read and the cancel: then there is nothing to stop.
         with suppress(Problem):
             jobs.request_cancel(session, job)
-    owner_id = seg_class.owner_id
     session.delete(seg_class)
     # NOTE: the DELETE is flushed before the trainings are read: a training being created on
     # this class reads its row FOR SHARE, so either it commits first (and is found below) or
     # it finds the class gone.
     session.flush()
-    _cancel_trainings_on(session, owner_id=owner_id, class_id=class_id)
+    _cancel_trainings_on(session, class_id=class_id)
     session.commit()
     # NOTE: blobs go after the commit: a blob without a row is harmless, a row without its blob
     # is a broken resource. Should this fail, the class is still deleted as asked and the
@@ -158,12 +158,15 @@ def delete_class(
     delete_prefix_quietly(storage, class_prefix(class_id))
 
 
-def _cancel_trainings_on(session: Session, *, owner_id: uuid.UUID, class_id: uuid.UUID) -> None:
-    """Cancel `owner_id`'s queued or running trainings that use class `class_id`."""
+def _cancel_trainings_on(session: Session, *, class_id: uuid.UUID) -> None:
+    """Cancel the queued or running trainings that use class `class_id`, whoever owns them (an
+    admin may train on any owner's class)."""
+    # NOTE: unfinished trainings are few (each waits for a GPU, and users' are capped by the job
+    # quota), so they are read whole rather than searched inside the JSON column.
     active = session.execute(
         select(Training.class_ids, Job)
         .join(Job, Job.id == Training.job_id)
-        .where(Training.owner_id == owner_id, Job.status.in_(jobs.ACTIVE))
+        .where(Job.status.in_(jobs.ACTIVE))
     ).all()
     reason = f"cancelled: class {class_id}, which it trains on, was deleted"
     for class_ids, training_job in active:
