@@ -49,7 +49,10 @@ class Storage(Protocol):
 
     def delete_prefix(self, prefix: str) -> int: ...
 
-    def list_keys(self, prefix: str) -> Iterator[str]: ...
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        """The keys under `prefix`, streamed (never all held at once), the keys under any one
+        folder together (S3 lists in key order; the local store walks folder by folder)."""
+        ...
 
     def list_blobs(self, prefix: str) -> Iterator[BlobInfo]:
         """The blobs under `prefix` (a whole folder, as `list_keys`), with their write times."""
@@ -174,11 +177,21 @@ class LocalStorage:
         if prefix:
             validate_key(prefix.removesuffix("/"))
         base = self.root / prefix if prefix else self.root
-        if not base.exists():
+        yield from self._walk(base)
+
+    def _walk(self, folder: Path) -> Iterator[str]:
+        """Files under `folder`, depth first in name order: the order of sorted paths, holding
+        one folder's listing at a time. A folder deleted meanwhile lists nothing."""
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except (FileNotFoundError, NotADirectoryError):
             return
-        for path in sorted(base.rglob("*")):
-            if path.is_file() and not path.name.startswith(".put-"):
-                yield path.relative_to(self.root).as_posix()
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._walk(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(".put-"):
+                yield Path(entry.path).relative_to(self.root).as_posix()
 
     def list_blobs(self, prefix: str) -> Iterator[BlobInfo]:
         for key in self.list_keys(prefix):

@@ -211,6 +211,41 @@ def test_a_prefix_is_a_whole_folder_not_the_start_of_a_name(storage: Storage) ->
     assert storage.exists("classes/12/image.png")
 
 
+def test_list_keys_hands_out_each_folder_s_keys_together(storage: Storage) -> None:
+    # given: folders whose names sort differently as strings and as path parts
+    keys = [f"classes/{folder}/{name}" for folder in ("a", "a-b", "a.c", "ab") for name in "yx"]
+    keys += ["classes/a/z/deeper.png", "classes/a-b/z/deeper.png"]
+    for key in keys:
+        storage.put(key, b"x", content_type="image/png")
+
+    listed = list(storage.list_keys("classes"))
+
+    # then: every key once, and each class folder's keys one run (what the sweeper relies on to
+    # hold one folder at a time)
+    assert sorted(listed) == sorted(keys)
+    folders = [key.split("/")[1] for key in listed]
+    runs = [folder for i, folder in enumerate(folders) if i == 0 or folders[i - 1] != folder]
+    assert sorted(runs) == ["a", "a-b", "a.c", "ab"]
+
+
+def test_the_local_listing_walks_folder_by_folder_as_it_is_read(
+    local_storage: LocalStorage,
+) -> None:
+    # given: three classes' folders, and a listing that has handed out the first key
+    first, doomed, last = sorted(uuid.uuid4() for _ in range(3))
+    for class_id in (first, doomed, last):
+        local_storage.put(shot_key(class_id, 0, "image.png"), b"x", content_type="image/png")
+    listing = local_storage.list_keys("classes")
+    assert next(listing) == shot_key(first, 0, "image.png")
+
+    # when: a folder not reached yet is deleted, and one gets a new blob
+    local_storage.delete_prefix(class_prefix(doomed))
+    local_storage.put(shot_key(last, 1, "image.png"), b"x", content_type="image/png")
+
+    # then: the listing reads each folder when it gets there (it never held the whole store)
+    assert list(listing) == [shot_key(last, 0, "image.png"), shot_key(last, 1, "image.png")]
+
+
 def test_a_folder_is_not_a_blob(storage: Storage) -> None:
     storage.put("classes/a/image.png", b"x", content_type="image/png")
 

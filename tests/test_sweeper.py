@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import delete, select, update
@@ -21,7 +22,15 @@ from service.contexts import sweeper
 from service.db import session_scope
 from service.models import IdempotencyRecord, Job, Sample, SegClass, Training, utcnow
 from service.queue import RecordingQueue
-from service.storage import class_key, class_prefix, sample_key, shot_key, training_key
+from service.storage import (
+    BlobInfo,
+    Storage,
+    class_key,
+    class_prefix,
+    sample_key,
+    shot_key,
+    training_key,
+)
 from tests.api_support import Api, add_class, add_embedding, add_sample, set_job
 
 pytest_plugins = ["tests.api_support"]
@@ -307,3 +316,52 @@ def test_aligndiff_sweep_lists_when_dry_and_removes_otherwise(api: Api, sweep_en
     assert api.blobs() == []
     with api.session() as session:
         assert session.get(Job, lost).attempts == 2  # type: ignore[union-attr]
+
+
+class ListingWatch:
+    """The store, counting the blobs its listing has handed out, and that count at each
+    delete."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self.listed = 0
+        self.listed_at_deletes: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+    def list_blobs(self, prefix: str) -> Iterator[BlobInfo]:
+        for blob in self._storage.list_blobs(prefix):
+            self.listed += 1
+            yield blob
+
+    def delete_keys(self, keys: Sequence[str]) -> int:
+        self.listed_at_deletes.append(self.listed)
+        return self._storage.delete_keys(keys)
+
+
+def test_orphaned_blobs_are_judged_owner_by_owner_as_the_listing_streams(api: Api) -> None:
+    # given: 3 deleted classes of 4 blobs each, and a live class's blobs listed among theirs
+    gone = sorted(uuid.uuid4() for _ in range(3))
+    live, _ = add_class(api, owner_id=api.alice_id, status="succeeded")
+    add_sample(api, live, 0)
+    for class_id in gone:
+        put(api, *[shot_key(class_id, n, name) for n in (0, 1) for name in ("a.png", "b.png")])
+    listing = api.blobs("classes")
+    watch = ListingWatch(api.storage)
+
+    # when: the sweeper removes orphans
+    removed = sweeper.remove_orphaned_blobs(
+        sessions=sessions_of(api),
+        storage=watch,  # type: ignore[arg-type]
+        grace_seconds=3600,
+        now=utcnow() + 2 * HOUR,
+    )
+
+    # then: each class's 4 blobs went in one delete, made as soon as the listing had handed out
+    # the blob after its last (the store is never held whole)
+    assert len(removed) == 12 and not any(api.blobs(class_prefix(c)) for c in gone)
+    last = [
+        max(i for i, key in enumerate(listing) if key.startswith(class_prefix(c))) for c in gone
+    ]
+    assert watch.listed_at_deletes == [min(i + 2, len(listing)) for i in last]

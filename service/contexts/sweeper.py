@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import groupby
 from pathlib import PurePosixPath
 
 from sqlalchemy import delete, func, select, update
@@ -366,22 +367,22 @@ def remove_orphaned_blobs(
     than `grace_seconds` ago. Each owner's blobs are judged and deleted in one transaction,
     with its job row locked where it has one. Returns the keys deleted."""
     cutoff = (now or utcnow()) - timedelta(seconds=grace_seconds)
-    candidates: dict[tuple[str, uuid.UUID], list[BlobInfo]] = defaultdict(list)
-    for family in ("classes", "trainings"):
-        for blob in storage.list_blobs(family):
-            owner = _owner_of(blob.key)
-            if owner is not None and blob.modified_at < cutoff:
-                candidates[(family, owner)].append(blob)
     removed: list[str] = []
-    for (family, owner), blobs in candidates.items():
-        with sessions() as session:
-            if family == "classes":
-                orphans = _class_orphans(session, owner, blobs)
-            else:
-                orphans = _training_orphans(session, owner, blobs)
-            if orphans and not dry_run:
-                storage.delete_keys(orphans)
-        removed += orphans
+    for family in ("classes", "trainings"):
+        # NOTE: the listing streams and keeps one folder's keys together, so one owner's blobs
+        # are held at a time however large the store (an owner seen twice is judged twice).
+        for owner, listed in groupby(storage.list_blobs(family), key=lambda b: _owner_of(b.key)):
+            blobs = [blob for blob in listed if blob.modified_at < cutoff]
+            if owner is None or not blobs:
+                continue
+            with sessions() as session:
+                if family == "classes":
+                    orphans = _class_orphans(session, owner, blobs)
+                else:
+                    orphans = _training_orphans(session, owner, blobs)
+                if orphans and not dry_run:
+                    storage.delete_keys(orphans)
+            removed += orphans
     if removed and not dry_run:
         log.warning("deleted %d orphaned blob(s)", len(removed))
     return removed
