@@ -65,5 +65,5 @@ def create_app(
         session_factory=app.state.session_factory,
         rate_limits=app.state.rate_limits,
     )
-    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics, routes=app.router.routes)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from tests.api_support import Api, ApiFactory, BrokenStorage, add_class
@@ -72,6 +73,22 @@ def test_metrics_count_requests_by_route_template_and_jobs_by_status(api: Api) -
     assert f'aligndiff_http_requests_total{{{labels},status="404"}} 1.0' in text
     assert f"aligndiff_http_request_duration_seconds_count{{{labels}}} 2.0" in text
     assert 'aligndiff_jobs{kind="synthesis",status="running"} 1.0' in text
+
+
+def test_metrics_label_requests_refused_before_routing_with_their_route(api: Api) -> None:
+    # given: a request with a bad key, one over the upload cap, and one to no route at all
+    api.anonymous.get(f"/v1/classes/{uuid.uuid4()}", headers={"Authorization": "Bearer nope"})
+    too_big = b"x" * (api.settings.max_upload_bytes + 1)
+    api.alice.post("/v1/classes", content=too_big, headers={"Content-Type": "multipart/form-data"})
+    api.alice.get("/v1/no-such-thing")
+
+    text = api.anonymous.get("/metrics").text
+
+    # then: the refusals count under the routes asked for; only the unknown path is unmatched
+    requests = 'aligndiff_http_requests_total{method="%s",route="%s",status="%d"} 1.0'
+    assert requests % ("GET", "/v1/classes/{class_id}", 401) in text
+    assert requests % ("POST", "/v1/classes", 413) in text
+    assert requests % ("GET", "unmatched", 404) in text
 
 
 def test_two_apps_keep_their_own_metrics(make_api: ApiFactory) -> None:

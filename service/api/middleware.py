@@ -4,12 +4,16 @@ body size limit, and request metrics."""
 from __future__ import annotations
 
 import logging
+import re
 import time
+from collections.abc import Sequence
 
+from fastapi.routing import iter_route_contexts
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import Principal, PrincipalCache, authenticate_cached
@@ -152,11 +156,16 @@ class BodySizeLimit:
 
 
 class RequestMetrics:
-    """Count and time every HTTP request by method, route template and status."""
+    """Count and time every HTTP request by method, route template and status. A request
+    refused before routing (a bad key, a rate limit, a body over the cap) is labelled with the
+    template of the route it asked for, matched here; only a path no route has is
+    "unmatched"."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, routes: Sequence[BaseRoute]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
+        self._templates: list[tuple[re.Pattern[str], str]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -175,12 +184,24 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, watching_send)
         finally:
-            # NOTE: the route template ("/v1/classes/{class_id}"), never the raw path, keeps
-            # the label set bounded; requests no route matched share one label.
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.observe_request(
                 method=scope["method"],
-                route=route,
+                route=self._template(scope),
                 status=status,
                 seconds=time.perf_counter() - start,
             )
+
+    def _template(self, scope: Scope) -> str:
+        """The route template ("/v1/classes/{class_id}"), never the raw path: it keeps the
+        label set bounded."""
+        routed = getattr(scope.get("route"), "path", None)
+        if routed is not None:
+            return str(routed)
+        if self._templates is None:  # built at the first refusal: every route is added by then
+            self._templates = [
+                (compile_path(context.path)[0], context.path)
+                for context in iter_route_contexts(self.routes)
+                if context.path is not None
+            ]
+        path = scope["path"]
+        return next((t for regex, t in self._templates if regex.match(path)), "unmatched")
