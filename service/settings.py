@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from aligndiff.settings import Settings as CoreSettings
 
@@ -44,6 +44,9 @@ class Settings(CoreSettings):
     session_cookie_secure: bool = False
     # How often a worker process writes its heartbeat; it counts as online for 3 intervals.
     worker_heartbeat_seconds: float = Field(default=5.0, gt=0)
+    # A worker not heard from for this long is taken as dead: the sweep takes over the job it
+    # was working on at once, without waiting for the job's lease to run out.
+    worker_lost_after_seconds: float = Field(default=60.0, gt=0)
 
     # Limits
     max_upload_bytes: int = 64 * 1024 * 1024
@@ -104,6 +107,16 @@ class Settings(CoreSettings):
     pending_retention_seconds: int = Field(default=7 * 24 * 3600, ge=0)
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=0)
 
+    @model_validator(mode="after")
+    def _lost_workers_are_silent_for_several_beats(self) -> Settings:
+        if self.worker_lost_after_seconds < 3 * self.worker_heartbeat_seconds:
+            raise ValueError(
+                "ALIGNDIFF_WORKER_LOST_AFTER_SECONDS must be at least 3 heartbeats (3 × "
+                f"ALIGNDIFF_WORKER_HEARTBEAT_SECONDS = {3 * self.worker_heartbeat_seconds:g} s): "
+                "a live worker's late beat would have its job taken over"
+            )
+        return self
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'aligndiff.db'}"
@@ -133,3 +146,4 @@ class Settings(CoreSettings):
     @property
     def resolved_storage_url(self) -> str:
         return self.storage_url or f"file://{self.data_dir / 'blobs'}"
+

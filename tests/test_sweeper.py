@@ -20,7 +20,15 @@ from typer.testing import CliRunner
 from service.cli import app as cli
 from service.contexts import sweeper
 from service.db import session_scope
-from service.models import IdempotencyRecord, Job, Sample, SegClass, Training, utcnow
+from service.models import (
+    IdempotencyRecord,
+    Job,
+    Sample,
+    SegClass,
+    Training,
+    WorkerHeartbeat,
+    utcnow,
+)
 from service.queue import RecordingQueue
 from service.storage import (
     BlobInfo,
@@ -31,11 +39,12 @@ from service.storage import (
     shot_key,
     training_key,
 )
-from tests.api_support import Api, add_class, add_embedding, add_sample, set_job
+from tests.api_support import Api, add_class, add_embedding, add_sample, get_job_row, set_job
 
 pytest_plugins = ["tests.api_support"]
 
 HOUR = timedelta(hours=1)
+MINUTE = timedelta(minutes=1)
 
 
 def sessions_of(api: Api) -> sweeper.Sessions:
@@ -275,6 +284,73 @@ def test_sweepers_racing_recover_each_lost_job_once(api: Api) -> None:
     assert len(queue.sent) == 2
 
 
+def add_heartbeat(api: Api, name: str, *, age: timedelta, job_id: uuid.UUID | None) -> None:
+    seen = utcnow() - age
+    with api.session() as session:
+        session.add(
+            WorkerHeartbeat(
+                name=name, hostname="h", pid=1, started_at=seen - HOUR, last_seen_at=seen,
+                current_job_id=job_id,
+            )
+        )  # fmt: skip
+        session.commit()
+
+
+def test_the_job_of_a_worker_gone_silent_is_taken_over_before_its_lease_runs_out(
+    api: Api,
+) -> None:
+    # given: two running jobs whose leases run for another hour, one whose worker has not
+    # beaten for 2 minutes and one whose worker beat just now; a silent worker whose job has
+    # finished since; and a silent worker that was idle
+    running = {"status": "running", "attempts": 1, "lease_expires_at": utcnow() + HOUR}
+    _, dead_job = add_class(api, owner_id=api.alice_id, worker="dead:1", **running)
+    _, live_job = add_class(api, owner_id=api.alice_id, worker="live:1", **running)
+    _, finished_job = add_class(api, owner_id=api.bob_id, status="succeeded", worker="gone:1")
+    add_heartbeat(api, "dead:1", age=2 * MINUTE, job_id=dead_job)
+    add_heartbeat(api, "live:1", age=timedelta(seconds=1), job_id=live_job)
+    add_heartbeat(api, "gone:1", age=2 * MINUTE, job_id=finished_job)
+    add_heartbeat(api, "idle:1", age=10 * MINUTE, job_id=None)
+    queue = RecordingQueue()
+    settings = api.settings.model_copy(update={"worker_lost_after_seconds": 60})
+
+    # when: eight workers sweep at the same moment
+    barrier = threading.Barrier(8)
+    reports: list[sweeper.JobRecovery] = []
+    errors: list[BaseException] = []
+
+    def sweep_now(number: int) -> None:
+        barrier.wait()
+        try:
+            reports.append(
+                sweeper.recover_jobs(
+                    sessions=sessions_of(api), queue=queue, settings=settings, worker=f"w:{number}"
+                )
+            )
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=sweep_now, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    # then: the silent worker's job is taken over at once (an attempt counted) and resumed,
+    # once; the live worker's job is left alone
+    assert errors == []
+    assert queue.sent == [("aligndiff.synthesis.resume", (str(dead_job),))]
+    taken = get_job_row(api, dead_job)
+    assert (taken.status, taken.attempts) == ("running", 2)
+    assert taken.worker is not None and taken.worker.startswith("w:")
+    assert get_job_row(api, live_job).worker == "live:1"
+    assert get_job_row(api, finished_job).status == "succeeded"
+    # and: each silent worker was forgotten by exactly one sweep, its row gone
+    forgotten = sorted(lost.name for report in reports for lost in report.lost_workers)
+    assert forgotten == ["dead:1", "gone:1", "idle:1"]
+    with api.session() as session:
+        assert list(session.scalars(select(WorkerHeartbeat.name))) == ["live:1"]
+
+
 @pytest.fixture
 def sweep_env(api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """`aligndiff sweep` pointed at the test's database and store."""
@@ -287,12 +363,13 @@ def sweep_env(api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
 
 
 def test_aligndiff_sweep_lists_when_dry_and_removes_otherwise(api: Api, sweep_env: None) -> None:
-    # given: an orphaned blob and a job that lost its worker
+    # given: an orphaned blob, a job that lost its worker, and a worker silent for an hour
     orphan = shot_key(uuid.uuid4(), 0, "image.png")
     put(api, orphan)
     _, lost = add_class(
         api, owner_id=api.alice_id, status="running", attempts=1, lease_expires_at=utcnow() - HOUR
     )
+    add_heartbeat(api, "dead:7", age=HOUR, job_id=lost)
     runner = CliRunner()
 
     # when: a dry run
@@ -302,6 +379,7 @@ def test_aligndiff_sweep_lists_when_dry_and_removes_otherwise(api: Api, sweep_en
     assert dry.exit_code == 0, dry.output
     assert f"would delete orphaned blob {orphan}" in dry.output
     assert f"would resume job {lost}" in dry.output
+    assert "would forget dead worker dead:7 (last seen " in dry.output
     assert api.blobs() == [orphan]
     with api.session() as session:
         assert session.get(Job, lost).attempts == 1  # type: ignore[union-attr]
@@ -312,6 +390,8 @@ def test_aligndiff_sweep_lists_when_dry_and_removes_otherwise(api: Api, sweep_en
     # then: the blob is gone, the job taken over, and the summary says so
     assert done.exit_code == 0, done.output
     assert f"delete orphaned blob {orphan}" in done.output
+    assert "forget dead worker dead:7 (last seen " in done.output
+    assert f"ending the lease of job {lost}" in done.output
     assert "jobs: 1 resumed" in done.output and "orphaned blobs: 1" in done.output
     assert api.blobs() == []
     with api.session() as session:

@@ -69,6 +69,35 @@ def wait_for_end(service: Service, job_id: uuid.UUID, *, timeout: float, log: Pa
     return wait_for(ended, timeout=timeout, what="the job to end", log=log)
 
 
+def kill_the_claimer_mid_sample(
+    service: Service, job_id: uuid.UUID, workers: list[WorkerProcess]
+) -> tuple[WorkerProcess, str, int]:
+    """SIGKILL the process group of the worker that claimed the job while it draws a sample
+    not stored yet, once 2 or more are stored; returns it, its name, and the sample it lost.
+
+    NOTE: the other workers draw chunks too, so a kill between two of the victim's chunks, or
+    after it stored its sample, loses no work and needs no takeover. The victim is frozen
+    (SIGSTOP) to check, from its log and the stored rows, that it is drawing a sample not
+    stored; if not, it goes on and the check is made again."""
+    class_id = service.job(job_id).target_id
+
+    def kill() -> tuple[WorkerProcess, str, int] | None:
+        claimer = service.job(job_id).worker
+        if claimer is None or len(service.samples(class_id)) < 2:
+            return None
+        victim = next(w for w in workers if claimer == f"{socket.gethostname()}:{w.process.pid}")
+        victim.pause()
+        drawing = re.findall(r"drawing samples (\d+)$", victim.log.read_text(), re.MULTILINE)
+        stored = {s.index for s in service.samples(class_id)}
+        if drawing and int(drawing[-1]) not in stored:
+            victim.kill()
+            return victim, claimer, int(drawing[-1])
+        victim.resume()
+        return None
+
+    return wait_for(kill, timeout=90, what="the claimer mid-sample", log=workers[0].log)
+
+
 def test_a_killed_worker_s_job_resumes_on_another_worker_without_duplicates(
     tmp_path: Path,
     postgres_url: str,
@@ -98,29 +127,8 @@ def test_a_killed_worker_s_job_resumes_on_another_worker_without_duplicates(
     make_celery(settings).send_task(synthesis.START, args=[str(created.job_id)])
 
     # when: the machine of the worker that claimed the job dies mid-sample (the whole process
-    # group, SIGKILL) with 2 or more samples stored. NOTE: the other worker draws chunks too,
-    # so a kill between two of the victim's chunks, or after it stored its sample, loses no
-    # work and needs no takeover. The victim is frozen (SIGSTOP) to check, from its log and
-    # the stored rows, that it is drawing a sample not stored; if not, it goes on and the
-    # check is made again.
-    def kill_the_claimer_mid_sample() -> tuple[WorkerProcess, str, int] | None:
-        claimer = service.job(created.job_id).worker
-        stored = {s.index for s in service.samples(created.class_id)}
-        if claimer is None or len(stored) < 2:
-            return None
-        victim = next(w for w in workers if claimer == f"{socket.gethostname()}:{w.process.pid}")
-        victim.pause()
-        drawing = re.findall(r"drawing samples (\d+)$", victim.log.read_text(), re.MULTILINE)
-        stored = {s.index for s in service.samples(created.class_id)}
-        if drawing and int(drawing[-1]) not in stored:
-            victim.kill()
-            return victim, claimer, int(drawing[-1])
-        victim.resume()
-        return None
-
-    victim, claimer, lost = wait_for(
-        kill_the_claimer_mid_sample, timeout=90, what="the claimer mid-sample", log=logs[0]
-    )
+    # group, SIGKILL) with 2 or more samples stored
+    victim, claimer, lost = kill_the_claimer_mid_sample(service, created.job_id, workers)
     before = {s.index: (s.id, s.created_at) for s in service.samples(created.class_id)}
     assert 2 <= len(before) < 8 and lost not in before
     assert service.job(created.job_id).status == "running"
@@ -142,6 +150,58 @@ def test_a_killed_worker_s_job_resumes_on_another_worker_without_duplicates(
     assert rows == 8
     assert all(s.finalized_at is not None for s in samples)
     assert {i: (s.id, s.created_at) for i, s in enumerate(samples) if i in before} == before
+
+
+def test_a_dead_worker_s_job_is_taken_over_once_its_heartbeat_is_silent_not_its_lease(
+    tmp_path: Path,
+    postgres_url: str,
+    model_cache: Path,
+    tiny_models: Models,
+    broker: PrivateRedis,
+    workers: list[WorkerProcess],
+) -> None:
+    # given: a job lease of 10 minutes (the default), heartbeats every 0.5 s, a worker taken
+    # as dead after 3 s of silence, and two workers sampling a class of 8
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=postgres_url,
+        broker_url=broker.url,
+        storage_url=f"file://{tmp_path / 'blobs'}",
+        sample_chunk_size=1,
+        annotation_chunk_size=4,
+        job_lease_seconds=600,
+        worker_heartbeat_seconds=0.5,
+        worker_lost_after_seconds=3,
+    )
+    service = Service.create(settings)
+    created = create_class(service, DOG, name="dog", num_samples=8)
+    give_embedding(service, created.class_id, token_embedding(tiny_models, "<dog>"), "<dog>")
+    env = worker_env(
+        settings,
+        model_cache,
+        ALIGNDIFF_SWEEP_INTERVAL_SECONDS="0.5",
+        ALIGNDIFF_WORKER_HEARTBEAT_SECONDS="0.5",
+        ALIGNDIFF_WORKER_LOST_AFTER_SECONDS="3",
+    )
+    logs = [tmp_path / f"worker-{n}.log" for n in range(2)]
+    workers += [WorkerProcess(env, log, pool="solo", concurrency=1) for log in logs]
+    make_celery(settings).send_task(synthesis.START, args=[str(created.job_id)])
+
+    # when: the worker that claimed the job dies mid-sample
+    victim, claimer, _ = kill_the_claimer_mid_sample(service, created.job_id, workers)
+
+    # then: the other worker's sweep takes the job over within seconds (the wait fails long
+    # before the lease's 10 minutes), and completes it with exactly 8 samples
+    (survivor,) = [w for w in workers if w is not victim]
+    job = wait_for_end(service, created.job_id, timeout=90, log=survivor.log)
+    assert job.status == "succeeded", job.error
+    assert job.attempts == 2 and job.worker != claimer
+    assert [s.index for s in service.samples(created.class_id)] == list(range(8))
+    assert f"worker {claimer} not heard from since" in survivor.log.read_text()
+    # and: the dead worker's heartbeat row is gone, the survivor's is there
+    with service.session() as session:
+        names = set(session.scalars(select(WorkerHeartbeat.name)))
+    assert claimer not in names and len(names) == 1
 
 
 def test_a_job_whose_worker_dies_every_time_fails_after_its_attempts(

@@ -104,9 +104,11 @@ class Heartbeat:
         while not self._stopped.is_set():
             try:
                 self.beat()
-            except SQLAlchemyError:
-                # NOTE: a database outage must not stop the worker; the row ages out, and
-                # the worker shows up again once a beat gets through.
+            except Exception:
+                # NOTE: nothing may stop the beats of a live worker: one silent for
+                # `worker_lost_after_seconds` is taken as dead and its job taken over. In a
+                # database outage the row ages out, and the worker shows up again (a new row,
+                # should a sweep have removed it) once a beat gets through.
                 log.warning("heartbeat of %s failed", self.name, exc_info=True)
             self._wake.wait(self.interval)
             self._wake.clear()

@@ -10,6 +10,10 @@ What counts as stale, precisely:
 - **A running job whose lease expired** lost its worker (leases are renewed by every progress
   report). It is taken over (`jobs.claim`, an attempt counted) and its resume task sent; one
   already at `max_job_attempts` fails instead; one asked to cancel ends `cancelled`.
+- **A worker not heard from for `worker_lost_after_seconds`** (its heartbeat row is that old;
+  a live worker beats every `worker_heartbeat_seconds`, whatever its task) died: its row goes,
+  and the lease of the job it was working on ends at its last beat, so that job is taken over
+  in the same sweep rather than when its lease would have run out.
 - **A queued job not claimed for `job_lease_seconds`** may have lost its start message (the
   broker was down when the API sent it, or lost it). Its start is sent again, at most once per
   `job_lease_seconds` per job; a second start of a job finds it claimed and does nothing.
@@ -43,7 +47,15 @@ from sqlalchemy.orm import Session
 from service.contexts import jobs
 from service.contexts.job_control import START_TASKS
 from service.contexts.thumbnails import thumbnail_sample_index
-from service.models import IdempotencyRecord, Job, Sample, SegClass, Training, utcnow
+from service.models import (
+    IdempotencyRecord,
+    Job,
+    Sample,
+    SegClass,
+    Training,
+    WorkerHeartbeat,
+    utcnow,
+)
 from service.queue import TaskQueue
 from service.settings import Settings
 from service.storage import (
@@ -76,6 +88,22 @@ class JobRecovery:
     restarted: list[uuid.UUID] = field(default_factory=list)
     cancelled: list[uuid.UUID] = field(default_factory=list)
     failed: list[uuid.UUID] = field(default_factory=list)
+    lost_workers: list[LostWorker] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LostWorker:
+    """A worker taken as dead: its name, when it was last heard from, and the job it was
+    working on then (whose lease the sweep ended), if any."""
+
+    name: str
+    last_seen_at: datetime
+    job_id: uuid.UUID | None
+
+    def line(self, verb: str) -> str:
+        seen = self.last_seen_at.strftime("%Y-%m-%d %H:%M:%S")
+        job = f", ending the lease of job {self.job_id}" if self.job_id is not None else ""
+        return f"{verb}forget dead worker {self.name} (last seen {seen}){job}"
 
 
 @dataclass
@@ -93,6 +121,7 @@ class SweepReport:
         out: list[str] = []
         recovery = self.jobs
         if recovery is not None:
+            out += [lost.line(verb) for lost in recovery.lost_workers]
             out += [f"{verb}resume job {job_id} (lost its worker)" for job_id in recovery.resumed]
             out += [f"{verb}send the start of job {job_id} again" for job_id in recovery.restarted]
             out += [f"{verb}end job {job_id} cancelled" for job_id in recovery.cancelled]
@@ -191,6 +220,10 @@ def recover_jobs(
     not claimed for `job_lease_seconds`. `tasks` gives the kinds swept: kind → (start, resume).
     Each job is decided in a transaction of its own; tasks are sent after it commits."""
     lease = settings.job_lease_seconds
+    recovery = JobRecovery()
+    recovery.lost_workers = end_leases_of_lost_workers(
+        sessions=sessions, lost_after=settings.worker_lost_after_seconds, dry_run=dry_run
+    )
     now = utcnow()
     cutoff = now - timedelta(seconds=lease)
     kinds = list(tasks)
@@ -210,7 +243,6 @@ def recover_jobs(
             )
             .order_by(Job.created_at)
         ).all()
-    recovery = JobRecovery()
     for job_id, kind, cancel_requested, attempts in lost:
         if dry_run:
             if cancel_requested:
@@ -263,6 +295,60 @@ def recover_jobs(
             queue.enqueue(tasks[kind][0], str(job_id))
         recovery.restarted.append(job_id)
     return recovery
+
+
+def end_leases_of_lost_workers(
+    *, sessions: Sessions, lost_after: float, now: datetime | None = None, dry_run: bool = False
+) -> list[LostWorker]:
+    """Forget the workers whose heartbeat is older than `lost_after` seconds, and end the lease
+    of the running job each was working on at its last beat, so that `recover_jobs` takes the
+    job over now. (Even when other workers' reports keep the lease renewed: the dead worker's
+    task is lost, and without a takeover it would be redone only once the others finish and
+    the lease runs out.) Each worker in a transaction of its own; deleting its row, as last
+    read, is the compare-and-set that makes one sweep act on it (a worker that beats again
+    meanwhile is left alone)."""
+    cutoff = (now or utcnow()) - timedelta(seconds=lost_after)
+    with sessions() as session:
+        silent = session.execute(
+            select(
+                WorkerHeartbeat.name, WorkerHeartbeat.last_seen_at, WorkerHeartbeat.current_job_id
+            )
+            .where(WorkerHeartbeat.last_seen_at < cutoff)
+            .order_by(WorkerHeartbeat.last_seen_at)
+        ).all()
+    lost_workers = [LostWorker(name, seen, job_id) for name, seen, job_id in silent]
+    if dry_run:
+        return lost_workers
+    forgotten: list[LostWorker] = []
+    for lost in lost_workers:
+        with sessions() as session:
+            deleted = session.execute(
+                delete(WorkerHeartbeat).where(
+                    WorkerHeartbeat.name == lost.name,
+                    WorkerHeartbeat.last_seen_at == lost.last_seen_at,
+                )
+            )
+            if not deleted.rowcount:  # type: ignore[attr-defined]
+                continue
+            if lost.job_id is not None:
+                session.execute(
+                    update(Job)
+                    .where(
+                        Job.id == lost.job_id,
+                        Job.status == "running",
+                        Job.lease_expires_at > lost.last_seen_at,
+                    )
+                    .values(lease_expires_at=lost.last_seen_at)
+                    .execution_options(synchronize_session=False)
+                )
+        log.warning(
+            "worker %s not heard from since %s: taken as dead%s",
+            lost.name,
+            lost.last_seen_at.isoformat(),
+            f"; its job {lost.job_id} is taken over" if lost.job_id else "",
+        )
+        forgotten.append(lost)
+    return forgotten
 
 
 def _give_up(session: Session, job_id: uuid.UUID, *, max_attempts: int, lease: int) -> bool:
