@@ -9,10 +9,11 @@ import sys
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from aligndiff.cli import app as core_app
-from service.settings import Settings
+from service.settings import Settings, describe_invalid_settings
 
 app = typer.Typer(
     name="aligndiff",
@@ -222,7 +223,15 @@ def serve(
 
 
 def main() -> None:
-    app()
+    """The `aligndiff` command. Settings that do not validate are reported by variable name,
+    with exit status 2, rather than as a traceback."""
+    try:
+        app()
+    except ValidationError as error:
+        if error.title != Settings.__name__:
+            raise
+        typer.echo(f"error: {describe_invalid_settings(error)}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

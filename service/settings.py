@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 
 from aligndiff.settings import Settings as CoreSettings
 
@@ -147,3 +147,14 @@ class Settings(CoreSettings):
     def resolved_storage_url(self) -> str:
         return self.storage_url or f"file://{self.data_dir / 'blobs'}"
 
+
+def describe_invalid_settings(error: ValidationError) -> str:
+    """What a user should read when the settings do not validate: one line per problem, naming
+    the environment variable to fix."""
+    prefix = str(Settings.model_config.get("env_prefix", ""))
+    lines = []
+    for problem in error.errors():
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        field = problem["loc"][0] if problem["loc"] else None
+        lines.append(f"{prefix}{str(field).upper()}: {message}" if field else message)
+    return "invalid settings:\n  " + "\n  ".join(lines)

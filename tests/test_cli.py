@@ -15,10 +15,13 @@ from service.migrate import current_revision, head_revision
 from service.settings import Settings
 
 
-def aligndiff(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def aligndiff(
+    *args: str, cwd: Path, module: str = "service.cli", **settings: str
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGNDIFF_")}
+    env |= {f"ALIGNDIFF_{name.upper()}": value for name, value in settings.items()}
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -68,3 +71,33 @@ def test_every_command_answers_help(tmp_path: Path, command: list[str]) -> None:
     done = aligndiff(*command, "--help", cwd=tmp_path)
 
     assert done.returncode == 0 and "Usage" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "args"), [("service.cli", ["sweep", "--dry-run"]), ("worker.main", [])]
+)
+def test_invalid_settings_are_named_by_their_variables_not_traced(
+    tmp_path: Path, module: str, args: list[str]
+) -> None:
+    done = aligndiff(
+        *args,
+        cwd=tmp_path,
+        module=module,
+        max_shots="many",
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert lines[0] == "error: invalid settings:"
+    assert any(line.strip().startswith("ALIGNDIFF_MAX_SHOTS: ") for line in lines)
+    assert not (tmp_path / "aligndiff-data").exists()
+
+
+def test_a_worker_taken_as_dead_sooner_than_3_heartbeats_is_refused(tmp_path: Path) -> None:
+    done = aligndiff(
+        "sweep", cwd=tmp_path, worker_heartbeat_seconds="5", worker_lost_after_seconds="10"
+    )
+
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "ALIGNDIFF_WORKER_LOST_AFTER_SECONDS must be at least 3 heartbeats" in done.stderr

@@ -7,7 +7,9 @@ import os
 import socket
 from collections.abc import Sequence
 
-from service.settings import Settings
+from pydantic import ValidationError
+
+from service.settings import Settings, describe_invalid_settings
 from worker.celery_app import JOBS_QUEUE, PREDICT_QUEUE, make_celery
 from worker.heartbeat import install_heartbeat
 from worker.recovery import install_sweeper
@@ -74,8 +76,12 @@ def main(argv: list[str] | None = None) -> None:
         "--queues", default="", help=f"comma-separated, among {', '.join(QUEUES)}; default all"
     )
     args = parser.parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        parser.exit(2, f"error: {describe_invalid_settings(error)}\n")
     run_worker(
-        Settings(),
+        settings,
         concurrency=args.concurrency,
         pool=args.pool,
         loglevel=args.loglevel,
