@@ -9,7 +9,7 @@ from service.api.middleware import AuthenticateAndLimit, BodySizeLimit, RequestM
 from service.api.openapi import install_openapi, operation_id
 from service.api.routes import api_router
 from service.auth import PrincipalCache
-from service.db import make_engine, make_session_factory
+from service.db import make_engine, make_session_factory, read_only
 from service.metrics import Metrics
 from service.problems import install_problem_handlers
 from service.queue import TaskQueue
@@ -38,6 +38,7 @@ def create_app(
     app.state.principal_cache = PrincipalCache(settings.auth_cache_seconds)
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    app.state.read_session_factory = make_session_factory(read_only(engine))
     app.state.storage = storage or make_storage(
         settings.resolved_storage_url,
         endpoint_url=settings.s3_endpoint_url,
@@ -50,7 +51,7 @@ def create_app(
 
         queue = CeleryQueue(make_celery(settings))
     app.state.queue = queue
-    app.state.metrics = Metrics(app.state.session_factory)
+    app.state.metrics = Metrics(app.state.read_session_factory)
     app.state.rate_limits = make_rate_limits(settings)
     install_problem_handlers(app)
     install_sign_in_redirect(app)
@@ -62,7 +63,7 @@ def create_app(
     app.add_middleware(
         AuthenticateAndLimit,
         principal_cache=app.state.principal_cache,
-        session_factory=app.state.session_factory,
+        session_factory=app.state.read_session_factory,  # a key lookup only reads
         rate_limits=app.state.rate_limits,
     )
     app.add_middleware(RequestMetrics, metrics=app.state.metrics, routes=app.router.routes)

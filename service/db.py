@@ -49,6 +49,14 @@ def close_session(session: Session) -> None:
             session.invalidate()
 
 
+def read_only(engine: Engine) -> Engine:
+    """`engine` (the same pool) with its connections in autocommit: each query is a round trip
+    of its own, without the BEGIN before it and the ROLLBACK that closes the session after,
+    which tripled the round trips of a one-query read. Only for sessions that never write:
+    each statement would commit on its own."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 

@@ -8,6 +8,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from psycopg.pq import TransactionStatus
+from sqlalchemy import event
 
 from service.models import Job, utcnow
 from tests.api_support import Api, add_class, get_job_row, set_job
@@ -168,3 +170,36 @@ def test_an_idempotency_key_reused_on_another_job_is_refused(api: Api) -> None:
 
     assert reused.status_code == 422
     assert get_job_row(api, other_job).status == "queued"
+
+
+def test_reads_open_no_transaction_and_writes_run_in_one(api: Api) -> None:
+    # given: the database's own view, after each statement the API sends, of whether the
+    # connection is inside a transaction
+    in_transaction: list[tuple[str, bool]] = []
+
+    def after(connection: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        driver = connection.connection.driver_connection
+        status = getattr(driver, "info", None)
+        inside = (
+            status.transaction_status != TransactionStatus.IDLE
+            if status is not None
+            else driver.in_transaction  # sqlite3
+        )
+        in_transaction.append((statement.split()[0], inside))
+
+    _, job_id = add_class(api, owner_id=api.alice_id, status="queued")
+    event.listen(api.app.state.engine, "after_cursor_execute", after)
+    try:
+        # when: a job is read and listed, then cancelled
+        assert api.alice.get(f"/v1/jobs/{job_id}").status_code == 200
+        assert api.alice.get("/v1/jobs").status_code == 200
+        reads, in_transaction[:] = list(in_transaction), []
+        assert api.alice.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+        writes = list(in_transaction)
+    finally:
+        event.remove(api.app.state.engine, "after_cursor_execute", after)
+
+    # then: each read was a statement of its own (no BEGIN before it, no ROLLBACK after: one
+    # round trip), and the cancel's update ran inside a transaction
+    assert reads and not any(inside for _, inside in reads)
+    assert ("UPDATE", True) in writes and ("UPDATE", False) not in writes
