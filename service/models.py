@@ -91,6 +91,9 @@ class ApiKey(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Dashboard sessions signed in with this key before this moment are over (signing out
+    # sets it): a copy of a signed-out cookie is refused.
+    sessions_not_before: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Job(Base):

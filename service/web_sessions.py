@@ -1,12 +1,15 @@
 """The dashboard's browser sessions: an admin key exchanged for a signed cookie, and CSRF
 protection for every state-changing request a browser makes with that cookie.
 
-The cookie holds the key's id and a synchronizer token, signed (itsdangerous) with the
-session secret, and nothing secret itself. Every request looks the key up again, so a session
-stops working as soon as its key is revoked. CSRF: a state-changing request must come from
-this site (`Origin`, else `Sec-Fetch-Site`) and carry the session's token (a form field or the
-`X-CSRF-Token` header). The sign-in form, made before any session exists, carries a token
-that must match a short-lived signed cookie instead (double submit).
+The cookie holds the key's id, a synchronizer token and when it was issued, signed
+(itsdangerous) with the session secret, and nothing secret itself. Every request looks the key
+up again, so a session stops working as soon as its key is revoked, or once the key's sessions
+are signed out (`ApiKey.sessions_not_before`: a copy of the cookie is refused too).
+
+CSRF: a state-changing request must come from this site (`Origin`, else `Sec-Fetch-Site`) and
+carry the session's token (a form field or the `X-CSRF-Token` header). The sign-in form, made
+before any session exists, carries a token that must match a short-lived signed cookie instead
+(double submit).
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ import secrets
 import tempfile
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from service.auth import Principal
-from service.models import ApiKey
+from service.models import ApiKey, utcnow
 from service.problems import Problem, problem_response
 from service.settings import Settings
 
@@ -74,10 +79,12 @@ def _create_secret_file(path: Path) -> None:
 
 @dataclass(frozen=True)
 class WebSession:
-    """What the session cookie says: which key signed in, and the session's CSRF token."""
+    """What the session cookie says: which key signed in, the session's CSRF token, and when
+    it was issued."""
 
     key_id: uuid.UUID
     csrf_token: str
+    issued_at: datetime
 
 
 class SessionCodec:
@@ -90,8 +97,13 @@ class SessionCodec:
 
     def issue(self, key_id: uuid.UUID) -> tuple[str, WebSession]:
         """A new session (a fresh CSRF token) and its cookie value."""
-        session = WebSession(key_id=key_id, csrf_token=secrets.token_urlsafe(32))
-        value = self._sessions.dumps({"k": str(key_id), "c": session.csrf_token})
+        session = WebSession(
+            key_id=key_id, csrf_token=secrets.token_urlsafe(32), issued_at=utcnow()
+        )
+        # NOTE: the issue time in microseconds, not the signer's whole seconds: a sign-in in the
+        # same second as a sign-out must outlive it.
+        issued = int(session.issued_at.timestamp() * 1_000_000)
+        value = self._sessions.dumps({"k": str(key_id), "c": session.csrf_token, "t": issued})
         return value, session
 
     def read(self, value: str | None) -> WebSession | None:
@@ -100,8 +112,12 @@ class SessionCodec:
             return None
         try:
             data = self._sessions.loads(value, max_age=self.max_age_seconds)
-            return WebSession(key_id=uuid.UUID(data["k"]), csrf_token=str(data["c"]))
-        except (BadSignature, KeyError, TypeError, ValueError):
+            return WebSession(
+                key_id=uuid.UUID(data["k"]),
+                csrf_token=str(data["c"]),
+                issued_at=datetime.fromtimestamp(int(data["t"]) / 1_000_000, UTC),
+            )
+        except (BadSignature, KeyError, TypeError, ValueError, OverflowError, OSError):
             return None
 
     def sign_in_token(self) -> tuple[str, str]:
@@ -124,11 +140,20 @@ def codec_for(settings: Settings) -> SessionCodec:
 
 
 def session_principal(session: Session, web_session: WebSession) -> Principal | None:
-    """The admin behind a session, or None once its key is revoked or no longer admin."""
+    """The admin behind a session, or None once its key is revoked or no longer admin, or the
+    session was signed out."""
     key = session.get(ApiKey, web_session.key_id)
     if key is None or key.revoked_at is not None or not key.is_admin:
         return None
+    if key.sessions_not_before is not None and web_session.issued_at < key.sessions_not_before:
+        return None
     return Principal(owner_id=key.owner_id, key_id=key.id, is_admin=True)
+
+
+def end_sessions(session: Session, key_id: uuid.UUID) -> None:
+    """Sign out every dashboard session of the key issued until now (each browser that signed
+    in with it, and any copy of their cookies)."""
+    session.execute(update(ApiKey).where(ApiKey.id == key_id).values(sessions_not_before=utcnow()))
 
 
 def set_session_cookie(response: Response, value: str, settings: Settings) -> None:

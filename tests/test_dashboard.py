@@ -14,9 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from service.auth import create_key
 from service.models import ApiKey, WorkerHeartbeat, utcnow
 from service.storage import class_prefix
-from service.web_sessions import SECRET_FILE
+from service.web_sessions import SECRET_FILE, SESSION_COOKIE
 from tests.api_support import Api, ApiFactory, add_class, add_sample, get_job_row, set_job
 from worker import synthesis
 from worker.context import WorkerContext
@@ -209,6 +210,30 @@ def test_signing_out_ends_the_session(api: Api) -> None:
 
     assert answer.status_code == 303
     assert browser.get("/admin/api/jobs").status_code == 401
+
+
+def test_a_copy_of_a_signed_out_cookie_is_refused_and_signing_in_again_works(
+    api: Api,
+) -> None:
+    # given: a session whose cookie someone copied, and another admin key's session
+    browser = sign_in(api, api.keys["admin"])
+    copied = TestClient(api.app, cookies={SESSION_COOKIE: browser.cookies[SESSION_COOKIE]})
+    assert copied.get("/admin/api/jobs").status_code == 200
+    with api.session() as session:
+        other_key = create_key(session, name="ops", admin=True)
+        session.commit()
+    other = sign_in(api, other_key)
+
+    # when: the browser signs out
+    token = csrf_token_of(browser.get("/admin").text)
+    assert browser.post("/admin/sign-out", data={"csrf_token": token}).status_code == 200
+
+    # then: the copy is refused too, the other key's session goes on, and the same key can
+    # sign in again at once
+    assert copied.get("/admin/api/jobs").status_code == 401
+    assert other.get("/admin/api/jobs").status_code == 200
+    again = sign_in(api, api.keys["admin"])
+    assert again.get("/admin/api/jobs").status_code == 200
 
 
 def test_sessions_survive_a_restart_through_the_secret_file(make_api: ApiFactory) -> None:

@@ -35,6 +35,7 @@ from service.problems import Problem, not_found
 from service.web_sessions import (
     SIGN_IN_COOKIE,
     clear_cookies,
+    end_sessions,
     from_this_site,
     safe_next,
     set_session_cookie,
@@ -118,12 +119,16 @@ def sign_in(
 def sign_out(
     request: Request,
     access: PageAdmin,
+    session: SessionDep,
     settings: SettingsDep,
     csrf_token: CsrfField = None,
     csrf_header: CsrfHeader = None,
 ) -> Response:
-    """End the browser's session (its cookie is removed)."""
+    """End the key's dashboard sessions: this browser's cookie is removed, and it and every
+    other cookie signed in with the key until now are refused from here on."""
     require_csrf(request, access, csrf_token, csrf_header)
+    end_sessions(session, access.principal.key_id)
+    session.commit()
     response = RedirectResponse("/admin/sign-in", status_code=303)
     clear_cookies(response, settings)
     return response
