@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -108,3 +109,30 @@ def test_train_posts_the_training_and_prints_it(capsys: pytest.CaptureFixture[st
         "compare_baseline": True,
     }
     assert json.loads(capsys.readouterr().out)["id"] == queued["id"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "quiet"),
+    [([], False), (["-q"], True), (["--quiet"], True), (["download-q"], True)],
+    ids=["default", "-q before the command", "--quiet before", "-q after the command"],
+)
+def test_quiet_silences_the_download_s_progress_wherever_it_is_given(
+    flags: list[str], quiet: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # given: a service answering the dataset with a small archive
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"ETag": '"v1"'}, content=b"PK" + bytes(4000))
+
+    dest = tmp_path / "dog.zip"
+    command = ["download", "-q"] if flags == ["download-q"] else [*flags, "download"]
+
+    # when
+    status = main(
+        [*command, str(uuid.uuid4()), "--out", str(dest), "--api-key", "k"],
+        transport=httpx.MockTransport(handler),
+    )
+
+    # then: the archive's path is printed; the progress bar (stderr) only without -q
+    output = capsys.readouterr()
+    assert status == 0 and output.out == f"{dest}\n"
+    assert (output.err == "") is quiet, output.err

@@ -49,6 +49,12 @@ def main(argv: Sequence[str] | None = None, *, transport: httpx.BaseTransport | 
     return 0
 
 
+def _quiet(args: argparse.Namespace) -> bool:
+    # NOTE: `-q` may come before or after the command: each parser leaves it unset unless given
+    # (a default set on the top parser overwrote the top parser's `-q` once a command parsed).
+    return bool(getattr(args, "quiet", False))
+
+
 def _create(client: Client, args: argparse.Namespace) -> None:
     if args.shots_dir is not None:
         images, masks = shot_files(args.shots_dir)
@@ -63,7 +69,7 @@ def _create(client: Client, args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     if args.wait:
-        created = client.wait(created.id, timeout=args.timeout, progress=not args.quiet)
+        created = client.wait(created.id, timeout=args.timeout, progress=not _quiet(args))
     _print(created)
 
 
@@ -77,7 +83,7 @@ def _download(client: Client, args: argparse.Namespace) -> None:
         args.format,
         args.out,
         accepted_only=not args.all,
-        progress=not args.quiet,
+        progress=not _quiet(args),
         extract=args.extract,
     )
     print(path)
@@ -96,7 +102,9 @@ def _train(client: Client, args: argparse.Namespace) -> None:
         compare_baseline=args.compare_baseline,
     )
     if args.wait:
-        training = client.wait_training(training.id, timeout=args.timeout, progress=not args.quiet)
+        training = client.wait_training(
+            training.id, timeout=args.timeout, progress=not _quiet(args)
+        )
     _print(training)
 
 
@@ -122,7 +130,6 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    parser.set_defaults(quiet=False)
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     create = commands.add_parser(
