@@ -4,6 +4,8 @@ never touches anything referenced or in flight. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -284,12 +286,20 @@ def test_sweepers_racing_recover_each_lost_job_once(api: Api) -> None:
     assert len(queue.sent) == 2
 
 
-def add_heartbeat(api: Api, name: str, *, age: timedelta, job_id: uuid.UUID | None) -> None:
+def add_heartbeat(
+    api: Api,
+    name: str,
+    *,
+    age: timedelta,
+    job_id: uuid.UUID | None,
+    hostname: str = "elsewhere",
+    pid: int = 1,
+) -> None:
     seen = utcnow() - age
     with api.session() as session:
         session.add(
             WorkerHeartbeat(
-                name=name, hostname="h", pid=1, started_at=seen - HOUR, last_seen_at=seen,
+                name=name, hostname=hostname, pid=pid, started_at=seen - HOUR, last_seen_at=seen,
                 current_job_id=job_id,
             )
         )  # fmt: skip
@@ -299,12 +309,16 @@ def add_heartbeat(api: Api, name: str, *, age: timedelta, job_id: uuid.UUID | No
 def test_the_job_of_a_worker_gone_silent_is_taken_over_before_its_lease_runs_out(
     api: Api,
 ) -> None:
-    # given: two running jobs whose leases run for another hour, one whose worker has not
-    # beaten for 2 minutes and one whose worker beat just now; a silent worker whose job has
-    # finished since; and a silent worker that was idle
+    # given: three running jobs whose leases run for another hour: one whose worker has not
+    # beaten for 2 minutes, one whose worker beat just now, and one whose worker, on this host,
+    # has not beaten for 2 minutes but whose process is alive (the machine slept); a silent
+    # worker whose job has finished since; and a silent worker that was idle
     running = {"status": "running", "attempts": 1, "lease_expires_at": utcnow() + HOUR}
     _, dead_job = add_class(api, owner_id=api.alice_id, worker="dead:1", **running)
     _, live_job = add_class(api, owner_id=api.alice_id, worker="live:1", **running)
+    _, slept_job = add_class(api, owner_id=api.alice_id, worker="slept:1", **running)
+    here, alive = socket.gethostname(), os.getpid()
+    add_heartbeat(api, "slept:1", age=2 * MINUTE, job_id=slept_job, hostname=here, pid=alive)
     _, finished_job = add_class(api, owner_id=api.bob_id, status="succeeded", worker="gone:1")
     add_heartbeat(api, "dead:1", age=2 * MINUTE, job_id=dead_job)
     add_heartbeat(api, "live:1", age=timedelta(seconds=1), job_id=live_job)
@@ -343,12 +357,13 @@ def test_the_job_of_a_worker_gone_silent_is_taken_over_before_its_lease_runs_out
     assert (taken.status, taken.attempts) == ("running", 2)
     assert taken.worker is not None and taken.worker.startswith("w:")
     assert get_job_row(api, live_job).worker == "live:1"
+    assert get_job_row(api, slept_job).worker == "slept:1"
     assert get_job_row(api, finished_job).status == "succeeded"
-    # and: each silent worker was forgotten by exactly one sweep, its row gone
+    # and: each dead worker was forgotten by exactly one sweep, its row gone
     forgotten = sorted(lost.name for report in reports for lost in report.lost_workers)
     assert forgotten == ["dead:1", "gone:1", "idle:1"]
     with api.session() as session:
-        assert list(session.scalars(select(WorkerHeartbeat.name))) == ["live:1"]
+        assert sorted(session.scalars(select(WorkerHeartbeat.name))) == ["live:1", "slept:1"]
 
 
 @pytest.fixture

@@ -32,6 +32,8 @@ What counts as stale, precisely:
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -306,17 +308,30 @@ def end_leases_of_lost_workers(
     task is lost, and without a takeover it would be redone only once the others finish and
     the lease runs out.) Each worker in a transaction of its own; deleting its row, as last
     read, is the compare-and-set that makes one sweep act on it (a worker that beats again
-    meanwhile is left alone)."""
+    meanwhile is left alone).
+
+    A silent worker of this host whose process is alive is not dead: the machine slept (a
+    laptop's lid closed), and its beats resume with it. Taking it over would only count an
+    attempt against a job that goes on."""
     cutoff = (now or utcnow()) - timedelta(seconds=lost_after)
     with sessions() as session:
         silent = session.execute(
             select(
-                WorkerHeartbeat.name, WorkerHeartbeat.last_seen_at, WorkerHeartbeat.current_job_id
+                WorkerHeartbeat.name,
+                WorkerHeartbeat.last_seen_at,
+                WorkerHeartbeat.current_job_id,
+                WorkerHeartbeat.hostname,
+                WorkerHeartbeat.pid,
             )
             .where(WorkerHeartbeat.last_seen_at < cutoff)
             .order_by(WorkerHeartbeat.last_seen_at)
         ).all()
-    lost_workers = [LostWorker(name, seen, job_id) for name, seen, job_id in silent]
+    here = socket.gethostname()
+    lost_workers = [
+        LostWorker(name, seen, job_id)
+        for name, seen, job_id, hostname, pid in silent
+        if not (hostname == here and _process_alive(pid))
+    ]
     if dry_run:
         return lost_workers
     forgotten: list[LostWorker] = []
@@ -349,6 +364,16 @@ def end_leases_of_lost_workers(
         )
         forgotten.append(lost)
     return forgotten
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _give_up(session: Session, job_id: uuid.UUID, *, max_attempts: int, lease: int) -> bool:
