@@ -180,6 +180,14 @@ def serve(
             "--embedded-worker/--no-embedded-worker", help="Also run a worker in a child process."
         ),
     ] = True,
+    predict_worker: Annotated[
+        bool,
+        typer.Option(
+            "--predict-worker/--no-predict-worker",
+            help="With the embedded worker, run predictions in a worker of their own, so they "
+            "never wait behind a synthesis or a training (one more process).",
+        ),
+    ] = True,
 ) -> None:
     """Run the API, the dashboard and an embedded worker on one machine.
 
@@ -189,23 +197,29 @@ def serve(
     import uvicorn
 
     from service.app import create_app
+    from worker.celery_app import JOBS_QUEUE, PREDICT_QUEUE
 
     settings = Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _upgrade(settings)
     admin_key = _first_admin_key(settings)
 
-    child: subprocess.Popen[bytes] | None = None
+    children: list[subprocess.Popen[bytes]] = []
     if embedded_worker:
         env = {**os.environ, "ALIGNDIFF_DATA_DIR": str(settings.data_dir.resolve())}
-        # NOTE: the worker stays in serve's process group (Ctrl-C reaches both) and the kernel
-        # signals it when serve dies, however serve dies: uvicorn re-raises SIGTERM on shutdown,
-        # so code after uvicorn.run() does not run then.
-        child = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker", "--pool", "solo"],
-            env=env,
-            preexec_fn=_die_with_parent,
-        )
+        # NOTE: disjoint queues: the embedded broker (SQLite) cannot hand one queue's messages
+        # to two consumers safely.
+        queues = [[JOBS_QUEUE], [PREDICT_QUEUE]] if predict_worker else [[]]
+        # NOTE: the workers stay in serve's process group (Ctrl-C reaches them) and the kernel
+        # signals them when serve dies, however serve dies: uvicorn re-raises SIGTERM on
+        # shutdown, so code after uvicorn.run() does not run then.
+        command = [sys.executable, "-m", "service.cli", "worker", "--pool", "solo"]
+        children = [
+            subprocess.Popen(
+                [*command, f"--queues={','.join(names)}"], env=env, preexec_fn=_die_with_parent
+            )
+            for names in queues
+        ]
     typer.echo(f"AlignDiff is serving on http://{host}:{port} (data in {settings.data_dir})")
     if admin_key is not None:
         typer.echo("first start: an admin API key was created; it is shown only once:")
@@ -214,8 +228,10 @@ def serve(
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
-        if child is not None and child.poll() is None:
+        running = [child for child in children if child.poll() is None]
+        for child in running:
             child.terminate()
+        for child in running:
             try:
                 child.wait(timeout=20)
             except subprocess.TimeoutExpired:

@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -67,14 +68,54 @@ def test_serve_runs_a_class_end_to_end_on_defaults(server: Server) -> None:
         embedding = client.get(f"/v1/classes/{class_id}/embedding")
         assert embedding.status_code == 200 and len(embedding.content) > 64
 
+        # and: a segmenter trained on it predicts while the worker draws a long synthesis:
+        # predictions have a worker of their own
+        queued = client.post(
+            "/v1/trainings", json={"class_ids": [class_id], "architecture": "deeplabv3", "steps": 4}
+        )
+        assert queued.status_code == 202, queued.text
+        training = wait_for_end(client, f"/v1/trainings/{queued.json()['id']}")
+        assert training["status"] == "succeeded", training
+        long_job = post_dog(client, num_samples=300).json()
+        wait_for_end(client, f"/v1/classes/{long_job['id']}", until=("running",))
+        image = (SHOTS_DIR / "dog" / "1.jpg").read_bytes()
+        predicted = client.post(
+            f"/v1/trainings/{training['id']}/predict", files={"image": ("d.jpg", image)}
+        )
+        assert predicted.status_code == 200, predicted.text
+        assert predicted.content.startswith(b"\x89PNG")
+        assert client.get(f"/v1/classes/{long_job['id']}").json()["status"] == "running"
+        assert client.post(f"/v1/jobs/{long_job['job_id']}/cancel").status_code == 202
+
     # and: the data lives under the working folder
     assert (server.workdir / "aligndiff-data").is_dir()
 
 
-def test_stopping_serve_stops_its_embedded_worker(server: Server) -> None:
-    # given: serve's embedded worker is running
+def wait_for_end(
+    client: httpx.Client,
+    path: str,
+    *,
+    until: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+) -> dict[str, Any]:
+    """Poll `path` until its status is one of `until`; its last body."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    body: dict[str, Any] = client.get(path).json()
+    while body["status"] not in until and time.monotonic() < deadline:
+        time.sleep(0.5)
+        body = client.get(path).json()
+    return body
+
+
+def test_stopping_serve_stops_its_embedded_workers(server: Server) -> None:
+    # given: serve's embedded workers are running, one for jobs, one for predictions
     children = worker_children(server.process.pid)
-    assert children, "serve started no worker"
+    queues = sorted(
+        argument
+        for pid in children
+        for argument in Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        if argument.startswith("--queues=")
+    )
+    assert queues == ["--queues=aligndiff", "--queues=aligndiff.predict"], children
 
     # when: serve is stopped the way a process manager stops it
     server.process.send_signal(signal.SIGTERM)
