@@ -7,6 +7,7 @@ import re
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from io import BytesIO
 
@@ -334,6 +335,38 @@ def test_workers_online_come_from_their_heartbeats(api: Api) -> None:
         heartbeat.stop()
 
     assert api.admin.get("/admin/api/jobs").json()["workers"] == []
+
+
+def test_a_heartbeat_writes_a_job_taken_or_finished_at_once(api: Api) -> None:
+    # given: a heartbeat whose next regular beat is a minute away
+    _, job_id = add_class(api, owner_id=api.alice_id, status="running")
+    heartbeat = Heartbeat(WorkerContext(api.settings), interval=60)
+    heartbeat.start()
+
+    def row_names(job: uuid.UUID | None) -> bool:
+        with api.session() as session:
+            row = session.get(WorkerHeartbeat, heartbeat.name)
+            return row is not None and row.current_job_id == job
+
+    def soon(check: Callable[[], bool]) -> bool:
+        deadline = time.monotonic() + 10
+        while not check() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return check()
+
+    try:
+        assert soon(lambda: row_names(None))
+        # when: a task of the job starts, then ends
+        heartbeat.set_job(job_id)
+        taken = soon(lambda: row_names(job_id))
+        heartbeat.set_job(None)
+        finished = soon(lambda: row_names(None))
+    finally:
+        heartbeat.stop()
+
+    # then: the row said so each time well before the next beat (a worker dying now names no
+    # job for the sweep to take over)
+    assert taken and finished
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int]:

@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 class Heartbeat:
     """A daemon thread that upserts this process's heartbeat row until stopped.
 
-    `set_job` records the job being worked on; a newly taken one is written at once, so the
-    dashboard need not wait a whole interval to see a worker pick a job up.
+    `set_job` records the job being worked on, written at once: the dashboard need not wait a
+    whole interval to see a worker pick a job up, and a worker that dies right after a task
+    names no job the sweep would take over for nothing.
     """
 
     def __init__(self, ctx: WorkerContext, *, interval: float | None = None) -> None:
@@ -52,9 +53,10 @@ class Heartbeat:
     def set_job(self, job_id: uuid.UUID | None) -> None:
         changed = job_id != self._job_id
         self._job_id = job_id
-        # NOTE: only a newly taken job is written at once: the tasks of one job follow each
-        # other, and clearing the job between them would cost two writes per task.
-        if changed and job_id is not None:
+        # NOTE: written at once, taken or finished: should this worker die, the sweep takes
+        # over the job its row names, so the row must not name a job whose task has ended (it
+        # costs two small writes per task, against tasks of seconds to minutes).
+        if changed:
             self._wake.set()
 
     def stop(self, *, remove: bool = True) -> None:
