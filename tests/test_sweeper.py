@@ -32,6 +32,7 @@ from service.models import (
     utcnow,
 )
 from service.queue import RecordingQueue
+from service.settings import Settings
 from service.storage import (
     BlobInfo,
     Storage,
@@ -235,6 +236,34 @@ def test_idempotency_records_expire_after_their_ttl(api: Api) -> None:
         assert list(session.scalars(select(IdempotencyRecord.key))) == ["new"]
 
 
+def sweep_at_once(
+    api: Api, queue: RecordingQueue, settings: Settings, *, sweepers: int
+) -> tuple[list[sweeper.JobRecovery], list[BaseException]]:
+    """`recover_jobs` in `sweepers` threads released together (workers `w:0`, `w:1`, …): what
+    each did, and what any raised."""
+    barrier = threading.Barrier(sweepers)
+    reports: list[sweeper.JobRecovery] = []
+    errors: list[BaseException] = []
+
+    def sweep_now(number: int) -> None:
+        barrier.wait()
+        try:
+            reports.append(
+                sweeper.recover_jobs(
+                    sessions=sessions_of(api), queue=queue, settings=settings, worker=f"w:{number}"
+                )
+            )
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=sweep_now, args=(n,)) for n in range(sweepers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return reports, errors
+
+
 def test_sweepers_racing_recover_each_lost_job_once(api: Api) -> None:
     # given: a job whose worker died (lease expired) and a job whose start was lost
     _, lost = add_class(
@@ -249,23 +278,7 @@ def test_sweepers_racing_recover_each_lost_job_once(api: Api) -> None:
     settings = api.settings.model_copy(update={"job_lease_seconds": 60})
 
     # when: eight workers sweep at the same moment
-    barrier = threading.Barrier(8)
-    errors: list[BaseException] = []
-
-    def sweep_now(number: int) -> None:
-        barrier.wait()
-        try:
-            sweeper.recover_jobs(
-                sessions=sessions_of(api), queue=queue, settings=settings, worker=f"w:{number}"
-            )
-        except BaseException as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=sweep_now, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    _, errors = sweep_at_once(api, queue, settings, sweepers=8)
 
     # then: the lost job is taken over once (one attempt more) and resumed once; the
     # unstarted one is started once
@@ -328,26 +341,7 @@ def test_the_job_of_a_worker_gone_silent_is_taken_over_before_its_lease_runs_out
     settings = api.settings.model_copy(update={"worker_lost_after_seconds": 60})
 
     # when: eight workers sweep at the same moment
-    barrier = threading.Barrier(8)
-    reports: list[sweeper.JobRecovery] = []
-    errors: list[BaseException] = []
-
-    def sweep_now(number: int) -> None:
-        barrier.wait()
-        try:
-            reports.append(
-                sweeper.recover_jobs(
-                    sessions=sessions_of(api), queue=queue, settings=settings, worker=f"w:{number}"
-                )
-            )
-        except BaseException as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=sweep_now, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    reports, errors = sweep_at_once(api, queue, settings, sweepers=8)
 
     # then: the silent worker's job is taken over at once (an attempt counted) and resumed,
     # once; the live worker's job is left alone
