@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -28,6 +29,7 @@ from service.storage import LocalStorage, StorageUnavailable, make_storage
 from tests.conftest import SHOTS_DIR
 from tests.fault_support import AWS_TEST_ENVIRONMENT, PrivateRedis, moto_server
 from tests.worker_support import (
+    CreatedClass,
     InProcessQueue,
     Service,
     WorkerProcess,
@@ -69,6 +71,38 @@ def wait_for_end(service: Service, job_id: uuid.UUID, *, timeout: float, log: Pa
     return wait_for(ended, timeout=timeout, what="the job to end", log=log)
 
 
+def two_workers_sampling_8(
+    tmp_path: Path,
+    postgres_url: str,
+    model_cache: Path,
+    tiny_models: Models,
+    broker: PrivateRedis,
+    workers: list[WorkerProcess],
+    **settings: Any,
+) -> tuple[Service, CreatedClass]:
+    """A class of 8 samples whose token is learned, one sample per chunk, its synthesis sent
+    to two solo workers (logging to worker-0.log and worker-1.log) sweeping every 0.5 s;
+    `settings` are the service's and the workers' too."""
+    configured = Settings(
+        data_dir=tmp_path,
+        database_url=postgres_url,
+        broker_url=broker.url,
+        storage_url=f"file://{tmp_path / 'blobs'}",
+        sample_chunk_size=1,
+        annotation_chunk_size=4,
+        **settings,
+    )
+    service = Service.create(configured)
+    created = create_class(service, DOG, name="dog", num_samples=8)
+    give_embedding(service, created.class_id, token_embedding(tiny_models, "<dog>"), "<dog>")
+    variables = {f"ALIGNDIFF_{name.upper()}": str(value) for name, value in settings.items()}
+    env = worker_env(configured, model_cache, ALIGNDIFF_SWEEP_INTERVAL_SECONDS="0.5", **variables)
+    logs = [tmp_path / f"worker-{n}.log" for n in range(2)]
+    workers += [WorkerProcess(env, log, pool="solo", concurrency=1) for log in logs]
+    make_celery(configured).send_task(synthesis.START, args=[str(created.job_id)])
+    return service, created
+
+
 def kill_the_claimer_mid_sample(
     service: Service, job_id: uuid.UUID, workers: list[WorkerProcess]
 ) -> tuple[WorkerProcess, str, int]:
@@ -108,23 +142,10 @@ def test_a_killed_worker_s_job_resumes_on_another_worker_without_duplicates(
 ) -> None:
     # given: a class of 8 samples (its token already learned), one sample per chunk, a short
     # lease, and two workers sampling it
-    settings = Settings(
-        data_dir=tmp_path,
-        database_url=postgres_url,
-        broker_url=broker.url,
-        storage_url=f"file://{tmp_path / 'blobs'}",
-        sample_chunk_size=1,
-        annotation_chunk_size=4,
-        job_lease_seconds=5,
-        task_visibility_timeout=60,
-    )
-    service = Service.create(settings)
-    created = create_class(service, DOG, name="dog", num_samples=8)
-    give_embedding(service, created.class_id, token_embedding(tiny_models, "<dog>"), "<dog>")
-    env = worker_env(settings, model_cache, ALIGNDIFF_SWEEP_INTERVAL_SECONDS="0.5")
-    logs = [tmp_path / f"worker-{n}.log" for n in range(2)]
-    workers += [WorkerProcess(env, log, pool="solo", concurrency=1) for log in logs]
-    make_celery(settings).send_task(synthesis.START, args=[str(created.job_id)])
+    service, created = two_workers_sampling_8(
+        tmp_path, postgres_url, model_cache, tiny_models, broker, workers,
+        job_lease_seconds=5, task_visibility_timeout=60,
+    )  # fmt: skip
 
     # when: the machine of the worker that claimed the job dies mid-sample (the whole process
     # group, SIGKILL) with 2 or more samples stored
@@ -162,30 +183,10 @@ def test_a_dead_worker_s_job_is_taken_over_once_its_heartbeat_is_silent_not_its_
 ) -> None:
     # given: a job lease of 10 minutes (the default), heartbeats every 0.5 s, a worker taken
     # as dead after 3 s of silence, and two workers sampling a class of 8
-    settings = Settings(
-        data_dir=tmp_path,
-        database_url=postgres_url,
-        broker_url=broker.url,
-        storage_url=f"file://{tmp_path / 'blobs'}",
-        sample_chunk_size=1,
-        annotation_chunk_size=4,
-        job_lease_seconds=600,
-        worker_heartbeat_seconds=0.5,
-        worker_lost_after_seconds=3,
-    )
-    service = Service.create(settings)
-    created = create_class(service, DOG, name="dog", num_samples=8)
-    give_embedding(service, created.class_id, token_embedding(tiny_models, "<dog>"), "<dog>")
-    env = worker_env(
-        settings,
-        model_cache,
-        ALIGNDIFF_SWEEP_INTERVAL_SECONDS="0.5",
-        ALIGNDIFF_WORKER_HEARTBEAT_SECONDS="0.5",
-        ALIGNDIFF_WORKER_LOST_AFTER_SECONDS="3",
-    )
-    logs = [tmp_path / f"worker-{n}.log" for n in range(2)]
-    workers += [WorkerProcess(env, log, pool="solo", concurrency=1) for log in logs]
-    make_celery(settings).send_task(synthesis.START, args=[str(created.job_id)])
+    service, created = two_workers_sampling_8(
+        tmp_path, postgres_url, model_cache, tiny_models, broker, workers,
+        job_lease_seconds=600, worker_heartbeat_seconds=0.5, worker_lost_after_seconds=3,
+    )  # fmt: skip
 
     # when: the worker that claimed the job dies mid-sample
     victim, claimer, _ = kill_the_claimer_mid_sample(service, created.job_id, workers)
