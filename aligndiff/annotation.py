@@ -6,6 +6,10 @@ prediction becomes the sample's mask (`consensus`) and the sample joins the supp
 is then re-calibrated once on that enlarged set and pseudo-labels the remaining samples
 (`pseudo_label`).
 
+With a semantic check (`aligndiff.acceptance.SemanticCheck`), a sample joins the support set
+only if its consensus mask also shows the class of the shots: a wrong-class object that the
+FSS segments well (it behaves like a saliency detector) must not calibrate pass 2.
+
 The algorithm is split into pure pieces so the service can fan each pass out in chunks across
 workers, with re-calibration as the single barrier between them:
 `consensus_pass` (any chunk) → `recalibrate` (once, on every chunk's consensus samples) →
@@ -21,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from aligndiff.acceptance import SemanticCheck
 from aligndiff.fss import Features, FewShotSegmenter
 from aligndiff.masks import BoolMask, iou
 
@@ -74,10 +79,13 @@ class Annotation:
 @dataclass(frozen=True, eq=False)
 class FirstPass:
     """One sample's pass-1 result: the IoU between the FSS prediction and the coarse mask, and
-    the FSS prediction itself when that IoU reached consensus (else None)."""
+    the FSS prediction itself when that IoU reached consensus (else None). With a semantic
+    check, `prototype_similarity` is the agreeing prediction's (None where they disagree), and
+    a prediction that fails the check is no consensus."""
 
     consensus_iou: float
     consensus_mask: BoolMask | None
+    prototype_similarity: float | None = None
 
     @property
     def is_consensus(self) -> bool:
@@ -90,24 +98,58 @@ def consensus_pass(
     query: Features,
     coarse_masks: Sequence[CoarseMask],
     config: AnnotationConfig,
+    *,
+    semantic: SemanticCheck | None = None,
+    shot_similarities: Sequence[float] | None = None,
 ) -> list[FirstPass]:
     """Pass 1 over a chunk of samples, with prototypes calibrated on the real shots.
 
     Every sample gets its consensus IoU (FSS prediction > `fss_threshold` vs coarse mask >
     `coarse_threshold`); samples whose IoU is greater than `consensus_iou` also get that FSS
-    prediction as their consensus mask.
+    prediction as their consensus mask, unless `semantic` is given and the prediction fails it
+    (`shot_similarities`: each sample's CLIP shot similarity, in query order).
     """
     _check_coarse_masks(coarse_masks, len(query))
+    if (semantic is None) != (shot_similarities is None):
+        raise ValueError("a semantic check needs the samples' shot similarities, and only it")
+    if shot_similarities is not None and len(shot_similarities) != len(query):
+        raise ValueError(f"{len(query)} samples but {len(shot_similarities)} shot similarities")
+    predictions = [
+        probability > config.fss_threshold for probability in segmenter.predict(prototypes, query)
+    ]
+    agreements = [
+        iou(prediction, coarse > config.coarse_threshold)
+        for prediction, coarse in zip(predictions, coarse_masks, strict=True)
+    ]
+    # NOTE: two empty masks agree perfectly (IoU 1) but show no object: such a sample must not
+    # join the support set as a "consensus" on the class.
+    agreeing = [
+        i
+        for i, (prediction, agreement) in enumerate(zip(predictions, agreements, strict=True))
+        if agreement > config.consensus_iou and prediction.any()
+    ]
+    agrees = set(agreeing)
+    similarity: dict[int, float] = {}
+    if semantic is not None and agreeing:
+        values = semantic.prototype_similarities(
+            segmenter, query.select(agreeing), [predictions[i] for i in agreeing]
+        )
+        similarity = dict(zip(agreeing, values, strict=True))
     results = []
-    probabilities = segmenter.predict(prototypes, query)
-    for probability, coarse in zip(probabilities, coarse_masks, strict=True):
-        prediction = probability > config.fss_threshold
-        agreement = iou(prediction, coarse > config.coarse_threshold)
-        # NOTE: two empty masks agree perfectly (IoU 1) but show no object: such a sample
-        # must not join the support set as a "consensus" on the class.
-        agrees = agreement > config.consensus_iou and bool(prediction.any())
-        consensus = prediction if agrees else None
-        results.append(FirstPass(consensus_iou=agreement, consensus_mask=consensus))
+    for i, (prediction, agreement) in enumerate(zip(predictions, agreements, strict=True)):
+        consensus = prediction if i in agrees else None
+        if consensus is not None and semantic is not None and shot_similarities is not None:
+            passes = semantic.passes(
+                prototype_similarity=similarity[i], shot_similarity=shot_similarities[i]
+            )
+            consensus = consensus if passes else None
+        results.append(
+            FirstPass(
+                consensus_iou=agreement,
+                consensus_mask=consensus,
+                prototype_similarity=similarity.get(i),
+            )
+        )
     return results
 
 
@@ -152,6 +194,8 @@ def annotate(
     samples: Features,
     coarse_masks: Sequence[CoarseMask],
     config: AnnotationConfig,
+    semantic: SemanticCheck | None = None,
+    shot_similarities: Sequence[float] | None = None,
     progress: Progress | None = None,
     batch_size: int = 32,
 ) -> list[Annotation]:
@@ -159,8 +203,9 @@ def annotate(
 
     Shots and samples come embedded (`segmenter.embed`): the caller embeds each image once and
     reuses the features (the OOD filter does). The FSS is calibrated on the shots, runs pass 1
-    over every sample, is re-calibrated once on the shots plus the consensus samples, and
-    pseudo-labels only the samples that did not reach consensus. Predictions run `batch_size`
+    over every sample (with `semantic`, a consensus must pass it too; see `consensus_pass`),
+    is re-calibrated once on the shots plus the consensus samples, and pseudo-labels only the
+    samples that did not reach consensus. Predictions run `batch_size`
     samples at a time. `progress(done, total)` counts two units per sample, one per pass (a
     consensus sample's second unit is done at the barrier), so `total` is `2 * len(images)`.
     """
@@ -195,6 +240,10 @@ def annotate(
             samples.select(chunk),
             [coarse_masks[i] for i in chunk],
             config,
+            semantic=semantic,
+            shot_similarities=(
+                None if shot_similarities is None else [shot_similarities[i] for i in chunk]
+            ),
         )
         advance(len(chunk))
 

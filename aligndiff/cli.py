@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from tqdm import tqdm
 
-from aligndiff.settings import Settings
+from aligndiff.settings import Settings, parse_bg_lambda
 
 app = typer.Typer(
     name="aligndiff",
@@ -96,6 +96,14 @@ def synth(
     inversion_steps: Annotated[
         int | None, typer.Option("--inversion-steps", min=1, help="Default 500 (tiny: 20).")
     ] = None,
+    bg_lambda: Annotated[
+        str | None,
+        typer.Option(
+            "--bg-lambda",
+            help="The inversion's background weight in [0, 2], or 'auto' to choose it by short "
+            "trials [env ALIGNDIFF_BG_LAMBDA, default 0.6].",
+        ),
+    ] = None,
     sampling_steps: Annotated[
         int | None, typer.Option("--sampling-steps", min=1, help="Default 50 (tiny: 5).")
     ] = None,
@@ -123,7 +131,6 @@ def synth(
     settings = Settings()
     if model is not None:
         settings = settings.model_copy(update={"diffusion_model": model})
-    spec = settings.diffusion_model
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise fail(f"--out {out} exists and is not an empty folder; choose a new one")
     try:
@@ -131,8 +138,9 @@ def synth(
     except ShotError as error:
         raise fail(str(error)) from None
 
-    config = SynthConfig.for_model(spec)
+    config = SynthConfig.from_settings(settings)
     try:
+        chosen_bg_lambda = parse_bg_lambda(bg_lambda) if bg_lambda is not None else None
         inversion = config.inversion
         if inversion_steps is not None:
             inversion = dataclasses.replace(inversion, steps=inversion_steps)
@@ -148,8 +156,8 @@ def synth(
             }.items()
             if v is not None
         }
-        config = SynthConfig(
-            inversion=inversion, sampling=dataclasses.replace(config.sampling, **overrides)
+        config = dataclasses.replace(
+            config, inversion=inversion, sampling=dataclasses.replace(config.sampling, **overrides)
         )
     except ValueError as error:
         raise fail(str(error)) from None
@@ -170,6 +178,7 @@ def synth(
             seed=seed,
             prompts=prompt or (),
             config=config,
+            bg_lambda=chosen_bg_lambda,
             progress=bars,
         )
     except ValueError as error:

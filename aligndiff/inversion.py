@@ -205,6 +205,128 @@ def initial_embedding(model: DiffusionModel) -> torch.Tensor:
     return weight[token_id].detach().float().clone()
 
 
+class InversionRun:
+    """One inversion that can be advanced in steps: `advance(until)` runs its steps up to
+    `until`, and its state (token row, AdamW moments, the cosine schedule's position, the data
+    RNG) carries on from there. Running to `config.steps` at once or in several calls gives the
+    same embedding, which is how a trial of `bg_lambda=auto` goes on into the full inversion.
+
+    `data` (the shots encoded once) may be shared by several runs on the same shots.
+    """
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        data: InversionData,
+        *,
+        class_name: str,
+        config: InversionConfig,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.data = data
+        self.objective = InversionObjective(
+            model, data, class_name=class_name, lambda_bg=config.lambda_bg
+        )
+        # The trained row is a float32 master copy whatever the model's dtype: it is cast to the
+        # model's dtype inside the loss, so AdamW's update (lr 5e-4 on entries near 0.01) does
+        # not round away in float16 or bfloat16.
+        self.embedding = torch.nn.Parameter(initial_embedding(model).to(model.device))
+        self.optimizer = torch.optim.AdamW(
+            [self.embedding], lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.steps))
+        )
+        # float16 gradients of one row underflow to zero: scale the loss up (dynamically; a step
+        # whose gradient overflowed is skipped). bfloat16 has float32's range and needs none.
+        self.scaler = torch.amp.GradScaler(model.device.type, enabled=model.dtype == torch.float16)
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        self.step = 0
+        self.result = InversionResult(
+            token=inversion_token(class_name), embedding=self.embedding.detach()
+        )
+
+    def advance(
+        self,
+        until: int,
+        *,
+        progress: Callable[[int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Run the steps up to `until` (at most `config.steps`); `progress(step)` after each.
+        False when `should_stop` stopped it first."""
+        config, objective, data = self.config, self.objective, self.data
+        num_train_timesteps = self.model.scheduler.config.num_train_timesteps
+        shape = tuple(data.latent_mean.shape[1:])
+        while self.step < min(until, config.steps):
+            if should_stop is not None and should_stop():
+                return False
+            self.optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(config.gradient_accumulation):
+                # Indices span images and their flips: image and mask are flipped together.
+                indices = torch.randint(
+                    0, len(data.latent_mean), (config.batch_size,), generator=self.generator
+                )
+                noise = torch.randn((config.batch_size, *shape), generator=self.generator)
+                latent_noise = torch.randn((config.batch_size, *shape), generator=self.generator)
+                timesteps = torch.randint(
+                    0, num_train_timesteps, (config.batch_size,), generator=self.generator
+                )
+                loss = objective.loss(self.embedding, indices, noise, timesteps, latent_noise)
+                self.scaler.scale(loss / config.gradient_accumulation).backward()
+                total += loss.item() / config.gradient_accumulation
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.result.losses.append(total)
+            self.step += 1
+            if progress is not None:
+                progress(self.step)
+        return True
+
+    def current(self) -> InversionResult:
+        """The token and a CPU copy of its embedding as trained so far."""
+        return InversionResult(
+            token=self.result.token,
+            embedding=self.embedding.detach().float().cpu().clone(),
+            losses=list(self.result.losses),
+        )
+
+
+def check_shots(images: Sequence[npt.NDArray[np.uint8]], masks: Sequence[BoolMask]) -> None:
+    """Raise ValueError on shots inversion cannot use: none, unpaired, a mask of another size
+    than its image, or one without foreground."""
+    if not images:
+        raise ValueError("at least one shot is needed")
+    if len(images) != len(masks):
+        raise ValueError(f"{len(images)} images but {len(masks)} masks")
+    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        if image.shape[:2] != mask.shape:
+            raise ValueError(f"shot {i}: mask {mask.shape} does not match image {image.shape[:2]}")
+        if not mask.any():
+            raise ValueError(f"shot {i}: the mask has no foreground pixel")
+
+
+def encode_for(
+    model: DiffusionModel,
+    images: Sequence[npt.NDArray[np.uint8]],
+    masks: Sequence[BoolMask],
+    config: InversionConfig,
+) -> InversionData:
+    """The shots encoded as `config` trains on them (resolution, flips, mask threshold)."""
+    check_shots(images, masks)
+    return encode_shots(
+        model,
+        images,
+        masks,
+        resolution=config.resolution or model.default_resolution,
+        flip=config.flip,
+        mask_threshold=config.mask_threshold,
+    )
+
+
 def invert(
     model: DiffusionModel,
     images: Sequence[npt.NDArray[np.uint8]],
@@ -220,68 +342,14 @@ def invert(
     Raises ValueError on unusable input (no shots, unpaired lists, a mask without foreground)
     before any work is done. Nothing of `model` is modified.
     """
-    if not images:
-        raise ValueError("at least one shot is needed")
-    if len(images) != len(masks):
-        raise ValueError(f"{len(images)} images but {len(masks)} masks")
-    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
-        if image.shape[:2] != mask.shape:
-            raise ValueError(f"shot {i}: mask {mask.shape} does not match image {image.shape[:2]}")
-        if not mask.any():
-            raise ValueError(f"shot {i}: the mask has no foreground pixel")
-    resolution = config.resolution or model.default_resolution
-    data = encode_shots(
-        model,
-        images,
-        masks,
-        resolution=resolution,
-        flip=config.flip,
-        mask_threshold=config.mask_threshold,
+    data = encode_for(model, images, masks, config)
+    run = InversionRun(model, data, class_name=class_name, config=config)
+    run.advance(
+        config.steps,
+        progress=None if progress is None else (lambda step: progress(step, config.steps)),
+        should_stop=should_stop,
     )
-    objective = InversionObjective(model, data, class_name=class_name, lambda_bg=config.lambda_bg)
-    # The trained row is a float32 master copy whatever the model's dtype: it is cast to the
-    # model's dtype inside the loss, so AdamW's update (lr 5e-4 on entries near 0.01) does not
-    # round away in float16 or bfloat16.
-    embedding = torch.nn.Parameter(initial_embedding(model).to(model.device))
-    optimizer = torch.optim.AdamW(
-        [embedding], lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.steps))
-    )
-    # float16 gradients of one row underflow to zero: scale the loss up (dynamically; a step
-    # whose gradient overflowed is skipped). bfloat16 has float32's range and needs none.
-    scaler = torch.amp.GradScaler(model.device.type, enabled=model.dtype == torch.float16)
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    num_train_timesteps = model.scheduler.config.num_train_timesteps
-    shape = tuple(data.latent_mean.shape[1:])
-    result = InversionResult(token=inversion_token(class_name), embedding=embedding.detach())
-    for step in range(config.steps):
-        if should_stop is not None and should_stop():
-            break
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(config.gradient_accumulation):
-            # Indices span images and their flips: image and mask are flipped together.
-            indices = torch.randint(
-                0, len(data.latent_mean), (config.batch_size,), generator=generator
-            )
-            noise = torch.randn((config.batch_size, *shape), generator=generator)
-            latent_noise = torch.randn((config.batch_size, *shape), generator=generator)
-            timesteps = torch.randint(
-                0, num_train_timesteps, (config.batch_size,), generator=generator
-            )
-            loss = objective.loss(embedding, indices, noise, timesteps, latent_noise)
-            scaler.scale(loss / config.gradient_accumulation).backward()
-            total += loss.item() / config.gradient_accumulation
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        result.losses.append(total)
-        if progress is not None:
-            progress(step + 1, config.steps)
-    result.embedding = embedding.detach().float().cpu().clone()
-    return result
+    return run.current()
 
 
 def save_embedding(path: Path, token: str, embedding: torch.Tensor) -> None:

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TINY = "tiny"
+AUTO: Final = "auto"
+# The inversion's background weight λ_bg: any value in this range, or "auto".
+BG_LAMBDA_MIN, BG_LAMBDA_MAX = 0.0, 2.0
+
+
+def parse_bg_lambda(text: str) -> float | Literal["auto"]:
+    """A `bg_lambda` as users write it: "auto" or a number in [0, 2]; ValueError otherwise."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"bg_lambda must be a number in [0, 2] or 'auto', got {text!r}") from None
+    if not BG_LAMBDA_MIN <= value <= BG_LAMBDA_MAX:
+        raise ValueError(f"bg_lambda must be in [0, 2], got {value:g}")
+    return value
 
 
 def _default_cache_dir() -> Path:
@@ -44,6 +60,23 @@ class Settings(BaseSettings):
     batch_size: int | Literal["auto"] | None = Field(default=None)
     # Share of free device memory "auto" may plan to fill.
     memory_fraction: float = Field(default=0.85, gt=0, le=1)
+
+    # Acceptance (aligndiff.acceptance): the semantic check of every sample against its class's
+    # shots. Unset: on for real models, off for `tiny` (random features say nothing about a
+    # class; the signals are still computed and stored) unless a threshold is fixed here.
+    # Thresholds are calibrated per class from its shots unless fixed here.
+    accept_semantic_check: bool | None = None
+    accept_distance_factor: float = Field(default=1.5, ge=1)
+    accept_min_prototype_similarity: float | None = Field(default=None, ge=-1, le=1)
+    accept_min_shot_similarity: float | None = Field(default=None, ge=-1, le=1)
+
+    # The inversion's background weight λ_bg for classes that do not choose one, and what
+    # `bg_lambda=auto` tries (aligndiff.tuning): the grid, the share of the inversion's steps
+    # each trial runs, and the trial samples drawn per value.
+    bg_lambda: float = Field(default=0.6, ge=0, le=2)
+    bg_lambda_grid: tuple[float, ...] = (0.2, 0.6, 1.0)
+    bg_lambda_trial_fraction: float = Field(default=0.15, gt=0, le=0.3)
+    bg_lambda_trial_samples: int = Field(default=2, ge=1, le=16)
 
     @property
     def uses_tiny_models(self) -> bool:

@@ -10,13 +10,20 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 
 from aligndiff import __version__
 from aligndiff.acceleration import Acceleration, resolve_batch_size
+from aligndiff.acceptance import (
+    AcceptanceConfig,
+    AcceptanceThresholds,
+    SemanticCheck,
+    calibrate,
+    verdict,
+)
 from aligndiff.annotation import AnnotationConfig, annotate
 from aligndiff.fss import FewShotSegmenter, PrototypeSegmenter
 from aligndiff.inversion import InversionConfig, InversionResult, invert, save_embedding
@@ -24,12 +31,13 @@ from aligndiff.masks import mask_to_image
 from aligndiff.models.backbone import load_backbone
 from aligndiff.models.clip import load_clip
 from aligndiff.models.diffusion import DiffusionModel, load_diffusion_model, resolve_dtype
-from aligndiff.ood import OodConfig, is_accepted, ood_ious
+from aligndiff.ood import OodConfig, ood_ious
 from aligndiff.prompts import prompt_bank
 from aligndiff.sampling import Sampler, SamplingConfig
 from aligndiff.scoring import ClipScorer
 from aligndiff.settings import Settings
 from aligndiff.shots import Shot
+from aligndiff.tuning import TrialScorer, TuningConfig, acceptance_scorer, tune_bg_lambda
 
 # (stage, done, total): stages are "inversion", "sampling", "annotation", "scoring".
 StageProgress = Callable[[str, int, int], None]
@@ -43,19 +51,52 @@ class SynthConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
     ood: OodConfig = field(default_factory=OodConfig)
+    acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
 
     @classmethod
     def for_model(cls, diffusion_model: str) -> SynthConfig:
-        """Reference defaults, scaled down for the tiny random model."""
+        """Reference defaults, scaled down for the tiny random model (whose random features
+        cannot tell classes apart: its semantic check is off)."""
         if diffusion_model == "tiny":
-            return cls(inversion=InversionConfig.tiny(), sampling=SamplingConfig.tiny())
+            return cls(
+                inversion=InversionConfig.tiny(),
+                sampling=SamplingConfig.tiny(),
+                acceptance=AcceptanceConfig(enabled=False),
+            )
         return cls()
 
     @classmethod
-    def for_settings(cls, settings: Settings, diffusion: DiffusionModel) -> SynthConfig:
-        """`for_model`, with the sampling batch size of `settings` (`batch_size`: a number,
-        or "auto" to fit the free memory of `diffusion`'s device)."""
+    def from_settings(cls, settings: Settings) -> SynthConfig:
+        """`for_model`, with the acceptance and `bg_lambda` settings of `settings`."""
         config = cls.for_model(settings.diffusion_model)
+        fixed = (settings.accept_min_prototype_similarity, settings.accept_min_shot_similarity)
+        enabled = settings.accept_semantic_check
+        if enabled is None:
+            # Off by default for the tiny models only; a threshold fixed by hand turns it on.
+            enabled = config.acceptance.enabled or any(value is not None for value in fixed)
+        acceptance = AcceptanceConfig(
+            distance_factor=settings.accept_distance_factor,
+            min_prototype_similarity=fixed[0],
+            min_shot_similarity=fixed[1],
+            enabled=enabled,
+        )
+        return replace(
+            config,
+            inversion=replace(config.inversion, lambda_bg=settings.bg_lambda),
+            acceptance=acceptance,
+            tuning=TuningConfig(
+                grid=settings.bg_lambda_grid,
+                trial_fraction=settings.bg_lambda_trial_fraction,
+                trial_samples=settings.bg_lambda_trial_samples,
+            ),
+        )
+
+    @classmethod
+    def for_settings(cls, settings: Settings, diffusion: DiffusionModel) -> SynthConfig:
+        """`from_settings`, with the sampling batch size of `settings` (`batch_size`: a number,
+        or "auto" to fit the free memory of `diffusion`'s device)."""
+        config = cls.from_settings(settings)
         sampling = config.sampling
         size = resolve_batch_size(
             settings.batch_size,
@@ -127,9 +168,11 @@ class SampleRecord:
     height: int
     clip_score: float | None
     shot_similarity: float | None
+    prototype_similarity: float | None
     consensus_iou: float | None
     ood_iou: float | None
     accepted: bool
+    rejected_by: str | None
     mask_source: str
     created_at: str
     image: np.ndarray = field(repr=False)
@@ -149,6 +192,9 @@ class SynthesisResult:
     samples: list[SampleRecord]
     stage_seconds: dict[str, float]
     model_ids: dict[str, str]
+    bg_lambda: float
+    tuning: list[dict[str, Any]] | None
+    acceptance: AcceptanceThresholds
 
 
 def _now() -> str:
@@ -177,17 +223,22 @@ def synthesize(
     seed: int,
     prompts: Sequence[str] = (),
     config: SynthConfig,
+    bg_lambda: float | Literal["auto"] | None = None,
     progress: StageProgress | None = None,
 ) -> SynthesisResult:
-    """Run inversion → sampling → annotation (+ OOD filter) → scoring on `shots`.
+    """Run inversion → sampling → scoring → annotation (+ OOD filter and semantic check) on
+    `shots`. `bg_lambda`: the inversion's background weight, "auto" to choose it by trials
+    (`aligndiff.tuning`), or None for `config.inversion.lambda_bg`.
 
-    Every sample comes back with its final mask, its mask source and all its scores.
+    Every sample comes back with its final mask, its mask source, all its scores and its
+    verdict (`accepted`, `rejected_by`).
     """
     if not shots:
         raise ValueError("at least one shot is needed")
     specs = prompt_bank(class_name, num_samples=num_samples, class_seed=seed, prompts=prompts)
     shot_images = [shot.image_array for shot in shots]
     shot_masks = [shot.mask for shot in shots]
+    segmenter, scorer = models.segmenter, models.scorer
     clock = _StageClock()
 
     def report(stage: str) -> Callable[[int, int], None] | None:
@@ -196,14 +247,18 @@ def synthesize(
         return lambda done, total: progress(stage, done, total)
 
     with clock.stage("inversion"):
-        inversion = invert(
-            models.diffusion,
+        learned = learn_token(
+            models,
             shot_images,
             shot_masks,
             class_name=class_name,
-            config=config.inversion,
+            class_seed=seed,
+            bg_lambda=bg_lambda,
+            config=config,
             progress=report("inversion"),
         )
+        assert learned is not None  # nothing asks it to stop
+        inversion = learned.inversion
     with clock.stage("sampling"):
         sampler = Sampler(
             models.diffusion,
@@ -214,10 +269,21 @@ def synthesize(
         generated = list(sampler.generate(specs, progress=report("sampling")))
     images = [g.image for g in generated]
 
+    with clock.stage("scoring"):
+        # NOTE: scored before annotation: the CLIP shot similarity is one of the signals of
+        # the semantic check that a consensus sample must pass.
+        reference = scorer.reference(class_name=class_name, shot_images=shot_images)
+        scores = scorer.score(images, reference)
+        thresholds = calibrate(
+            segmenter, scorer.embed_images, shot_images, shot_masks, config.acceptance
+        )
+        if progress is not None:
+            progress("scoring", len(images), len(images))
+
     with clock.stage("annotation"):
-        segmenter = models.segmenter
         shot_features = segmenter.embed(shot_images)
         sample_features = segmenter.embed(images)
+        semantic = SemanticCheck.for_shots(segmenter, shot_features, shot_masks, thresholds)
         annotations = annotate(
             segmenter,
             shots=shot_features,
@@ -225,28 +291,37 @@ def synthesize(
             samples=sample_features,
             coarse_masks=[g.coarse_mask for g in generated],
             config=config.annotation,
+            semantic=semantic,
+            shot_similarities=[score.shot_similarity for score in scores],
             progress=report("annotation"),
         )
+        final_masks = [a.mask for a in annotations]
         ood = ood_ious(
             segmenter,
             samples=sample_features,
-            sample_masks=[a.mask for a in annotations],
+            sample_masks=final_masks,
             shots=shot_features,
             shot_masks=shot_masks,
             threshold=config.ood.prediction_threshold,
         )
-    with clock.stage("scoring"):
-        reference = models.scorer.reference(class_name=class_name, shot_images=shot_images)
-        scores = models.scorer.score(images, reference)
-        if progress is not None:
-            progress("scoring", len(images), len(images))
+        similarities = semantic.prototype_similarities(segmenter, sample_features, final_masks)
 
     class_id = str(uuid.uuid4())
     created_at = _now()
     samples = []
-    for sample, annotation, ood_iou, score in zip(generated, annotations, ood, scores, strict=True):
+    for sample, annotation, ood_iou, score, similarity in zip(
+        generated, annotations, ood, scores, similarities, strict=True
+    ):
         spec = sample.spec
         height, width = sample.image.shape[:2]
+        accepted, rejected_by = verdict(
+            prompt_kind=spec.prompt_kind,
+            ood_iou=ood_iou,
+            prototype_similarity=similarity,
+            shot_similarity=score.shot_similarity,
+            ood=config.ood,
+            thresholds=thresholds,
+        )
         samples.append(
             SampleRecord(
                 id=str(uuid.uuid4()),
@@ -259,11 +334,11 @@ def synthesize(
                 height=height,
                 clip_score=score.clip_score,
                 shot_similarity=score.shot_similarity,
+                prototype_similarity=similarity,
                 consensus_iou=annotation.consensus_iou,
                 ood_iou=ood_iou,
-                accepted=is_accepted(
-                    prompt_kind=spec.prompt_kind, ood_iou=ood_iou, config=config.ood
-                ),
+                accepted=accepted,
+                rejected_by=rejected_by,
                 mask_source=annotation.mask_source,
                 created_at=created_at,
                 image=sample.image,
@@ -277,6 +352,96 @@ def synthesize(
         samples=samples,
         stage_seconds=clock.seconds,
         model_ids=models.model_ids,
+        bg_lambda=learned.bg_lambda,
+        tuning=learned.tuning,
+        acceptance=thresholds,
+    )
+
+
+@dataclass
+class LearnedToken:
+    """The class token, the λ_bg it was learned with and, for `auto`, the trials."""
+
+    inversion: InversionResult
+    bg_lambda: float
+    tuning: list[dict[str, Any]] | None
+
+
+def learn_token(
+    models: Models,
+    shot_images: Sequence[np.ndarray],
+    shot_masks: Sequence[np.ndarray],
+    *,
+    class_name: str,
+    class_seed: int,
+    bg_lambda: float | Literal["auto"] | None,
+    config: SynthConfig,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> LearnedToken | None:
+    """The inversion of a class at `bg_lambda` (None: `config.inversion.lambda_bg`), or with
+    λ_bg chosen by trials ("auto"). None when `should_stop` stopped it."""
+    if bg_lambda == "auto":
+        tuned = tune_bg_lambda(
+            models.diffusion,
+            shot_images,
+            shot_masks,
+            class_name=class_name,
+            config=config.inversion,
+            tuning=config.tuning,
+            score_trial=trial_scorer(
+                models, config, class_name, class_seed, shot_images, shot_masks
+            ),
+            progress=progress,
+            should_stop=should_stop,
+        )
+        if tuned is None:
+            return None
+        return LearnedToken(
+            inversion=tuned.inversion,
+            bg_lambda=tuned.bg_lambda,
+            tuning=[trial.public() for trial in tuned.trials],
+        )
+    value = config.inversion.lambda_bg if bg_lambda is None else bg_lambda
+    stopped = False
+
+    def stop() -> bool:
+        nonlocal stopped
+        stopped = stopped or (should_stop is not None and should_stop())
+        return stopped
+
+    inversion = invert(
+        models.diffusion,
+        shot_images,
+        shot_masks,
+        class_name=class_name,
+        config=replace(config.inversion, lambda_bg=value),
+        progress=progress,
+        should_stop=stop,
+    )
+    return None if stopped else LearnedToken(inversion=inversion, bg_lambda=value, tuning=None)
+
+
+def trial_scorer(
+    models: Models,
+    config: SynthConfig,
+    class_name: str,
+    class_seed: int,
+    shot_images: Sequence[np.ndarray],
+    shot_masks: Sequence[np.ndarray],
+) -> TrialScorer:
+    """The acceptance-signal scorer of `bg_lambda=auto`'s trials, on these models."""
+    return acceptance_scorer(
+        models.diffusion,
+        models.segmenter,
+        models.scorer.embed_images,
+        class_name=class_name,
+        class_seed=class_seed,
+        shot_images=shot_images,
+        shot_masks=shot_masks,
+        sampling=config.sampling,
+        trial_samples=config.tuning.trial_samples,
+        fss_threshold=config.annotation.fss_threshold,
     )
 
 
@@ -316,12 +481,20 @@ def summarize(result: SynthesisResult) -> dict[str, Any]:
         "num_samples": len(samples),
         "num_accepted": len(accepted),
         "accepted_share": len(accepted) / len(samples) if samples else None,
+        "rejected_by": {
+            k: sum(s.rejected_by == k for s in samples)
+            for k in sorted({s.rejected_by for s in samples if s.rejected_by})
+        },
+        "bg_lambda": result.bg_lambda,
+        "tuning": result.tuning,
+        "acceptance": result.acceptance.to_dict(),
         "mask_sources": {
             k: sum(s.mask_source == k for s in samples)
             for k in sorted({s.mask_source for s in samples})
         },
         "clip_score_mean": mean([s.clip_score for s in samples]),
         "shot_similarity_mean": mean([s.shot_similarity for s in samples]),
+        "prototype_similarity_mean": mean([s.prototype_similarity for s in samples]),
         "consensus_iou_mean": mean([s.consensus_iou for s in samples]),
         "ood_iou_mean": mean([s.ood_iou for s in samples]),
         "inversion_final_loss": result.inversion.losses[-1] if result.inversion.losses else None,

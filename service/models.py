@@ -26,6 +26,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -144,6 +145,14 @@ class SegClass(Base):
     embedding_key: Mapped[str | None] = mapped_column(String(512), default=None)
     prototypes_key: Mapped[str | None] = mapped_column(String(512), default=None)
     model_ids: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The background weight of the inversion loss: the value used (None while `auto` has not
+    # chosen yet), and whether it is chosen per class by trial inversions (`tuning` holds them).
+    bg_lambda: Mapped[float | None] = mapped_column(Float, default=None)
+    bg_lambda_auto: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    tuning: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
+    # The acceptance thresholds used for this class's samples (calibrated on its shots, or
+    # from the settings), as `aligndiff.acceptance.AcceptanceThresholds.to_dict` writes them.
+    acceptance: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     job_id: Mapped[uuid.UUID | None] = mapped_column(default=None)
     # The bytes its owner uploaded for it (shots and masks as received): the storage quota.
     upload_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -191,7 +200,12 @@ class Sample(Base):
     ood_iou: Mapped[float | None] = mapped_column(Float, default=None)
     clip_score: Mapped[float | None] = mapped_column(Float, default=None)
     shot_similarity: Mapped[float | None] = mapped_column(Float, default=None)
+    # Cosine between the sample's foreground prototype (FSS features under its final mask) and
+    # the shots'; one of the acceptance signals.
+    prototype_similarity: Mapped[float | None] = mapped_column(Float, default=None)
     accepted: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    # Why a sample is not accepted: "ood", "similarity" (or "user", a reviewer's verdict).
+    rejected_by: Mapped[str | None] = mapped_column(String(16), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finalized_at: Mapped[datetime | None] = mapped_column(default=None)
 
@@ -231,11 +245,15 @@ class Training(Base):
     use_synthetic: Mapped[bool] = mapped_column(Boolean)
     copy_paste: Mapped[bool] = mapped_column(Boolean)
     compare_baseline: Mapped[bool] = mapped_column(Boolean)
-    eval_set: Mapped[str] = mapped_column(String(16), default="shots")  # validation | shots
+    # validation | held_out_shots | training_shots
+    eval_set: Mapped[str] = mapped_column(String(16), default="training_shots")
     # The uploaded validation set, [image key, label map key] per pair (None: evaluate on the
     # shots); the blobs are written before the row.
     validation_keys: Mapped[list[list[str]] | None] = mapped_column(JSON, default=None)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # Held-out evaluation: each finished fold run's metrics by run name, written as each run
+    # ends, so a resumed job goes on at the first fold without a result.
+    fold_results: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     weights_key: Mapped[str | None] = mapped_column(String(512), default=None)
     baseline_weights_key: Mapped[str | None] = mapped_column(String(512), default=None)
     checkpoint_key: Mapped[str | None] = mapped_column(String(512), default=None)

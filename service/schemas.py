@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from aligndiff.settings import parse_bg_lambda
 
 T = TypeVar("T")
 
@@ -21,6 +23,19 @@ class Page(BaseModel, Generic[T]):
     )
 
 
+class TuningTrial(BaseModel):
+    bg_lambda: float
+    score: float = Field(description="The mean of the two similarities below.")
+    prototype_similarity: float = Field(
+        description="The trial samples' mean prototype similarity to the shots."
+    )
+    shot_similarity: float = Field(
+        description="The trial samples' mean CLIP similarity to the shots."
+    )
+    steps: int = Field(description="The inversion steps the trial ran.")
+    loss: float | None = Field(description="The trial's last inversion loss.")
+
+
 class ClassPublic(BaseModel):
     id: uuid.UUID
     name: str
@@ -32,6 +47,14 @@ class ClassPublic(BaseModel):
     num_samples_done: int
     num_accepted: int
     clip_score_mean: float | None
+    bg_lambda: float | None = Field(
+        description="The inversion's background weight the class uses (null while `auto` "
+        "has not chosen yet)."
+    )
+    tuning: list[TuningTrial] | None = Field(
+        description="`bg_lambda: auto`: the values tried, each with its trial samples' mean "
+        "acceptance signals and score (the best is kept); null for a fixed value."
+    )
     job_id: uuid.UUID | None
     error: str | None
     created_at: datetime
@@ -49,9 +72,17 @@ class SamplePublic(BaseModel):
     height: int
     clip_score: float | None
     shot_similarity: float | None
+    prototype_similarity: float | None = Field(
+        description="Cosine between the sample's foreground prototype (few-shot segmenter "
+        "features under its mask) and the shots'."
+    )
     consensus_iou: float | None
     ood_iou: float | None
     accepted: bool
+    rejected_by: Literal["ood", "similarity", "user"] | None = Field(
+        description="Why the sample is not accepted: the OOD filter (`ood`), the semantic "
+        "check against the shots (`similarity`) or a reviewer (`user`); null when accepted."
+    )
     mask_source: Literal["consensus", "pseudo_label"]
     image_url: str
     mask_url: str
@@ -88,6 +119,19 @@ class ProblemDetail(BaseModel):
 MAX_SEED = 2**63 - 1
 
 
+def _parse_bg_lambda(value: Any) -> Any:
+    """A form field's text ("auto" or a number in [0, 2]) as one error on the field itself,
+    rather than one per member of the union."""
+    if value is None or isinstance(value, bool):
+        return value
+    return parse_bg_lambda(str(value))
+
+
+BgLambda = Annotated[
+    Annotated[float, Field(ge=0, le=2)] | Literal["auto"], BeforeValidator(_parse_bg_lambda)
+]
+
+
 class ClassCreate(BaseModel):
     """The fields of `POST /v1/classes` besides its files (sent as multipart form fields)."""
 
@@ -101,6 +145,12 @@ class ClassCreate(BaseModel):
     num_samples: int = Field(ge=1, description="How many samples to synthesize (server max).")
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, description="The class seed; random when absent."
+    )
+    bg_lambda: BgLambda | None = Field(
+        default=None,
+        description="The inversion's background weight in [0, 2], or `auto`: short trial "
+        "inversions at several values, the best kept by the acceptance signals of a few trial "
+        "samples. Default: the server's (0.6).",
     )
 
 
@@ -139,7 +189,9 @@ class TrainingCreate(BaseModel):
     )
     compare_baseline: bool = Field(
         default=False,
-        description="Also train on the shots alone and report its metrics as `baseline`.",
+        description="Also train on the shots alone and report its metrics as `baseline`, "
+        "and the difference as `comparison`. Needs images neither model trains on: a "
+        "validation set, or 2+ shots in every class (else 422).",
     )
 
 
@@ -148,14 +200,67 @@ class IoUMetrics(BaseModel):
     miou: float = Field(description="The mean of the per-class IoUs.")
 
 
-class TrainingMetrics(IoUMetrics):
-    eval_set: Literal["validation", "shots"] = Field(
-        description="What the metrics are measured on. `validation`: the validation set "
-        "uploaded with the request; `shots`: the classes' real shots, which are trained on "
-        "too (an optimistic measure), when none was uploaded."
+class TrainingBaseline(IoUMetrics):
+    per_class_iou_std: dict[str, float] | None = Field(
+        default=None,
+        description="Held-out shots only: the standard deviation over folds of each class's "
+        "IoU (`per_class_iou` and `miou` are then fold means).",
+    )
+
+
+class TrainingFold(IoUMetrics):
+    """One leave-one-shot-out fold: trained without its held-out shots, measured on them."""
+
+    fold: int = Field(ge=0, description="The fold's number, from 0.")
+    held_out: dict[str, int] = Field(
+        description="The shot held out of each class (by class name): its position among the "
+        "class's shots, from 0."
     )
     baseline: IoUMetrics | None = Field(
-        default=None, description="The same training on the shots alone (compare_baseline)."
+        description="The fold trained on its remaining shots alone (compare_baseline)."
+    )
+
+
+class TrainingComparison(BaseModel):
+    """The training with synthetic samples against its baseline (shots alone)."""
+
+    miou_difference: float = Field(description="`miou` minus the baseline's.")
+    per_class_difference: dict[str, float] = Field(
+        description="Each class's IoU minus the baseline's, by class name."
+    )
+    spread: float | None = Field(
+        description="Held-out shots: the standard deviation over folds of the per-fold mIoU "
+        "difference; null for a validation set (a single measure)."
+    )
+    exceeds_spread: bool | None = Field(
+        description="Whether |miou_difference| exceeds `spread`: a difference larger than "
+        "the folds disagree by; null when `spread` is."
+    )
+
+
+class TrainingMetrics(IoUMetrics):
+    eval_set: Literal["validation", "held_out_shots", "training_shots"] = Field(
+        description="What the metrics are measured on. `validation`: the validation set "
+        "uploaded with the request. `held_out_shots` (no validation set, 2+ shots in every "
+        "class): leave-one-shot-out folds, each trained without one shot of every class and "
+        "measured on those; `per_class_iou` and `miou` are fold means. `training_shots` (no "
+        "validation set, a class with 1 shot): the very shots trained on, an optimistic "
+        "measure that says little of how the model does on new images."
+    )
+    per_class_iou_std: dict[str, float] | None = Field(
+        default=None,
+        description="Held-out shots only: the standard deviation over folds of each class's IoU.",
+    )
+    folds: list[TrainingFold] | None = Field(
+        default=None, description="Held-out shots only: each fold's results."
+    )
+    baseline: TrainingBaseline | None = Field(
+        default=None,
+        description="The same training on the shots alone, without synthetic samples "
+        "(compare_baseline); with held-out shots, its fold means.",
+    )
+    comparison: TrainingComparison | None = Field(
+        default=None, description="With compare_baseline: this training against its baseline."
     )
 
 
@@ -175,3 +280,112 @@ class TrainingPublic(BaseModel):
     error: str | None
     created_at: datetime
     updated_at: datetime
+
+
+# --- the report per class (`GET /v1/classes/{id}/report`) ------------------------------------
+
+
+class Histogram(BaseModel):
+    """Counts of one signal's values in fixed bins, the same for every class: bin i counts the
+    values v with edges[i] <= v < edges[i + 1], the last bin its upper edge too. Samples
+    without the signal are left out."""
+
+    edges: list[float] = Field(description="The bins' edges, ascending: one more than counts.")
+    counts: list[int] = Field(description="The samples in each bin.")
+
+
+class ReportHistograms(BaseModel):
+    clip_score: Histogram = Field(description="0 to 100 in 20 bins.")
+    shot_similarity: Histogram = Field(description="A cosine: -1 to 1 in 20 bins.")
+    prototype_similarity: Histogram = Field(description="A cosine: -1 to 1 in 20 bins.")
+    ood_iou: Histogram = Field(description="0 to 1 in 10 bins.")
+    consensus_iou: Histogram = Field(description="0 to 1 in 10 bins.")
+
+
+class AcceptedCounts(BaseModel):
+    samples: int = Field(ge=0)
+    accepted: int = Field(ge=0)
+
+
+class PromptKindCounts(BaseModel):
+    inversion: AcceptedCounts
+    text: AcceptedCounts
+
+
+class MaskSourceCounts(BaseModel):
+    consensus: AcceptedCounts
+    pseudo_label: AcceptedCounts
+    human: AcceptedCounts = Field(description="Masks a reviewer uploaded.")
+
+
+class RejectionCounts(BaseModel):
+    ood: int = Field(ge=0, description="Rejected by the OOD filter.")
+    similarity: int = Field(ge=0, description="Rejected by the semantic check against the shots.")
+    user: int = Field(ge=0, description="Rejected by a reviewer.")
+
+
+class ReportCounts(BaseModel):
+    """The class's finished samples (those listed by `GET /v1/classes/{id}/samples`)."""
+
+    samples: int = Field(ge=0)
+    accepted: int = Field(ge=0)
+    by_prompt_kind: PromptKindCounts
+    by_mask_source: MaskSourceCounts
+    rejected_by: RejectionCounts = Field(
+        description="The rejected samples by reason (samples judged before reasons were "
+        "recorded have none, and are in no count here)."
+    )
+
+
+class ClassAcceptance(BaseModel):
+    """The acceptance thresholds of the class's samples: a sample is accepted when both of
+    its similarities reach them (and the OOD filter keeps it)."""
+
+    prototype_similarity: float = Field(description="The lowest accepted prototype similarity.")
+    shot_similarity: float = Field(description="The lowest accepted shot similarity.")
+    source: dict[str, Literal["calibrated", "settings", "disabled"]] = Field(
+        description="Where each threshold came from: calibrated on the class's shots, fixed "
+        "by the server's settings, or the check disabled."
+    )
+    calibration: dict[str, list[float]] = Field(
+        description="Each signal's values for the shots' calibration copies (flipped, cropped "
+        "and colour-jittered shots) the thresholds were derived from."
+    )
+
+
+class ReportTraining(BaseModel):
+    """A succeeded training on the class, as measured."""
+
+    id: uuid.UUID
+    eval_set: Literal["validation", "held_out_shots", "training_shots"] = Field(
+        description="What the metrics are measured on (see Training's `metrics.eval_set`; "
+        "`training_shots` is optimistic)."
+    )
+    miou: float = Field(description="The training's mIoU over all its classes.")
+    baseline_miou: float | None = Field(
+        description="The same training on the shots alone (compare_baseline); else null."
+    )
+    created_at: datetime
+
+
+class ClassReport(BaseModel):
+    """What a class's synthesis produced and how it was judged: its finished samples counted
+    by prompt kind, mask source and verdict, histograms of their scores, the acceptance
+    thresholds, the background weight (and its tuning trials), and the trainings on it."""
+
+    class_id: uuid.UUID
+    counts: ReportCounts
+    histograms: ReportHistograms
+    acceptance: ClassAcceptance | None = Field(
+        description="The thresholds the samples were judged by; null until they are set."
+    )
+    bg_lambda: float | None = Field(
+        description="The inversion's background weight used (null while `auto` has not chosen yet)."
+    )
+    tuning: list[TuningTrial] | None = Field(
+        description="`bg_lambda: auto`: the trials, the chosen value among them; else null."
+    )
+    trainings: list[ReportTraining] = Field(
+        description="The caller's succeeded trainings that include the class (an admin: "
+        "everyone's), newest first, at most 100."
+    )

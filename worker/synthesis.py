@@ -40,15 +40,17 @@ from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from aligndiff.acceptance import AcceptanceThresholds, SemanticCheck, calibrate, verdict
 from aligndiff.annotation import consensus_pass, pseudo_label_pass, recalibrate
 from aligndiff.fss import Prototypes
-from aligndiff.inversion import invert, load_embedding, save_embedding
+from aligndiff.inversion import load_embedding, save_embedding
 from aligndiff.masks import BoolMask, mask_to_image
-from aligndiff.ood import is_accepted, ood_ious
+from aligndiff.ood import ood_ious
 from aligndiff.prompts import prompt_bank
 from aligndiff.sampling import GeneratedSample, Sampler
-from aligndiff.scoring import mean_clip_score
+from aligndiff.scoring import SampleScore, mean_clip_score
 from aligndiff.shots import Shot, decode_image, load_shot
+from aligndiff.synth import learn_token
 from service.contexts.jobs import (
     advance_stage,
     complete,
@@ -99,6 +101,9 @@ class ClassInfo:
     num_samples: int
     embedding_key: str | None
     prototypes_key: str | None
+    bg_lambda: float | None
+    bg_lambda_auto: bool
+    acceptance: dict[str, Any] | None
 
 
 # Steps: one per task.
@@ -166,9 +171,10 @@ def sample_chunk(ctx: WorkerContext, job_id: uuid.UUID, indices: Sequence[int]) 
 
 
 def annotate_chunk(ctx: WorkerContext, job_id: uuid.UUID, indices: Sequence[int]) -> None:
-    """Pass 1 over `indices`: the segmenter calibrated on the shots predicts each sample; its
-    IoU with the coarse mask is stored, and where they agree the prediction becomes the
-    sample's mask (`consensus`)."""
+    """Pass 1 over `indices`: each sample's CLIP scores are stored; the segmenter calibrated on
+    the shots predicts each sample, its IoU with the coarse mask is stored, and where they agree
+    and the prediction passes the class's semantic check it becomes the sample's mask
+    (`consensus`)."""
     if _stopping(ctx, job_id):
         return
     info = _load_class(ctx, job_id)
@@ -177,18 +183,36 @@ def annotate_chunk(ctx: WorkerContext, job_id: uuid.UUID, indices: Sequence[int]
             session, info, Sample.index.in_(list(indices)), Sample.consensus_iou.is_(None)
         )
     if rows:
-        segmenter = ctx.models.segmenter
+        segmenter, scorer = ctx.models.segmenter, ctx.models.scorer
         shots = _load_shots(ctx, info)
-        shot_features = segmenter.embed([shot.image_array for shot in shots])
-        prototypes = segmenter.calibrate(shot_features, [shot.mask for shot in shots])
+        shot_images = [shot.image_array for shot in shots]
+        shot_masks = [shot.mask for shot in shots]
+        shot_features = segmenter.embed(shot_images)
+        prototypes = segmenter.calibrate(shot_features, shot_masks)
         images = [_decode_rgb(ctx.storage.get(row.image_key)) for row in rows]
         coarse = [_decode_npy(ctx.storage.get(row.coarse_mask_key)) for row in rows]
+        scores = scorer.score(
+            images, scorer.reference(class_name=info.name, shot_images=shot_images)
+        )
+        semantic = SemanticCheck.for_shots(
+            segmenter, shot_features, shot_masks, _thresholds(ctx, info, shots)
+        )
         results = consensus_pass(
-            segmenter, prototypes, segmenter.embed(images), coarse, ctx.config.annotation
+            segmenter,
+            prototypes,
+            segmenter.embed(images),
+            coarse,
+            ctx.config.annotation,
+            semantic=semantic,
+            shot_similarities=[score.shot_similarity for score in scores],
         )
         values: list[dict[str, Any]] = []
-        for row, result in zip(rows, results, strict=True):
-            update_values: dict[str, Any] = {"consensus_iou": result.consensus_iou}
+        for row, result, score in zip(rows, results, scores, strict=True):
+            update_values: dict[str, Any] = {
+                "consensus_iou": result.consensus_iou,
+                "clip_score": score.clip_score,
+                "shot_similarity": score.shot_similarity,
+            }
             if result.consensus_mask is not None:
                 key = sample_key(info.id, row.index, MASK)
                 ctx.storage.put(key, _mask_png(result.consensus_mask), content_type=PNG)
@@ -248,8 +272,9 @@ def recalibrate_class(ctx: WorkerContext, job_id: uuid.UUID) -> None:
 
 def finalize_chunk(ctx: WorkerContext, job_id: uuid.UUID, indices: Sequence[int]) -> None:
     """Pass 2 over `indices`: pseudo-label the samples without consensus with the re-calibrated
-    prototypes, then score every sample (OOD IoU and acceptance, CLIP score, shot similarity),
-    write its final mask and mark it finalized. The last finisher completes the job."""
+    prototypes, then judge every sample (OOD IoU, prototype similarity, and its verdict with
+    the CLIP scores pass 1 stored), write its final mask and mark it finalized. The last
+    finisher completes the job."""
     if _stopping(ctx, job_id):
         return
     info = _load_class(ctx, job_id)
@@ -422,26 +447,35 @@ def _invert(ctx: WorkerContext, info: ClassInfo) -> bool:
         span=PROGRESS_SPANS["inversion"],
         interval=INVERSION_REPORT_SECONDS,
     )
-    result = invert(
-        ctx.models.diffusion,
+    learned = learn_token(
+        ctx.models,
         [shot.image_array for shot in shots],
         [shot.mask for shot in shots],
         class_name=info.name,
-        config=ctx.config.inversion,
+        class_seed=info.seed,
+        bg_lambda="auto" if info.bg_lambda_auto else info.bg_lambda,
+        config=ctx.config,
         progress=heartbeat.progress,
         should_stop=heartbeat.should_stop,
     )
-    if heartbeat.stopped:
+    if learned is None or heartbeat.stopped:
         _halt(ctx, info.job_id)
         return False
+    result = learned.inversion
     key = class_key(info.id, EMBEDDING)
     ctx.storage.put(key, _embedding_to_bytes(result.token, result.embedding), content_type=BINARY)
     with ctx.session() as session:
-        # NOTE: only where none is set: an embedding, once stored, is never re-trained.
+        # NOTE: only where none is set: an embedding, once stored, is never re-trained, and
+        # the λ_bg and trials it was learned with are stored with it.
         session.execute(
             update(SegClass)
             .where(SegClass.id == info.id, SegClass.embedding_key.is_(None))
-            .values(embedding_key=key, token=result.token)
+            .values(
+                embedding_key=key,
+                token=result.token,
+                bg_lambda=learned.bg_lambda,
+                tuning=learned.tuning,
+            )
         )
     return True
 
@@ -478,6 +512,9 @@ def _load_class(ctx: WorkerContext, job_id: uuid.UUID, *, record_models: bool = 
             num_samples=row.num_samples_requested,
             embedding_key=row.embedding_key,
             prototypes_key=row.prototypes_key,
+            bg_lambda=row.bg_lambda,
+            bg_lambda_auto=row.bg_lambda_auto,
+            acceptance=row.acceptance,
         )
 
 
@@ -585,9 +622,21 @@ def _finalize(ctx: WorkerContext, info: ClassInfo, rows: list[Sample]) -> None:
         shot_masks=shot_masks,
         threshold=config.ood.prediction_threshold,
     )
-    reference = models.scorer.reference(class_name=info.name, shot_images=shot_images)
-    scores = models.scorer.score(images, reference)
-
+    thresholds = _thresholds(ctx, info, shots)
+    semantic = SemanticCheck.for_shots(segmenter, shot_features, shot_masks, thresholds)
+    similarities = semantic.prototype_similarities(segmenter, features, final_masks)
+    scores = _clip_scores(ctx, info, rows, images, shot_images)
+    verdicts = [
+        verdict(
+            prompt_kind=row.prompt_kind,  # type: ignore[arg-type]
+            ood_iou=ood[i],
+            prototype_similarity=similarities[i],
+            shot_similarity=scores[i].shot_similarity,
+            ood=config.ood,
+            thresholds=thresholds,
+        )
+        for i, row in enumerate(rows)
+    ]
     for i in rest:
         key = sample_key(info.id, rows[i].index, MASK)
         ctx.storage.put(key, _mask_png(final_masks[i]), content_type=PNG)
@@ -603,14 +652,63 @@ def _finalize(ctx: WorkerContext, info: ClassInfo, rows: list[Sample]) -> None:
                     "ood_iou": ood[i],
                     "clip_score": scores[i].clip_score,
                     "shot_similarity": scores[i].shot_similarity,
-                    "accepted": is_accepted(
-                        prompt_kind=row.prompt_kind,  # type: ignore[arg-type]
-                        ood_iou=ood[i],
-                        config=config.ood,
-                    ),
+                    "prototype_similarity": similarities[i],
+                    "accepted": verdicts[i][0],
+                    "rejected_by": verdicts[i][1],
                     "finalized_at": now,
                 },
             )
+
+
+def _clip_scores(
+    ctx: WorkerContext,
+    info: ClassInfo,
+    rows: list[Sample],
+    images: list[npt.NDArray[np.uint8]],
+    shot_images: list[npt.NDArray[np.uint8]],
+) -> list[SampleScore]:
+    """The rows' CLIP scores as pass 1 stored them; rows without (pass 1 ran before scores
+    moved there) are scored now."""
+    missing = [i for i, row in enumerate(rows) if row.shot_similarity is None]
+    fresh: dict[int, SampleScore] = {}
+    if missing:
+        scorer = ctx.models.scorer
+        reference = scorer.reference(class_name=info.name, shot_images=shot_images)
+        fresh = dict(
+            zip(missing, scorer.score([images[i] for i in missing], reference), strict=True)
+        )
+    return [
+        fresh[i]
+        if i in fresh
+        else SampleScore(
+            clip_score=row.clip_score or 0.0, shot_similarity=row.shot_similarity or 0.0
+        )
+        for i, row in enumerate(rows)
+    ]
+
+
+def _thresholds(ctx: WorkerContext, info: ClassInfo, shots: list[Shot]) -> AcceptanceThresholds:
+    """The class's acceptance thresholds: stored with the class, else calibrated on its shots
+    and stored (the first to store wins; calibration is deterministic, so any worker's are the
+    same)."""
+    if info.acceptance is not None:
+        return AcceptanceThresholds.from_dict(info.acceptance)
+    models = ctx.models
+    thresholds = calibrate(
+        models.segmenter,
+        models.scorer.embed_images,
+        [shot.image_array for shot in shots],
+        [shot.mask for shot in shots],
+        ctx.config.acceptance,
+    )
+    with ctx.session() as session:
+        session.execute(
+            update(SegClass)
+            .where(SegClass.id == info.id, SegClass.acceptance.is_(None))
+            .values(acceptance=thresholds.to_dict())
+        )
+        stored = session.scalar(select(SegClass.acceptance).where(SegClass.id == info.id))
+    return AcceptanceThresholds.from_dict(stored) if stored else thresholds
 
 
 def _load_shots(ctx: WorkerContext, info: ClassInfo) -> list[Shot]:

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from aligndiff.masks import mask_to_image
 from aligndiff.names import find_name, inversion_token
+from aligndiff.settings import AUTO
 from aligndiff.shots import Shot, ShotError, ShotFormatError, load_shot
 from service.auth import Principal
 from service.contexts import jobs, quotas
@@ -85,6 +86,8 @@ def create_class(
             name=name,
             seed=secrets.randbelow(MAX_SEED + 1) if class_in.seed is None else class_in.seed,
             prompts=list(class_in.prompts),
+            bg_lambda=_fixed_bg_lambda(class_in, settings),
+            bg_lambda_auto=class_in.bg_lambda == AUTO,
             num_shots=len(shots),
             num_samples_requested=class_in.num_samples,
             job_id=job.id,
@@ -200,11 +203,20 @@ def class_public(seg_class: SegClass, job: Job | None) -> ClassPublic:
         num_samples_done=seg_class.num_samples_done,
         num_accepted=seg_class.num_accepted,
         clip_score_mean=seg_class.clip_score_mean,
+        bg_lambda=seg_class.bg_lambda,
+        tuning=seg_class.tuning,  # type: ignore[arg-type]
         job_id=seg_class.job_id,
         error=job.error if job is not None else None,
         created_at=seg_class.created_at,
         updated_at=seg_class.updated_at,
     )
+
+
+def _fixed_bg_lambda(class_in: ClassCreate, settings: Settings) -> float | None:
+    """The λ_bg a class is inverted with when it is fixed (None: `auto` chooses it)."""
+    if class_in.bg_lambda == AUTO:
+        return None
+    return settings.bg_lambda if class_in.bg_lambda is None else class_in.bg_lambda
 
 
 def visible_class_id(session: Session, principal: Principal, class_id: uuid.UUID) -> None:

@@ -25,8 +25,9 @@ SampleUrls = Callable[[uuid.UUID], tuple[str, str]]
 # The columns a listed sample needs, selected as plain tuples: no ORM identity map on a hot path.
 _LISTED = (
     Sample.id, Sample.class_id, Sample.index, Sample.prompt, Sample.prompt_kind, Sample.seed,
-    Sample.width, Sample.height, Sample.clip_score, Sample.shot_similarity, Sample.consensus_iou,
-    Sample.ood_iou, Sample.accepted, Sample.mask_source, Sample.created_at,
+    Sample.width, Sample.height, Sample.clip_score, Sample.shot_similarity,
+    Sample.prototype_similarity, Sample.consensus_iou, Sample.ood_iou, Sample.accepted,
+    Sample.rejected_by, Sample.mask_source, Sample.created_at,
 )  # fmt: skip
 
 
