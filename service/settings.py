@@ -85,6 +85,9 @@ class Settings(CoreSettings):
     training_checkpoint_every: int = Field(default=50, ge=1)
     # How often a training job writes its progress (and sees a cancel), at most.
     training_report_seconds: float = Field(default=1.0, ge=0)
+    # Held-out evaluation (no validation set, 2+ shots in every class): at most this many
+    # leave-one-shot-out folds, each one more training of the segmenter.
+    eval_max_folds: int = Field(default=5, ge=2)
 
     # Dataset exports (webdataset): a shard is buffered whole before it is sent, so it is
     # closed at whichever of these comes first.

@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from aligndiff.models.segmenters import build_segmenter, load_segmenter, save_segmenter
 from aligndiff.training import predict
 from service.contexts import jobs, quotas
-from service.models import Job, Training
+from service.models import Job, SegClass, Training
 from service.queue import CeleryQueue
 from service.settings import Settings
 from service.storage import LocalStorage, training_key
@@ -91,9 +91,17 @@ def worker_api(make_api: ApiFactory, predict_worker: PredictWorker) -> Api:
     return api_with_worker(make_api, predict_worker)
 
 
-def finished_class(api: Api, name: str = "dog", *, owner: str = "alice") -> uuid.UUID:
+def finished_class(
+    api: Api, name: str = "dog", *, owner: str = "alice", shots: int = 1
+) -> uuid.UUID:
     owner_id = api.alice_id if owner == "alice" else api.bob_id
     class_id, _ = add_class(api, owner_id=owner_id, name=name, status="succeeded")
+    if shots != 1:
+        with api.session() as session:
+            segclass = session.get(SegClass, class_id)
+            assert segclass is not None
+            segclass.num_shots = shots
+            session.commit()
     return class_id
 
 
@@ -106,8 +114,15 @@ def training_count(api: Api) -> int:
         return session.execute(select(func.count()).select_from(Training)).scalar_one()
 
 
-def trained(api: Api, model_cache: Path, class_ids: list[uuid.UUID]) -> uuid.UUID:
-    """A succeeded training of alice's, its weights stored, as a finished job leaves it."""
+def trained(
+    api: Api,
+    model_cache: Path,
+    class_ids: list[uuid.UUID],
+    *,
+    eval_set: str = "training_shots",
+) -> uuid.UUID:
+    """A succeeded training of alice's, its weights stored, as a finished job leaves it
+    (its metrics measured on `eval_set`)."""
     names = [f"class{i}" for i in range(len(class_ids))]
     model = build_segmenter(
         "deeplabv3", num_classes=len(names) + 1, spec="tiny", cache_dir=model_cache
@@ -116,7 +131,7 @@ def trained(api: Api, model_cache: Path, class_ids: list[uuid.UUID]) -> uuid.UUI
     key = training_key(training_id, "weights.zip")
     weights = save_segmenter(model, class_names=names, resolution=RESOLUTION)
     api.storage.put(key, weights, content_type="application/zip")
-    metrics = {"per_class_iou": dict.fromkeys(names, 0.5), "miou": 0.5, "eval_set": "shots"}
+    metrics = {"per_class_iou": dict.fromkeys(names, 0.5), "miou": 0.5, "eval_set": eval_set}
     with api.session() as session:
         job = Job(
             kind="training",
@@ -328,8 +343,68 @@ def test_a_json_training_has_no_validation_set(api: Api) -> None:
     with api.session() as session:
         row = session.get(Training, uuid.UUID(response.json()["id"]))
         assert row is not None
-        assert (row.validation_keys, row.eval_set) == (None, "shots")
+        assert (row.validation_keys, row.eval_set) == (None, "training_shots")
     assert api.blobs("trainings/") == []
+
+
+def test_a_training_of_classes_with_2_shots_each_is_evaluated_on_held_out_shots(
+    api: Api,
+) -> None:
+    dog, cat = finished_class(api, "dog", shots=2), finished_class(api, "cat", shots=3)
+
+    response = api.alice.post("/v1/trainings", json=body(dog, cat))
+
+    assert response.status_code == 202, response.text
+    with api.session() as session:
+        row = session.get(Training, uuid.UUID(response.json()["id"]))
+        assert row is not None and row.eval_set == "held_out_shots"
+
+
+# --- comparing with the baseline -----------------------------------------------------------
+
+
+def test_compare_baseline_with_nothing_held_out_is_refused_naming_the_classes_of_1_shot(
+    api: Api,
+) -> None:
+    # given: a class of 2 shots and two of 1, and no validation set
+    dog = finished_class(api, "dog", shots=2)
+    cat, bird = finished_class(api, "cat"), finished_class(api, "bird")
+
+    # when
+    response = api.alice.post("/v1/trainings", json=body(dog, cat, bird, compare_baseline=True))
+
+    # then: 422 saying what to add, on the compare_baseline field; nothing recorded
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    for words in ("upload a validation set", "at least 2 shots", "classes 'cat' and 'bird'"):
+        assert words in problem["detail"]
+    assert [error["field"] for error in problem["errors"]] == ["compare_baseline"]
+    assert training_count(api) == 0 and api.queue.sent == []
+
+
+def test_compare_baseline_on_a_class_of_1_shot_is_accepted_with_a_validation_set(
+    api: Api,
+) -> None:
+    dog = finished_class(api)
+
+    response = validation_post(
+        api, body(dog, compare_baseline=True), [encode(photo())], [label_map([0, 1])]
+    )
+
+    assert response.status_code == 202, response.text
+    assert response.json()["compare_baseline"] is True
+    with api.session() as session:
+        row = session.get(Training, uuid.UUID(response.json()["id"]))
+        assert row is not None and row.eval_set == "validation"
+
+
+def test_compare_baseline_on_classes_of_2_shots_is_accepted(api: Api) -> None:
+    dog = finished_class(api, shots=2)
+
+    response = api.alice.post("/v1/trainings", json=body(dog, compare_baseline=True))
+
+    assert response.status_code == 202, response.text
 
 
 @pytest.mark.parametrize(
@@ -482,6 +557,16 @@ def test_listing_pages_through_the_owners_trainings_newest_first(api: Api) -> No
 
     listed = [t["id"] for t in first["items"] + second["items"]]
     assert listed == ids[::-1] and second["next_cursor"] is None
+
+
+def test_metrics_stored_before_held_out_evaluation_read_as_measured_on_the_training_shots(
+    api: Api, model_cache: Path
+) -> None:
+    training_id = trained(api, model_cache, [finished_class(api)], eval_set="shots")
+
+    metrics = api.alice.get(f"/v1/trainings/{training_id}").json()["metrics"]
+
+    assert metrics["eval_set"] == "training_shots"
 
 
 def test_weights_and_predict_are_a_conflict_until_the_training_succeeded(api: Api) -> None:
@@ -653,8 +738,11 @@ def test_weights_download_as_a_zip_that_loads_and_predicts_like_the_api(
     assert api.alice.get(f"/v1/trainings/{training_id}").json()["metrics"] == {
         "per_class_iou": {"class0": 0.5, "class1": 0.5},
         "miou": 0.5,
-        "eval_set": "shots",
+        "eval_set": "training_shots",
+        "per_class_iou_std": None,
+        "folds": None,
         "baseline": None,
+        "comparison": None,
     }
 
 

@@ -350,7 +350,7 @@ def test_train_posts_the_training_and_get_training_reads_its_metrics() -> None:
         "metrics": {
             "per_class_iou": {"dog": 0.61},
             "miou": 0.61,
-            "eval_set": "shots",
+            "eval_set": "validation",
             "baseline": {"per_class_iou": {"dog": 0.42}, "miou": 0.42},
         },
     }

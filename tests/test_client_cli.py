@@ -136,3 +136,67 @@ def test_quiet_silences_the_download_s_progress_wherever_it_is_given(
     output = capsys.readouterr()
     assert status == 0 and output.out == f"{dest}\n"
     assert (output.err == "") is quiet, output.err
+
+
+HELD_OUT = {
+    "per_class_iou": {"dog": 0.6},
+    "miou": 0.7,
+    "eval_set": "held_out_shots",
+    "per_class_iou_std": {"dog": 0.05},
+    "folds": [
+        {"fold": k, "held_out": {"dog": k}, "per_class_iou": {"dog": 0.6}, "miou": 0.7,
+         "baseline": {"per_class_iou": {"dog": 0.5}, "miou": 0.6}}
+        for k in range(2)
+    ],
+    "baseline": {"per_class_iou": {"dog": 0.5}, "miou": 0.6, "per_class_iou_std": {"dog": 0.1}},
+    "comparison": {"miou_difference": 0.1, "per_class_difference": {"dog": 0.1}, "spread": 0.02,
+                   "exceeds_spread": True},
+}  # fmt: skip
+TRAINING_SHOTS = {"per_class_iou": {"dog": 0.9}, "miou": 0.9, "eval_set": "training_shots"}
+
+
+@pytest.mark.parametrize(
+    ("metrics", "lines"),
+    [
+        (
+            HELD_OUT,
+            [
+                "eval set: held_out_shots: held-out shots (leave-one-shot-out folds; the IoUs "
+                "are fold means), 2 folds",
+                "  dog: IoU 0.600 ± 0.050",
+                "baseline (shots only): mIoU 0.600",
+                "comparison (with - without synthetic): mIoU +0.100, exceeds the spread over "
+                "folds (0.020)",
+            ],
+        ),
+        (
+            TRAINING_SHOTS,
+            [
+                "eval set: training_shots: the training shots (optimistic: measured on the "
+                "training shots)",
+                "  dog: IoU 0.900",
+            ],
+        ),
+    ],
+    ids=["held_out_shots", "training_shots"],
+)
+def test_train_wait_prints_what_the_metrics_were_measured_on_and_the_comparison(
+    metrics: dict[str, object], lines: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # given: a service that queues the training and answers it succeeded with these metrics
+    queued = training_body()
+    done = {**queued, "status": "succeeded", "progress": 1.0, "metrics": metrics}
+    answers = iter([httpx.Response(202, json=queued), httpx.Response(200, json=done)])
+
+    # when
+    status = main(
+        ["train", queued["class_ids"][0], "--wait", "-q", "--url", BASE_URL, "--api-key", "k"],
+        transport=httpx.MockTransport(lambda request: next(answers)),
+    )
+
+    # then: the training as JSON on stdout, the summary of its metrics on stderr
+    output = capsys.readouterr()
+    assert status == 0
+    assert json.loads(output.out)["metrics"]["eval_set"] == metrics["eval_set"]
+    summary = output.err.splitlines()
+    assert all(line in summary for line in lines), output.err

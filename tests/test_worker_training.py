@@ -1,12 +1,15 @@
 """The training job through the worker, in process: trainings created through the API on
-classes whose synthesis finished, trained on their real shots and samples, evaluated, their
-weights served; the baseline comparison, resuming from a checkpoint after the worker died,
-cancelling and failing."""
+classes whose synthesis finished, trained on their real shots and samples, evaluated (on a
+validation set, on held-out shots by leave-one-shot-out folds, or on the training shots),
+their weights served; the baseline comparison, resuming from a checkpoint (or at the next
+fold) after the worker died, cancelling and failing."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import statistics
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -17,13 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
 
+import aligndiff.training
 from aligndiff.models.segmenters import load_segmenter
+from aligndiff.shots import decode_image
 from aligndiff.training import evaluate, predict
 from service.app import create_app
 from service.auth import create_key
@@ -61,9 +67,10 @@ class Setup:
     celery: AlignDiffCelery
     client: TestClient
 
-    def worker(self, **context: Any) -> AlignDiffCelery:
-        """Another worker app on the same database (`storage=` replaces its blob store)."""
-        app = make_celery(self.settings, queue=self.queue, **context)
+    def worker(self, settings: Settings | None = None, **context: Any) -> AlignDiffCelery:
+        """Another worker app on the same database (`storage=` replaces its blob store;
+        `settings`, the worker's settings)."""
+        app = make_celery(settings or self.settings, queue=self.queue, **context)
         app.loader.import_default_modules()
         return app
 
@@ -119,13 +126,20 @@ def setup(tmp_path: Path, model_cache: Path) -> Setup:
     return Setup(settings, service, queue, celery, client)
 
 
-def finished_class(setup: Setup, name: str, *, samples: int = 2) -> uuid.UUID:
-    """A class from the real shots of `name`, its synthesis succeeded with `samples` accepted
-    samples (the shot, shrunk) and one rejected one."""
-    created: CreatedClass = create_class(setup.service, SHOTS_DIR / name, name=name, num_samples=4)
+def finished_class(setup: Setup, name: str, *, samples: int = 2, shots: int = 1) -> uuid.UUID:
+    """A class from the real shot of `name` (with `shots` > 1, more: see `shots_folder`), its
+    synthesis succeeded with `samples` accepted samples (the first shot, shrunk) and one
+    rejected one."""
+    folder = SHOTS_DIR / name if shots == 1 else shots_folder(setup, name, shots)
+    created: CreatedClass = create_class(setup.service, folder, name=name, num_samples=4)
     service = setup.service
     with service.session() as session:
-        shot = session.scalars(select(ShotRow).where(ShotRow.class_id == created.class_id)).one()
+        shot = session.scalars(
+            select(ShotRow)
+            .where(ShotRow.class_id == created.class_id)
+            .order_by(ShotRow.position)
+            .limit(1)
+        ).one()
         image = Image.open(BytesIO(service.storage.get(shot.image_key))).convert("RGB")
         mask = Image.open(BytesIO(service.storage.get(shot.mask_key))).convert("L")
     for index in range(samples + 1):
@@ -143,6 +157,61 @@ def finished_class(setup: Setup, name: str, *, samples: int = 2) -> uuid.UUID:
         assert job is not None
         job.status, job.progress, job.finished_at = "succeeded", 1.0, utcnow()
     return created.class_id
+
+
+# The further shots of a class: its real shot mirrored, flipped, turned (each other pixels).
+SHOT_VARIANTS = (
+    Image.Transpose.FLIP_LEFT_RIGHT,
+    Image.Transpose.FLIP_TOP_BOTTOM,
+    Image.Transpose.ROTATE_180,
+)
+
+
+def shots_folder(setup: Setup, name: str, count: int) -> Path:
+    """A shots folder of `count` shots: the real shot of `name`, then its variants."""
+    source = SHOTS_DIR / name
+    folder = setup.settings.data_dir / "shots" / f"{name}-{count}"
+    folder.mkdir(parents=True)
+    shutil.copy(source / "1.jpg", folder / "1.jpg")
+    shutil.copy(source / "1.png", folder / "1.png")
+    image, mask = Image.open(source / "1.jpg").convert("RGB"), Image.open(source / "1.png")
+    for number, variant in enumerate(SHOT_VARIANTS[: count - 1], start=2):
+        image.transpose(variant).save(folder / f"{number}.jpg", "JPEG", quality=95)
+        mask.transpose(variant).save(folder / f"{number}.png", "PNG")
+    return folder
+
+
+def shot_images(setup: Setup, class_id: uuid.UUID) -> list[npt.NDArray[np.uint8]]:
+    """A class's shots as the worker reads them, by position."""
+    with setup.service.session() as session:
+        keys = session.scalars(
+            select(ShotRow.image_key).where(ShotRow.class_id == class_id).order_by(ShotRow.position)
+        ).all()
+    return [
+        np.asarray(decode_image(setup.service.storage.get(key), source=key), dtype=np.uint8)
+        for key in keys
+    ]
+
+
+def contains(images: list[npt.NDArray[np.uint8]], image: npt.NDArray[np.uint8]) -> bool:
+    return any(np.array_equal(candidate, image) for candidate in images)
+
+
+@pytest.fixture
+def trained_on(monkeypatch: pytest.MonkeyPatch) -> list[list[npt.NDArray[np.uint8]]]:
+    """Every image (training images and paste objects) of each `train_segmenter` call the
+    worker makes, call by call."""
+    calls: list[list[npt.NDArray[np.uint8]]] = []
+    train_segmenter = aligndiff.training.train_segmenter
+
+    def recording(
+        model: Any, data: aligndiff.training.TrainingSet, config: Any, **kwargs: Any
+    ) -> aligndiff.training.TrainingOutcome:
+        calls.append([image.image for image in data.images] + [o.image for o in data.objects])
+        return train_segmenter(model, data, config, **kwargs)
+
+    monkeypatch.setattr(aligndiff.training, "train_segmenter", recording)
+    return calls
 
 
 def _add_sample(
@@ -196,7 +265,8 @@ def test_a_training_of_two_classes_succeeds_with_metrics_and_a_working_model(
     created = setup.create([dog, albatross])
     setup.run()
 
-    # then: it succeeded, with IoUs of both classes measured on their shots
+    # then: it succeeded, with IoUs of both classes measured on their shots (one each: there
+    # is none to hold out)
     training = setup.training(created["id"])
     assert (training["status"], training["progress"], training["error"]) == (
         "succeeded", 1.0, None,
@@ -205,7 +275,7 @@ def test_a_training_of_two_classes_succeeds_with_metrics_and_a_working_model(
     assert set(metrics["per_class_iou"]) == {"dog", "albatross"}
     assert all(0.0 <= iou <= 1.0 for iou in metrics["per_class_iou"].values())
     assert 0.0 <= metrics["miou"] <= 1.0
-    assert (metrics["eval_set"], metrics["baseline"]) == ("shots", None)
+    assert (metrics["eval_set"], metrics["baseline"]) == ("training_shots", None)
     assert setup.queue.sent[training_task("start")] == 1
     # and: the downloaded weights load, and predict as the API does
     weights = setup.client.get(f"/v1/trainings/{created['id']}/weights")
@@ -261,19 +331,146 @@ def test_a_worker_loads_a_trained_segmenter_once_for_many_predictions(
     assert weights_key is not None and storage.reads[weights_key] == 1
 
 
-def test_compare_baseline_reports_the_shots_only_model_too(setup: Setup) -> None:
-    dog = finished_class(setup, "dog")
+# --- held-out evaluation --------------------------------------------------------------------
 
+
+def test_held_out_folds_never_train_on_the_shots_they_hold_out(
+    setup: Setup, trained_on: list[list[npt.NDArray[np.uint8]]]
+) -> None:
+    # given: a class of 3 shots and one of 2, both with accepted samples
+    dog, albatross = (
+        finished_class(setup, "dog", shots=3),
+        finished_class(setup, "albatross", shots=2),
+    )
+    shots = {"dog": shot_images(setup, dog), "albatross": shot_images(setup, albatross)}
+
+    # when: a training of both runs, with no validation set
+    created = setup.create([dog, albatross], use_synthetic=True)
+    setup.run()
+
+    # then: 2 folds (the fewest shots of a class), fold k holding out the k-th shot of each
+    # class, then the final model
+    training = setup.training(created["id"])
+    assert training["status"] == "succeeded", training["error"]
+    folds = training["metrics"]["folds"]
+    assert [fold["held_out"] for fold in folds] == [
+        {"dog": 0, "albatross": 0},
+        {"dog": 1, "albatross": 1},
+    ]
+    assert len(trained_on) == 3
+    # and: each fold trained on every shot but those it holds out, which it never saw
+    for fold, images in zip(folds, trained_on, strict=False):
+        for name, class_shots in shots.items():
+            for position, shot in enumerate(class_shots):
+                assert contains(images, shot) is (position != fold["held_out"][name]), (
+                    f"fold {fold['fold']}, {name} shot {position}"
+                )
+    # and: the final model (the weights served) trained on all the shots
+    assert all(contains(trained_on[-1], shot) for each in shots.values() for shot in each)
+    row = setup.row(created["id"])
+    assert row.weights_key is not None and row.eval_set == "held_out_shots"
+
+
+def test_two_shots_per_class_are_measured_by_held_out_folds(setup: Setup) -> None:
+    # given: two classes of 2 shots each
+    dog, albatross = (
+        finished_class(setup, "dog", shots=2),
+        finished_class(setup, "albatross", shots=2),
+    )
+
+    # when: a training of both runs
+    created = setup.create([dog, albatross])
+    setup.run()
+
+    # then: measured on held-out shots by 2 folds; the IoUs are the folds' means, with their
+    # standard deviations
+    metrics = setup.training(created["id"])["metrics"]
+    assert metrics["eval_set"] == "held_out_shots"
+    folds = metrics["folds"]
+    assert [fold["fold"] for fold in folds] == [0, 1]
+    for name in ("dog", "albatross"):
+        ious = [fold["per_class_iou"][name] for fold in folds]
+        assert metrics["per_class_iou"][name] == pytest.approx(statistics.fmean(ious))
+        assert metrics["per_class_iou_std"][name] == pytest.approx(statistics.pstdev(ious))
+    assert metrics["miou"] == pytest.approx(statistics.fmean(fold["miou"] for fold in folds))
+    assert (metrics["baseline"], metrics["comparison"]) == (None, None)
+    assert all(fold["baseline"] is None for fold in folds)
+    # and: each fold's result is kept by its run's name
+    fold_results = setup.row(created["id"]).fold_results
+    assert fold_results is not None and set(fold_results) == {"fold-0", "fold-1"}
+    assert fold_results["fold-1"]["miou"] == folds[1]["miou"]
+
+
+def test_the_folds_are_at_most_eval_max_folds(setup: Setup) -> None:
+    # given: a class of 4 shots, and a worker allowed 3 folds
+    dog = finished_class(setup, "dog", shots=4)
+    created = setup.create([dog])
+    worker = setup.worker(settings=setup.settings.model_copy(update={"eval_max_folds": 3}))
+
+    # when
+    setup.queue.drain(worker)
+
+    # then: 3 folds, holding out its first 3 shots
+    folds = setup.training(created["id"])["metrics"]["folds"]
+    assert [fold["held_out"] for fold in folds] == [{"dog": 0}, {"dog": 1}, {"dog": 2}]
+
+
+def test_a_class_with_one_shot_is_measured_on_the_training_shots(
+    setup: Setup, trained_on: list[list[npt.NDArray[np.uint8]]]
+) -> None:
+    # given: a class of 2 shots and one of 1
+    dog, albatross = finished_class(setup, "dog", shots=2), finished_class(setup, "albatross")
+
+    # when: a training of both runs, with no validation set
+    created = setup.create([dog, albatross])
+    setup.run()
+
+    # then: one model, measured on the shots it trained on (optimistic), with no folds
+    metrics = setup.training(created["id"])["metrics"]
+    assert metrics["eval_set"] == "training_shots"
+    assert (metrics["folds"], metrics["per_class_iou_std"], metrics["comparison"]) == (
+        None, None, None,
+    )  # fmt: skip
+    assert len(trained_on) == 1
+    assert setup.row(created["id"]).fold_results is None
+
+
+def test_compare_baseline_on_held_out_shots_compares_fold_by_fold(
+    setup: Setup, trained_on: list[list[npt.NDArray[np.uint8]]]
+) -> None:
+    # given: a class of 2 shots with accepted samples
+    dog = finished_class(setup, "dog", shots=2)
+    shots = shot_images(setup, dog)
+
+    # when: a training with samples is compared with the shots alone
     created = setup.create([dog], compare_baseline=True, use_synthetic=True)
     setup.run()
 
+    # then: each fold trained with the samples and, its baseline, on its one shot alone;
+    # then the final model, and no final baseline (the comparison comes from the folds)
     training = setup.training(created["id"])
     assert training["status"] == "succeeded", training["error"]
-    baseline = training["metrics"]["baseline"]
-    assert set(baseline["per_class_iou"]) == {"dog"} and 0.0 <= baseline["miou"] <= 1.0
+    assert len(trained_on) == 5
+    for baseline_run in (trained_on[1], trained_on[3]):
+        assert all(contains(shots, image) for image in baseline_run)
     row = setup.row(created["id"])
-    assert row.weights_key is not None and row.baseline_weights_key is not None
-    assert row.weights_key != row.baseline_weights_key
+    assert row.weights_key is not None and row.baseline_weights_key is None
+    # and: the baseline's IoUs are its folds' means; the comparison their difference, with
+    # the spread of the per-fold differences
+    metrics = training["metrics"]
+    folds, baseline, comparison = metrics["folds"], metrics["baseline"], metrics["comparison"]
+    fold_baselines = [fold["baseline"]["per_class_iou"]["dog"] for fold in folds]
+    assert baseline["per_class_iou"]["dog"] == pytest.approx(statistics.fmean(fold_baselines))
+    assert baseline["per_class_iou_std"]["dog"] == pytest.approx(statistics.pstdev(fold_baselines))
+    assert comparison["miou_difference"] == pytest.approx(metrics["miou"] - baseline["miou"])
+    assert comparison["per_class_difference"]["dog"] == pytest.approx(
+        metrics["per_class_iou"]["dog"] - baseline["per_class_iou"]["dog"]
+    )
+    differences = [fold["miou"] - fold["baseline"]["miou"] for fold in folds]
+    assert comparison["spread"] == pytest.approx(statistics.pstdev(differences))
+    assert comparison["exceeds_spread"] is (
+        abs(comparison["miou_difference"]) > comparison["spread"]
+    )
 
 
 def test_a_training_with_a_validation_set_is_measured_on_it(setup: Setup) -> None:
@@ -312,7 +509,7 @@ def test_a_training_with_a_validation_set_is_measured_on_it(setup: Setup) -> Non
     training = setup.training(created["id"])
     assert training["status"] == "succeeded", training["error"]
     metrics = training["metrics"]
-    assert metrics["eval_set"] == "validation"
+    assert (metrics["eval_set"], metrics["folds"]) == ("validation", None)
     row = setup.row(created["id"])
     assert row.baseline_weights_key is not None
     weights = setup.client.get(f"/v1/trainings/{created['id']}/weights").content
@@ -324,6 +521,17 @@ def test_a_training_with_a_validation_set_is_measured_on_it(setup: Setup) -> Non
         expected = evaluate(model, [val_image], [labels], ["dog"], resolution=RESOLUTION)
         assert measured["per_class_iou"] == pytest.approx(dict(expected.per_class_iou))
         assert measured["miou"] == pytest.approx(expected.miou)
+    # and: the comparison is their difference, with no spread to weigh it by
+    assert metrics["comparison"] == {
+        "miou_difference": pytest.approx(metrics["miou"] - metrics["baseline"]["miou"]),
+        "per_class_difference": {
+            "dog": pytest.approx(
+                metrics["per_class_iou"]["dog"] - metrics["baseline"]["per_class_iou"]["dog"]
+            )
+        },
+        "spread": None,
+        "exceeds_spread": None,
+    }
 
 
 def png(image: Image.Image) -> bytes:
@@ -351,6 +559,26 @@ class DyingStorage(LocalStorage):
         super().put(key, data, content_type=content_type)
 
 
+def started_on_a_dying_worker(setup: Setup, created: dict[str, Any], *, die_at: int) -> uuid.UUID:
+    """Start the training's job (its id returned) on a worker that dies as it writes its
+    `die_at`-th checkpoint."""
+    job_id = uuid.UUID(created["job_id"])
+    dying = setup.worker(storage=DyingStorage(setup.settings.data_dir / "blobs", die_at=die_at))
+    setup.queue.pending.clear()
+    with pytest.raises(Killed):
+        training.start(dying.context, job_id)
+    return job_id
+
+
+def take_over(setup: Setup, job_id: uuid.UUID) -> None:
+    """The dead worker's lease runs out, and a worker starting up queues the job's resume."""
+    with setup.service.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.lease_expires_at = utcnow() - timedelta(seconds=1)
+    assert training.requeue_orphaned_jobs(setup.celery.context) == [job_id]
+
+
 def test_a_training_whose_worker_died_resumes_from_its_checkpoint(
     setup: Setup, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -358,21 +586,13 @@ def test_a_training_whose_worker_died_resumes_from_its_checkpoint(
     # checkpoint (after step 4: the one stored is step 2's)
     dog = finished_class(setup, "dog")
     created = setup.create([dog], steps=6)
-    job_id = uuid.UUID(created["job_id"])
-    dying = setup.worker(storage=DyingStorage(setup.settings.data_dir / "blobs", die_at=2))
-    setup.queue.pending.clear()
-    with pytest.raises(Killed):
-        training.start(dying.context, job_id)
+    job_id = started_on_a_dying_worker(setup, created, die_at=2)
     assert setup.row(created["id"]).checkpoint_key is not None
     assert setup.training(created["id"])["status"] == "running"
 
     # when: its lease runs out and a worker starting up takes it over
-    with setup.service.session() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        job.lease_expires_at = utcnow() - timedelta(seconds=1)
     with caplog.at_level(logging.INFO, logger="worker.training"):
-        assert training.requeue_orphaned_jobs(setup.celery.context) == [job_id]
+        take_over(setup, job_id)
         setup.run()
 
     # then: it went on from step 2 and succeeded, on its second attempt
@@ -417,6 +637,39 @@ def test_a_failed_training_retried_goes_on_from_its_checkpoint(
     resumed = [r.getMessage() for r in caplog.records if r.name == "worker.training"]
     assert resumed == [f"training {created['id']}: resuming the model from step 2"]
     assert setup.training(created["id"])["status"] == "succeeded"
+
+
+def test_a_training_whose_worker_died_after_a_fold_resumes_at_the_next_fold(
+    setup: Setup, trained_on: list[list[npt.NDArray[np.uint8]]]
+) -> None:
+    # given: a held-out training of 4 steps, checkpointed every 2, whose worker dies at its
+    # third checkpoint: fold 0's result stored, fold 1 just begun
+    dog = finished_class(setup, "dog", shots=2)
+    shots = shot_images(setup, dog)
+    created = setup.create([dog], steps=4)
+    job_id = started_on_a_dying_worker(setup, created, die_at=3)
+    fold_results = setup.row(created["id"]).fold_results
+    assert fold_results is not None and set(fold_results) == {"fold-0"}
+    assert len(trained_on) == 2
+
+    # when: its lease runs out and a worker starting up takes it over
+    take_over(setup, job_id)
+    setup.run()
+
+    # then: fold 0 was not trained again: the resumed job trained fold 1 (without the second
+    # shot) and the final model, and reports fold 0's stored result
+    resumed = trained_on[2:]
+    assert len(resumed) == 2
+    assert contains(resumed[0], shots[0]) and not contains(resumed[0], shots[1])
+    assert all(contains(resumed[1], shot) for shot in shots)
+    trained = setup.training(created["id"])
+    assert trained["status"] == "succeeded", trained["error"]
+    first = trained["metrics"]["folds"][0]
+    assert (first["held_out"], first["miou"]) == (
+        fold_results["fold-0"]["held_out"],
+        fold_results["fold-0"]["miou"],
+    )
+    assert setup.service.job(job_id).attempts == 2
 
 
 class CancellingStorage(LocalStorage):

@@ -1,25 +1,38 @@
 """The training job: a segmenter trained on classes' shots and accepted samples.
 
-    start ── claim ──▶ train (resumes from the stored checkpoint, if any) ──▶ weights stored
-          ──▶ baseline (compare_baseline: the same on the shots alone) ──▶ evaluate on the
-          uploaded validation set, if any, else on the shots ──▶ metrics, `complete`
+    start ── claim ──▶ runs, each resuming from its stored checkpoint, if any ──▶ metrics,
+          `complete`
     resume (a job taken over from a dead worker) ──▶ the same, without claiming
+
+What its runs are depends on the training's `eval_set`, so that its metrics come from images
+it did not train on wherever the data allows:
+- `validation` (a validation set was uploaded): the model (weights stored), the baseline
+  (compare_baseline: the same on the shots alone), then both evaluated on the validation set.
+- `held_out_shots` (2+ shots in every class): leave-one-shot-out folds first. Fold k holds out
+  the k-th shot of every class, trains on the rest (+ the samples), and is evaluated on the
+  held-out shots; with compare_baseline a fold baseline on the remaining shots alone too. Each
+  fold run's result is stored in `Training.fold_results` as it ends. Then the model on all
+  shots (its weights stored, not evaluated: the metrics are the fold means).
+- `training_shots` (a class with 1 shot): as `validation`, evaluated on the training shots
+  themselves, an optimistic measure.
 
 `predict` (no job: the API waits for its answer) segments one image with a trained model,
 each model loaded once per worker process and kept (`SegmenterCache`).
 
 The database is the truth, as in `worker.synthesis`: every blob (checkpoint, weights) is
 written under a key derived from the training's id before the row names it, and a run whose
-weights are stored is not trained again, so a retried or resumed job keeps the work done.
+weights (or fold result) are stored is not trained again, so a retried or resumed job keeps
+the work done.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, cast
 
@@ -47,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOB_KIND = "training"
+VALIDATION, HELD_OUT_SHOTS, TRAINING_SHOTS = "validation", "held_out_shots", "training_shots"
 START = "aligndiff.training.start"
 RESUME = "aligndiff.training.resume"
 PREDICT = PREDICT_TASK
@@ -67,33 +81,40 @@ class TrainingInfo:
     use_synthetic: bool
     copy_paste: bool
     compare_baseline: bool
+    eval_set: str
     weights_key: str | None
     baseline_weights_key: str | None
     checkpoint_key: str | None
     validation_keys: list[list[str]] | None
+    fold_results: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class Run:
-    """One model to train: on the shots and (`synthetic`) the accepted samples, its weights
-    and checkpoint stored under their own keys, reporting progress within `span`."""
+    """One model to train: on the shots (all, or all but fold `fold`'s held-out ones) and
+    (`synthetic`) the accepted samples, checkpointed under its own key, reporting progress
+    within `span`. A final run stores its weights (`weights_column` names them, under
+    `weights_name`); a fold run (`fold` set) stores its result in `Training.fold_results`."""
 
     name: str
     synthetic: bool
-    weights_column: str
-    weights_name: str
     checkpoint_name: str
-    span: tuple[float, float]
+    span: tuple[float, float] = (0.0, 1.0)
+    weights_column: str | None = None
+    weights_name: str | None = None
+    fold: int | None = None
 
 
 @dataclass(frozen=True)
 class Example:
-    """One image of a class with its object's mask; `kind` says where it came from."""
+    """One image of a class with its object's mask; `kind` says where it came from, and
+    `position` is a shot's position in its class (None for a sample)."""
 
     image: npt.NDArray[np.uint8]
     mask: npt.NDArray[np.bool_]
     class_index: int
     kind: ObjectKind
+    position: int | None = None
 
 
 def start(ctx: WorkerContext, job_id: uuid.UUID) -> None:
@@ -160,69 +181,257 @@ class SegmenterCache:
 
 def _run(ctx: WorkerContext, job_id: uuid.UUID) -> None:
     from aligndiff.models.segmenters import load_segmenter
-    from aligndiff.training import evaluate
 
     info = _load_training(ctx, job_id)
     class_names = _class_names(ctx, info)
     shots = _load_examples(ctx, info, synthetic=False)
+    folds = _fold_count(ctx, info, shots)
+    samples: list[Example] | None = None
     models: dict[str, tuple[SegmentationModel, int]] = {}
-    for run in _runs(info):
-        stored = getattr(info, run.weights_column)
-        if stored is not None:
-            model, config = load_segmenter(ctx.storage.get(stored))
-            models[run.name] = model, int(config["resolution"])
+    for run in _runs(info, folds):
+        if run.fold is not None and run.name in info.fold_results:
             continue
-        examples = shots + (_load_examples(ctx, info, synthetic=True) if run.synthetic else [])
-        trained = _train(ctx, info, run, class_names, examples)
+        stored = getattr(info, run.weights_column) if run.weights_column else None
+        if stored is not None:
+            if not folds:
+                model, config = load_segmenter(ctx.storage.get(stored))
+                models[run.name] = model, int(config["resolution"])
+            continue
+        trained_on, held_out = _split(shots, run.fold)
+        if run.synthetic:
+            samples = _load_examples(ctx, info, synthetic=True) if samples is None else samples
+            trained_on = trained_on + samples
+        trained = _train(ctx, info, run, class_names, trained_on)
         if trained is None:
             with ctx.session() as session:
                 finish_cancelled(session, job_id)
             return
-        models[run.name] = trained, ctx.settings.training_resolution
+        if run.fold is None:
+            models[run.name] = trained, ctx.settings.training_resolution
+        else:
+            result = _measure(
+                trained,
+                [example.image for example in held_out],
+                [_labels(example) for example in held_out],
+                class_names,
+                resolution=ctx.settings.training_resolution,
+            )
+            held = {class_names[example.class_index - 1]: example.position for example in held_out}
+            _store_fold_result(ctx, info.id, run.name, {"held_out": held, **result})
         info = _load_training(ctx, job_id)
 
-    if info.validation_keys:
-        eval_set = "validation"
-        images, label_maps = _load_validation(ctx, info.validation_keys)
+    if folds:
+        metrics = _fold_metrics(info, folds)
     else:
-        eval_set = "shots"
-        images = [example.image for example in shots]
-        label_maps = [_labels(example) for example in shots]
-
-    def measured(name: str) -> dict[str, Any]:
-        model, resolution = models[name]
-        result = evaluate(model, images, label_maps, class_names, resolution=resolution)
-        return {"per_class_iou": dict(result.per_class_iou), "miou": float(result.miou)}
-
-    metrics: dict[str, Any] = {**measured("model"), "eval_set": eval_set}
-    if "baseline" in models:
-        metrics["baseline"] = measured("baseline")
+        metrics = _final_metrics(ctx, info, models, class_names, shots)
     with ctx.session() as session:
         _update_training(session, info.id, {"metrics": metrics})
         if not complete(session, job_id):
             finish_cancelled(session, job_id)
 
 
-def _runs(info: TrainingInfo) -> list[Run]:
-    model = Run(
-        name="model",
-        synthetic=info.use_synthetic,
-        weights_column="weights_key",
-        weights_name="weights.zip",
-        checkpoint_name="checkpoint.bin",
-        span=(0.0, 0.5 if info.compare_baseline else 1.0),
+def _fold_count(ctx: WorkerContext, info: TrainingInfo, shots: list[Example]) -> int:
+    """How many leave-one-shot-out folds the training is evaluated by: none unless its
+    `eval_set` is `held_out_shots`, else as many as the class with fewest shots allows, at
+    most `settings.eval_max_folds`."""
+    if info.validation_keys or info.eval_set != HELD_OUT_SHOTS:
+        return 0
+    fewest = min(
+        sum(example.class_index == index for example in shots)
+        for index in range(1, len(info.class_ids) + 1)
     )
-    if not info.compare_baseline:
-        return [model]
-    baseline = Run(
-        name="baseline",
-        synthetic=False,
-        weights_column="baseline_weights_key",
-        weights_name="baseline/weights.zip",
-        checkpoint_name="baseline/checkpoint.bin",
-        span=(0.5, 1.0),
+    if fewest < 2:
+        raise ValueError(
+            f"held-out evaluation needs 2 or more shots in every class; one class has {fewest}"
+        )
+    return min(ctx.settings.eval_max_folds, fewest)
+
+
+def _runs(info: TrainingInfo, folds: int) -> list[Run]:
+    """The runs in the order they are trained: the folds' (when evaluated by folds), then the
+    final model on all the shots, and its baseline (compare_baseline, without folds)."""
+    runs: list[Run] = []
+    for fold in range(folds):
+        runs.append(
+            Run(
+                _fold_run(fold),
+                synthetic=info.use_synthetic,
+                checkpoint_name=f"folds/{fold}/checkpoint.bin",
+                fold=fold,
+            )
+        )
+        if info.compare_baseline:
+            runs.append(
+                Run(
+                    _fold_run(fold, baseline=True),
+                    synthetic=False,
+                    checkpoint_name=f"folds/{fold}/baseline/checkpoint.bin",
+                    fold=fold,
+                )
+            )
+    runs.append(
+        Run(
+            "model",
+            synthetic=info.use_synthetic,
+            checkpoint_name="checkpoint.bin",
+            weights_column="weights_key",
+            weights_name="weights.zip",
+        )
     )
-    return [model, baseline]
+    if info.compare_baseline and not folds:
+        runs.append(
+            Run(
+                "baseline",
+                synthetic=False,
+                checkpoint_name="baseline/checkpoint.bin",
+                weights_column="baseline_weights_key",
+                weights_name="baseline/weights.zip",
+            )
+        )
+    # Every run trains the same steps: each gets an equal share of the job's progress.
+    return [
+        replace(run, span=(index / len(runs), (index + 1) / len(runs)))
+        for index, run in enumerate(runs)
+    ]
+
+
+def _fold_run(fold: int, *, baseline: bool = False) -> str:
+    return f"fold-{fold}-baseline" if baseline else f"fold-{fold}"
+
+
+def _split(shots: list[Example], fold: int | None) -> tuple[list[Example], list[Example]]:
+    """The shots trained on and those held out: fold k holds out the k-th shot of every
+    class (in position order); no fold holds out none."""
+    if fold is None:
+        return list(shots), []
+    trained_on: list[Example] = []
+    held_out: list[Example] = []
+    seen: dict[int, int] = {}
+    for example in shots:
+        rank = seen[example.class_index] = seen.get(example.class_index, -1) + 1
+        (held_out if rank == fold else trained_on).append(example)
+    return trained_on, held_out
+
+
+def _measure(
+    model: SegmentationModel,
+    images: list[npt.NDArray[np.uint8]],
+    label_maps: list[npt.NDArray[np.uint8]],
+    class_names: list[str],
+    *,
+    resolution: int,
+) -> dict[str, Any]:
+    from aligndiff.training import evaluate
+
+    result = evaluate(model, images, label_maps, class_names, resolution=resolution)
+    return {"per_class_iou": dict(result.per_class_iou), "miou": float(result.miou)}
+
+
+def _store_fold_result(
+    ctx: WorkerContext, training_id: uuid.UUID, run_name: str, result: dict[str, Any]
+) -> None:
+    with ctx.session() as session:
+        stored = session.scalars(
+            select(Training.fold_results).where(Training.id == training_id).with_for_update()
+        ).one()
+        # NOTE: the whole dict is written: a JSON column's value is replaced, never patched.
+        _update_training(
+            session, training_id, {"fold_results": {**(stored or {}), run_name: result}}
+        )
+
+
+def _final_metrics(
+    ctx: WorkerContext,
+    info: TrainingInfo,
+    models: dict[str, tuple[SegmentationModel, int]],
+    class_names: list[str],
+    shots: list[Example],
+) -> dict[str, Any]:
+    """The final model's (and baseline's) metrics on the validation set, or else on the
+    training shots."""
+    if info.validation_keys:
+        eval_set = VALIDATION
+        images, label_maps = _load_validation(ctx, info.validation_keys)
+    else:
+        eval_set = TRAINING_SHOTS
+        images = [example.image for example in shots]
+        label_maps = [_labels(example) for example in shots]
+
+    def measured(name: str) -> dict[str, Any]:
+        model, resolution = models[name]
+        return _measure(model, images, label_maps, class_names, resolution=resolution)
+
+    metrics: dict[str, Any] = {**measured("model"), "eval_set": eval_set}
+    if "baseline" in models:
+        metrics["baseline"] = measured("baseline")
+        metrics["comparison"] = _comparison(metrics, metrics["baseline"], spread=None)
+    return metrics
+
+
+def _fold_metrics(info: TrainingInfo, folds: int) -> dict[str, Any]:
+    """The fold means (and standard deviations) of the held-out results, each fold's
+    results, and with compare_baseline the baseline's and the comparison, whose `spread` is
+    the standard deviation over folds of the per-fold mIoU difference."""
+    results = info.fold_results
+    per_fold = []
+    for fold in range(folds):
+        result = results[_fold_run(fold)]
+        baseline = results.get(_fold_run(fold, baseline=True)) if info.compare_baseline else None
+        per_fold.append(
+            {
+                "fold": fold,
+                "held_out": result["held_out"],
+                "per_class_iou": result["per_class_iou"],
+                "miou": result["miou"],
+                "baseline": None
+                if baseline is None
+                else {"per_class_iou": baseline["per_class_iou"], "miou": baseline["miou"]},
+            }
+        )
+    metrics: dict[str, Any] = {**_fold_summary(per_fold), "eval_set": HELD_OUT_SHOTS}
+    metrics["folds"] = per_fold
+    if info.compare_baseline:
+        baselines = [fold["baseline"] for fold in per_fold]
+        metrics["baseline"] = _fold_summary(baselines)
+        differences = [fold["miou"] - fold["baseline"]["miou"] for fold in per_fold]
+        metrics["comparison"] = _comparison(
+            metrics, metrics["baseline"], spread=statistics.pstdev(differences)
+        )
+    return metrics
+
+
+def _fold_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean per-class IoU and mIoU over folds, and the per-class standard deviation
+    (population: over the folds run)."""
+    names = list(results[0]["per_class_iou"])
+    return {
+        "per_class_iou": {
+            name: statistics.fmean(result["per_class_iou"][name] for result in results)
+            for name in names
+        },
+        "miou": statistics.fmean(result["miou"] for result in results),
+        "per_class_iou_std": {
+            name: statistics.pstdev(result["per_class_iou"][name] for result in results)
+            for name in names
+        },
+    }
+
+
+def _comparison(
+    with_synthetic: dict[str, Any], baseline: dict[str, Any], *, spread: float | None
+) -> dict[str, Any]:
+    """With minus without synthetic data; whether the mIoU difference exceeds `spread` (None
+    where there is no spread to compare with)."""
+    difference = with_synthetic["miou"] - baseline["miou"]
+    return {
+        "miou_difference": difference,
+        "per_class_difference": {
+            name: iou - baseline["per_class_iou"][name]
+            for name, iou in with_synthetic["per_class_iou"].items()
+        },
+        "spread": spread,
+        "exceeds_spread": None if spread is None else abs(difference) > spread,
+    }
 
 
 def _train(
@@ -232,8 +441,8 @@ def _train(
     class_names: list[str],
     examples: list[Example],
 ) -> SegmentationModel | None:
-    """Train `run` (from its checkpoint, when one is stored) and store its weights; None when
-    the job was asked to stop."""
+    """Train `run` (from its checkpoint, when one is stored) and store its weights (a final
+    run); None when the job was asked to stop."""
     from aligndiff.models.segmenters import build_segmenter, save_segmenter
     from aligndiff.training import TrainingConfig, TrainingSet, TrainingState, train_segmenter
 
@@ -294,11 +503,12 @@ def _train(
     )
     if outcome.stopped:
         return None
-    weights_key = training_key(info.id, run.weights_name)
-    weights = save_segmenter(model, class_names=class_names, resolution=config.resolution)
-    ctx.storage.put(weights_key, weights, content_type=ZIP)
-    with ctx.session() as session:
-        _update_training(session, info.id, {run.weights_column: weights_key})
+    if run.weights_column is not None and run.weights_name is not None:
+        weights_key = training_key(info.id, run.weights_name)
+        weights = save_segmenter(model, class_names=class_names, resolution=config.resolution)
+        ctx.storage.put(weights_key, weights, content_type=ZIP)
+        with ctx.session() as session:
+            _update_training(session, info.id, {run.weights_column: weights_key})
     return model
 
 
@@ -317,10 +527,12 @@ def _load_training(ctx: WorkerContext, job_id: uuid.UUID) -> TrainingInfo:
             use_synthetic=row.use_synthetic,
             copy_paste=row.copy_paste,
             compare_baseline=row.compare_baseline,
+            eval_set=row.eval_set,
             weights_key=row.weights_key,
             baseline_weights_key=row.baseline_weights_key,
             checkpoint_key=row.checkpoint_key,
             validation_keys=row.validation_keys,
+            fold_results=dict(row.fold_results or {}),
         )
 
 
@@ -343,7 +555,7 @@ def _class_names(ctx: WorkerContext, info: TrainingInfo) -> list[str]:
 
 def _load_examples(ctx: WorkerContext, info: TrainingInfo, *, synthetic: bool) -> list[Example]:
     """The classes' real shots, or (`synthetic`) their accepted finalized samples."""
-    keys: list[tuple[str, str, int, ObjectKind]] = []
+    keys: list[tuple[str, str, int, ObjectKind, int | None]] = []
     with ctx.session() as session:
         for class_index, class_id in enumerate(info.class_ids, start=1):
             if synthetic:
@@ -359,16 +571,18 @@ def _load_examples(ctx: WorkerContext, info: TrainingInfo, *, synthetic: bool) -
                 ).all()
                 # NOTE: a finalized sample's mask is its final one (the query keeps only those).
                 keys += [
-                    (image, cast(str, mask), class_index, cast(ObjectKind, kind))
+                    (image, cast(str, mask), class_index, cast(ObjectKind, kind), None)
                     for image, mask, kind in samples
                 ]
             else:
                 shots = session.execute(
-                    select(ShotRow.image_key, ShotRow.mask_key)
+                    select(ShotRow.image_key, ShotRow.mask_key, ShotRow.position)
                     .where(ShotRow.class_id == class_id)
                     .order_by(ShotRow.position)
                 ).all()
-                keys += [(image, mask, class_index, "shot") for image, mask in shots]
+                keys += [
+                    (image, mask, class_index, "shot", position) for image, mask, position in shots
+                ]
     return [
         Example(
             image=np.asarray(
@@ -377,8 +591,9 @@ def _load_examples(ctx: WorkerContext, info: TrainingInfo, *, synthetic: bool) -
             mask=_decode_mask(ctx.storage.get(mask_key)),
             class_index=class_index,
             kind=kind,
+            position=position,
         )
-        for image_key, mask_key, class_index, kind in keys
+        for image_key, mask_key, class_index, kind, position in keys
     ]
 
 

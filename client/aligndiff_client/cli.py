@@ -1,8 +1,8 @@
 """`aligndiff-client`: the SDK's main calls from a shell.
 
-Resources are printed to stdout as JSON (for `jq`); progress bars and errors go to stderr. An
-error is one line, `aligndiff-client: error: …`, and a non-zero exit status (1; 2 for a wrong
-command line; 130 when interrupted).
+Resources are printed to stdout as JSON (for `jq`); progress bars, errors and the summary of a
+finished training's metrics go to stderr. An error is one line, `aligndiff-client: error: …`,
+and a non-zero exit status (1; 2 for a wrong command line; 130 when interrupted).
 """
 
 from __future__ import annotations
@@ -19,12 +19,19 @@ from pydantic import BaseModel
 from aligndiff_client._version import __version__
 from aligndiff_client.client import DEFAULT_NUM_SAMPLES, Client
 from aligndiff_client.errors import AlignDiffError
+from aligndiff_client.models import TrainingMetrics
 from aligndiff_client.shots import shot_files
 
 PROG = "aligndiff-client"
 DEFAULT_URL = "http://127.0.0.1:8000"
 FORMATS = ("voc", "coco", "hf", "webdataset")
 ARCHITECTURES = ("deeplabv3", "segformer")
+EVAL_SETS = {
+    "validation": "the uploaded validation set",
+    "held_out_shots": "held-out shots (leave-one-shot-out folds; the IoUs are fold means)",
+    "training_shots": "the training shots (optimistic: measured on the training shots)",
+    "shots": "the training shots (optimistic: measured on the training shots)",
+}
 
 
 def main(argv: Sequence[str] | None = None, *, transport: httpx.BaseTransport | None = None) -> int:
@@ -106,6 +113,40 @@ def _train(client: Client, args: argparse.Namespace) -> None:
             training.id, timeout=args.timeout, progress=not _quiet(args)
         )
     _print(training)
+    if args.wait and training.metrics is not None:
+        print(_metrics_summary(training.metrics), file=sys.stderr)
+
+
+def _metrics_summary(metrics: TrainingMetrics) -> str:
+    """What the metrics were measured on, the IoUs, and the comparison with the baseline."""
+    eval_set = str(metrics.eval_set)
+    lines = [f"eval set: {eval_set}: {EVAL_SETS.get(eval_set, 'unknown to this client')}"]
+    if metrics.folds:
+        lines[0] += f", {len(metrics.folds)} folds"
+    lines.append(f"mIoU {_number(metrics.miou)}")
+    std = metrics.per_class_iou_std or {}
+    for name, iou in metrics.per_class_iou.items():
+        spread = f" ± {_number(std[name])}" if name in std else ""
+        lines.append(f"  {name}: IoU {_number(iou)}{spread}")
+    if metrics.baseline is not None:
+        lines.append(f"baseline (shots only): mIoU {_number(metrics.baseline.miou)}")
+    comparison = metrics.comparison
+    if comparison is not None:
+        change = _number(comparison.miou_difference, sign=True)
+        line = f"comparison (with - without synthetic): mIoU {change}"
+        if comparison.spread is not None:
+            verdict = "exceeds" if comparison.exceeds_spread else "within"
+            line += f", {verdict} the spread over folds ({_number(comparison.spread)})"
+        lines.append(line)
+        for name, difference in comparison.per_class_difference.items():
+            lines.append(f"  {name}: IoU {_number(difference, sign=True)}")
+    return "\n".join(lines)
+
+
+def _number(value: float | None, *, sign: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.3f}" if sign else f"{value:.3f}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -197,7 +238,8 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         help="train a segmenter on classes",
         description="Queue the training of a segmenter on the classes' shots and samples; "
-        "print the training as JSON.",
+        "print the training as JSON (with --wait, a summary of its metrics to stderr: what "
+        "they were measured on, and the comparison with the baseline).",
     )
     train.add_argument("class_ids", nargs="+", metavar="CLASS_ID")
     train.add_argument("--architecture", choices=ARCHITECTURES, default="deeplabv3")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,7 @@ Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 DatasetFormat = Literal["voc", "coco", "hf", "webdataset"]
 Architecture = Literal["deeplabv3", "segformer"]
+EvalSet = Literal["validation", "held_out_shots", "training_shots"]
 
 
 class Resource(BaseModel):
@@ -102,18 +103,62 @@ class Job(Resource):
 
 
 class BaselineMetrics(Resource):
+    """The same training on the real shots alone; with held-out shots, its fold means and
+    `per_class_iou_std`."""
+
     per_class_iou: dict[str, float] = Field(default_factory=dict)
     miou: float | None = None
+    per_class_iou_std: dict[str, float] | None = None
+
+
+class FoldMetrics(Resource):
+    """One leave-one-shot-out fold: trained without `held_out` (class name → the held-out
+    shot's position, from 0) and measured on those shots; `baseline` with compare_baseline."""
+
+    fold: int
+    held_out: dict[str, int] = Field(default_factory=dict)
+    per_class_iou: dict[str, float] = Field(default_factory=dict)
+    miou: float | None = None
+    baseline: BaselineMetrics | None = None
+
+
+class BaselineComparison(Resource):
+    """The training with synthetic samples minus its baseline (shots alone). With held-out
+    shots, `spread` is the standard deviation over folds of the per-fold mIoU difference and
+    `exceeds_spread` whether |miou_difference| exceeds it; both None for a validation set."""
+
+    miou_difference: float | None = None
+    per_class_difference: dict[str, float] = Field(default_factory=dict)
+    spread: float | None = None
+    exceeds_spread: bool | None = None
 
 
 class TrainingMetrics(Resource):
-    """Evaluation of a trained segmenter; `baseline` (trained on the real shots only) when the
-    training was asked to compare."""
+    """Evaluation of a trained segmenter. `eval_set` says what on:
+
+    - `validation`: the validation set uploaded with the training;
+    - `held_out_shots`: leave-one-shot-out folds over the classes' shots (no validation set,
+      2+ shots in every class); the IoUs are fold means, `per_class_iou_std` their standard
+      deviation, `folds` each fold's results;
+    - `training_shots`: the very shots the model trained on (no validation set, a class with
+      1 shot): optimistic, it says little of how the model does on new images.
+
+    `baseline` (trained on the real shots only) and `comparison` when the training was asked
+    to compare."""
 
     per_class_iou: dict[str, float] = Field(default_factory=dict)
     miou: float | None = None
-    eval_set: Any = None
+    eval_set: str | None = None
+    per_class_iou_std: dict[str, float] | None = None
+    folds: list[FoldMetrics] | None = None
     baseline: BaselineMetrics | None = None
+    comparison: BaselineComparison | None = None
+
+    @property
+    def optimistic(self) -> bool:
+        """Whether the metrics were measured on the images trained on."""
+        # NOTE: servers before held-out evaluation named the training shots `shots`.
+        return self.eval_set in ("training_shots", "shots")
 
 
 class Training(Resource):

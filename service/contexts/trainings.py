@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 TRAINING = "training"
 PNG = "image/png"
 IGNORE_LABEL = 255
+# What a training is evaluated on (`Training.eval_set`, `metrics.eval_set`).
+VALIDATION, HELD_OUT_SHOTS, TRAINING_SHOTS = "validation", "held_out_shots", "training_shots"
 # The worker task that predicts (`worker.training.predict`), sent by name.
 PREDICT_TASK = "aligndiff.training.predict"
 
@@ -82,10 +84,13 @@ def create_training(
     409); `steps` over the server's maximum and repeated classes answer 422.
 
     With a validation set (`val_images` paired by order with `val_masks`, label maps whose
-    values are 0, k for the k-th class or 255 ignored) the training is evaluated on it rather
-    than on the shots. Its pairs are all checked first (415 for a file of a type not accepted,
-    else 422 naming `val_images[i]` / `val_masks[i]`), stored under the training's prefix
-    before the rows, and deleted again when the rows cannot be committed.
+    values are 0, k for the k-th class or 255 ignored) the training is evaluated on it; else,
+    when every class has 2 or more shots, on held-out shots (leave-one-shot-out folds); else
+    on the shots it trained on. `compare_baseline` needs one of the first two (else 422: a
+    comparison on the training shots says nothing). The validation pairs are all checked
+    first (415 for a file of a type not accepted, else 422 naming `val_images[i]` /
+    `val_masks[i]`), stored under the training's prefix before the rows, and deleted again
+    when the rows cannot be committed.
 
     Over one of the owner's quotas (`service.contexts.quotas`; admins have none) answers 429.
     """
@@ -94,7 +99,8 @@ def create_training(
     if (replay := find_answer(session, claim)) is not None:
         return Accepted(replay, start=None)
     _check_fields(training_in, settings, val_images=val_images, val_masks=val_masks)
-    _check_classes(session, principal, training_in.class_ids)
+    shots = _check_classes(session, principal, training_in.class_ids)
+    _check_baseline_can_be_compared(training_in, shots, validation=bool(val_images))
     demand = quotas.JobDemand(
         owner_id,
         exempt=principal.is_admin,
@@ -104,7 +110,8 @@ def create_training(
         _record_training, session, settings, claim, demand, training_in, location_of=location_of
     )
     if not val_images:
-        return record(uuid.uuid4(), None)
+        eval_set = HELD_OUT_SHOTS if min(count for _, count in shots) >= 2 else TRAINING_SHOTS
+        return record(uuid.uuid4(), None, eval_set=eval_set)
 
     # Early, before the work on the validation set; again below, under the owner's lock.
     quotas.enforce(session, settings, demand, lock=False)
@@ -117,7 +124,7 @@ def create_training(
     try:
         keys = _store_validation(storage, training_id, pairs)
         _check_classes(session, principal, training_in.class_ids)
-        accepted = record(training_id, keys)
+        accepted = record(training_id, keys, eval_set=VALIDATION)
     except BaseException:
         session.rollback()
         delete_prefix_quietly(storage, training_prefix(training_id))
@@ -138,6 +145,7 @@ def _record_training(
     training_id: uuid.UUID,
     validation_keys: list[list[str]] | None,
     *,
+    eval_set: str,
     location_of: Callable[[uuid.UUID], str],
 ) -> Accepted:
     owner_id = demand.owner_id
@@ -153,7 +161,7 @@ def _record_training(
         use_synthetic=training_in.use_synthetic,
         copy_paste=training_in.copy_paste,
         compare_baseline=training_in.compare_baseline,
-        eval_set="shots" if validation_keys is None else "validation",
+        eval_set=eval_set,
         validation_keys=validation_keys,
         job_id=job.id,
         upload_bytes=demand.upload_bytes,
@@ -272,14 +280,20 @@ def training_public(training: Training, job: Job | None) -> TrainingPublic:
         use_synthetic=training.use_synthetic,
         copy_paste=training.copy_paste,
         compare_baseline=training.compare_baseline,
-        metrics=TrainingMetrics.model_validate(training.metrics)
-        if succeeded and training.metrics is not None
-        else None,
+        metrics=_metrics(training.metrics) if succeeded and training.metrics is not None else None,
         job_id=training.job_id,
         error=job.error if job is not None else None,
         created_at=training.created_at,
         updated_at=training.updated_at,
     )
+
+
+def _metrics(stored: dict[str, Any]) -> TrainingMetrics:
+    # NOTE: metrics stored before held-out evaluation (migration 0005) name the training
+    # shots `shots`; the migration renamed the column's value, not the JSON's.
+    if stored.get("eval_set") == "shots":
+        stored = {**stored, "eval_set": TRAINING_SHOTS}
+    return TrainingMetrics.model_validate(stored)
 
 
 def _fingerprint(
@@ -328,11 +342,13 @@ def _check_fields(
         raise Problem(422, "the request is not valid", errors=errors)
 
 
-def _check_classes(session: Session, principal: Principal, class_ids: list[uuid.UUID]) -> None:
+def _check_classes(
+    session: Session, principal: Principal, class_ids: list[uuid.UUID]
+) -> list[tuple[str, int]]:
     """404 unless every class is visible to `principal`; 409 unless each one's synthesis
-    succeeded (its samples are final)."""
+    succeeded (its samples are final). Each class's name and number of shots, in order."""
     rows = session.execute(
-        select(SegClass.id, Job.status)
+        select(SegClass.id, Job.status, SegClass.name, SegClass.num_shots)
         .outerjoin(Job, Job.id == SegClass.job_id)
         .where(SegClass.id.in_(class_ids), visible_to(principal, SegClass.owner_id))
         # NOTE: held until the training commits, so a class deleted meanwhile waits for it
@@ -363,6 +379,32 @@ def _check_classes(session: Session, principal: Principal, class_ids: list[uuid.
                 for class_id in unfinished
             ],
         )
+    shots = {row[0]: (row[2], row[3]) for row in rows}
+    return [shots[class_id] for class_id in class_ids]
+
+
+def _check_baseline_can_be_compared(
+    training_in: TrainingCreate, shots: list[tuple[str, int]], *, validation: bool
+) -> None:
+    """422 for `compare_baseline` without held-out data to compare on: neither a validation
+    set nor 2 or more shots in every class."""
+    single = [name for name, count in shots if count < 2]
+    if not training_in.compare_baseline or validation or not single:
+        return
+    has = "has" if len(single) == 1 else "have"
+    message = (
+        "compare_baseline needs images that neither model is trained on: upload a validation "
+        "set (val_images with val_masks), or give each class at least 2 shots "
+        f"({_listed(single)} {has} 1 shot)"
+    )
+    raise Problem(422, message, errors=[{"field": "compare_baseline", "message": message}])
+
+
+def _listed(names: list[str]) -> str:
+    quoted = [f"'{name}'" for name in names]
+    if len(quoted) == 1:
+        return f"class {quoted[0]}"
+    return f"classes {', '.join(quoted[:-1])} and {quoted[-1]}"
 
 
 def _load_validation(
