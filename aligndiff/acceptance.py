@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
-from aligndiff.fss import Features, FewShotSegmenter, RGBImage
+from aligndiff.fss import Features, FewShotSegmenter, RGBImage, calibrate_each
 from aligndiff.masks import BoolMask
 from aligndiff.ood import OodConfig, PromptKind, is_accepted
 
@@ -117,20 +117,24 @@ def foreground_prototypes(
 ) -> torch.Tensor:
     """Each image's unit foreground prototype (N, C), float32 on the CPU: its features pooled
     under its own mask by the segmenter's calibration. An empty mask gives a zero row."""
-    if len(masks) != len(features):
-        raise ValueError(f"{len(features)} images but {len(masks)} masks")
+    return unit_foregrounds(
+        calibrate_each(segmenter, features, masks), channels=features.maps.shape[1]
+    )
+
+
+def unit_foregrounds(prototypes: Sequence[Any], *, channels: int) -> torch.Tensor:
+    """The unit foreground vectors (N, C) of calibrations (`calibrate_each`)."""
     rows = []
-    for index, mask in enumerate(masks):
-        prototypes = segmenter.calibrate(features.select([index]), [mask])
-        foreground = getattr(prototypes, "foreground", None)
+    for calibrated in prototypes:
+        foreground = getattr(calibrated, "foreground", None)
         if not isinstance(foreground, torch.Tensor):
             raise TypeError(
-                f"{type(segmenter).__name__}.calibrate returns no foreground prototype: the "
-                "semantic check needs one"
+                f"{type(calibrated).__name__} has no foreground prototype: the semantic check "
+                "needs one"
             )
         rows.append(foreground.detach().float().cpu())
     if not rows:
-        return torch.zeros(0, features.maps.shape[1])
+        return torch.zeros(0, channels)
     return F.normalize(torch.stack(rows), dim=-1)
 
 
@@ -263,6 +267,11 @@ class SemanticCheck:
         self, segmenter: FewShotSegmenter, features: Features, masks: Sequence[BoolMask]
     ) -> list[float]:
         return prototype_similarities(segmenter, features, masks, self.reference)
+
+    def similarities_of(self, prototypes: Sequence[Any]) -> list[float]:
+        """The prototype similarities of samples already calibrated alone (`calibrate_each`)."""
+        vectors = unit_foregrounds(prototypes, channels=self.reference.shape[0])
+        return (vectors @ self.reference).tolist()
 
     def passes(self, *, prototype_similarity: float, shot_similarity: float) -> bool:
         return self.thresholds.passes(

@@ -52,6 +52,17 @@ class FewShotSegmenter(Protocol):
     def predict(self, prototypes: Any, query: Features) -> list[ProbabilityMap]: ...
 
 
+def calibrate_each(
+    segmenter: FewShotSegmenter, features: Features, masks: Sequence[BoolMask]
+) -> list[Any]:
+    """Each image's prototypes calibrated on that image alone, under its own mask: what the
+    OOD filter segments the shots with, and whose foreground the semantic check compares, so
+    a caller computes them once for both."""
+    if len(masks) != len(features):
+        raise ValueError(f"{len(features)} images but {len(masks)} masks")
+    return [segmenter.calibrate(features.select([i]), [mask]) for i, mask in enumerate(masks)]
+
+
 # Self-support refinement (SSP, Fan et al., ECCV 2022): query regions the first prediction is
 # confident about, and the weight of the query's own prototype against the support's.
 SELF_SUPPORT_FOREGROUND = 0.7

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from aligndiff.fss import Features, FewShotSegmenter
+from aligndiff.fss import Features, FewShotSegmenter, calibrate_each
 from aligndiff.masks import BoolMask, iou
 
 PromptKind = Literal["inversion", "text"]
@@ -44,10 +44,12 @@ def ood_ious(
     shots: Features,
     shot_masks: Sequence[BoolMask],
     threshold: float,
+    sample_prototypes: Sequence[Any] | None = None,
 ) -> list[float]:
     """Each sample's ood_iou, in sample order: the FSS is calibrated on that sample alone (its
     features and final mask) and predicts every real shot at once; ood_iou is the mean over the
-    shots of the IoU between the prediction > `threshold` and the shot's real mask."""
+    shots of the IoU between the prediction > `threshold` and the shot's real mask.
+    `sample_prototypes`: those calibrations, when the caller has them (`calibrate_each`)."""
     if len(sample_masks) != len(samples):
         raise ValueError(f"{len(samples)} samples but {len(sample_masks)} sample masks")
     if len(shot_masks) != len(shots):
@@ -56,9 +58,12 @@ def ood_ious(
         raise ValueError("at least one shot is needed")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if sample_prototypes is None:
+        sample_prototypes = calibrate_each(segmenter, samples, sample_masks)
+    elif len(sample_prototypes) != len(samples):
+        raise ValueError(f"{len(samples)} samples but {len(sample_prototypes)} prototypes")
     scores = []
-    for index, mask in enumerate(sample_masks):
-        prototypes = segmenter.calibrate(samples.select([index]), [mask])
+    for prototypes in sample_prototypes:
         predictions = segmenter.predict(prototypes, shots)
         per_shot = [
             iou(probability > threshold, shot_mask)

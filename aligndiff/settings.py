@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     # each trial runs, and the trial samples drawn per value.
     bg_lambda: float = Field(default=0.6, ge=0, le=2)
     bg_lambda_grid: tuple[float, ...] = (0.2, 0.6, 1.0)
-    bg_lambda_trial_fraction: float = Field(default=0.15, gt=0, le=0.3)
+    bg_lambda_trial_fraction: float = Field(default=0.1, gt=0, le=0.3)
     bg_lambda_trial_samples: int = Field(default=2, ge=1, le=16)
 
     @property

@@ -25,7 +25,7 @@ from aligndiff.acceptance import (
     verdict,
 )
 from aligndiff.annotation import AnnotationConfig, annotate
-from aligndiff.fss import FewShotSegmenter, PrototypeSegmenter
+from aligndiff.fss import FewShotSegmenter, PrototypeSegmenter, calibrate_each
 from aligndiff.inversion import InversionConfig, InversionResult, invert, save_embedding
 from aligndiff.masks import mask_to_image
 from aligndiff.models.backbone import load_backbone
@@ -296,6 +296,7 @@ def synthesize(
             progress=report("annotation"),
         )
         final_masks = [a.mask for a in annotations]
+        alone = calibrate_each(segmenter, sample_features, final_masks)
         ood = ood_ious(
             segmenter,
             samples=sample_features,
@@ -303,8 +304,9 @@ def synthesize(
             shots=shot_features,
             shot_masks=shot_masks,
             threshold=config.ood.prediction_threshold,
+            sample_prototypes=alone,
         )
-        similarities = semantic.prototype_similarities(segmenter, sample_features, final_masks)
+        similarities = semantic.similarities_of(alone)
 
     class_id = str(uuid.uuid4())
     created_at = _now()

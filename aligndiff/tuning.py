@@ -10,7 +10,7 @@ to the full number of steps, so its embedding is exactly what a fixed-λ inversi
 learns, and the trials are kept for the class's report.
 
 Cost: with g values, t trial steps and S steps in all, g·t + (S − t) inversion steps plus the
-trial samples; the defaults (3 values, 15 %) run 1.3 S steps (`bench/inversion.py --auto`
+trial samples; the defaults (3 values, 10 %) run 1.2 S steps (`bench/acceptance.py`
 measures the whole against a fixed-λ inversion: the budget is 1.6x).
 """
 
@@ -42,7 +42,7 @@ class TuningConfig:
     the samples drawn to score each trial."""
 
     grid: tuple[float, ...] = (0.2, 0.6, 1.0)
-    trial_fraction: float = 0.15
+    trial_fraction: float = 0.1
     trial_samples: int = 2
 
     def __post_init__(self) -> None:
@@ -184,8 +184,13 @@ def acceptance_scorer(
         for i in range(trial_samples)
     ]
 
+    # One batch of exactly the trial samples: a larger configured batch would be padded.
+    trial_sampling = replace(sampling, batch_size=trial_samples)
+
     def score(bg_lambda: float, embedding: torch.Tensor) -> TrialScore:
-        sampler = Sampler(model, class_name=class_name, token_embedding=embedding, config=sampling)
+        sampler = Sampler(
+            model, class_name=class_name, token_embedding=embedding, config=trial_sampling
+        )
         images = [sample.image for sample in sampler.generate(specs)]
         features = segmenter.embed(images)
         masks = [p > fss_threshold for p in segmenter.predict(shot_prototypes, features)]

@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session
 
 from aligndiff.acceptance import AcceptanceThresholds, SemanticCheck, calibrate, verdict
 from aligndiff.annotation import consensus_pass, pseudo_label_pass, recalibrate
-from aligndiff.fss import Prototypes
+from aligndiff.fss import Prototypes, calibrate_each
 from aligndiff.inversion import load_embedding, save_embedding
 from aligndiff.masks import BoolMask, mask_to_image
 from aligndiff.ood import ood_ious
@@ -614,6 +614,7 @@ def _finalize(ctx: WorkerContext, info: ClassInfo, rows: list[Sample]) -> None:
             masks[i] = _decode_mask(ctx.storage.get(_required(row.mask_key)))
     final_masks = [masks[i] for i in range(len(rows))]
 
+    alone = calibrate_each(segmenter, features, final_masks)
     ood = ood_ious(
         segmenter,
         samples=features,
@@ -621,10 +622,11 @@ def _finalize(ctx: WorkerContext, info: ClassInfo, rows: list[Sample]) -> None:
         shots=shot_features,
         shot_masks=shot_masks,
         threshold=config.ood.prediction_threshold,
+        sample_prototypes=alone,
     )
     thresholds = _thresholds(ctx, info, shots)
     semantic = SemanticCheck.for_shots(segmenter, shot_features, shot_masks, thresholds)
-    similarities = semantic.prototype_similarities(segmenter, features, final_masks)
+    similarities = semantic.similarities_of(alone)
     scores = _clip_scores(ctx, info, rows, images, shot_images)
     verdicts = [
         verdict(
