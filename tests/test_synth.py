@@ -86,9 +86,31 @@ def test_synth_refuses_bad_input_with_a_message_and_writes_nothing(
     bad_prompt = run_cli("synth", str(SHOTS_DIR / "dog"), "--class-name", "dog", "--out",
                          str(out), "--prompt", "a cat", cache=model_cache)  # fmt: skip
 
+    bad_bg_lambda = run_cli("synth", str(SHOTS_DIR / "dog"), "--class-name", "dog", "--out",
+                            str(out), "--bg-lambda", "2.5", cache=model_cache)  # fmt: skip
+
     assert missing_mask.returncode == 2 and "mask" in missing_mask.stderr
     assert bad_prompt.returncode == 2 and "does not mention the class name" in bad_prompt.stderr
+    assert bad_bg_lambda.returncode == 2 and "bg_lambda must be in [0, 2]" in bad_bg_lambda.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_synth_with_bg_lambda_auto_records_its_trials(tmp_path: Path, model_cache: Path) -> None:
+    out = tmp_path / "dog"
+    done = run_cli(
+        "synth", str(SHOTS_DIR / "dog"), "--class-name", "dog", "--out", str(out),
+        "--num-samples", "2", "--bg-lambda", "auto", cache=model_cache,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [trial["bg_lambda"] for trial in summary["tuning"]] == [0.2, 0.6, 1.0]
+    assert summary["bg_lambda"] == max(summary["tuning"], key=lambda t: t["score"])["bg_lambda"]
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert summary["rejected_by"] == {
+        reason: sum(r["rejected_by"] == reason for r in records)
+        for reason in {r["rejected_by"] for r in records if r["rejected_by"]}
+    }
 
 
 def test_synth_will_not_write_into_a_folder_with_content(tmp_path: Path, model_cache: Path):

@@ -4,12 +4,14 @@ each sample's verdict and reason, consensus only for samples that pass, and `aut
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from aligndiff.synth import Models
+from aligndiff.synth import Models, SynthConfig
+from service.settings import Settings
 from tests.conftest import SHOTS_DIR
 from tests.worker_support import create_class, in_process_app, run_job
 
@@ -24,20 +26,42 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def test_a_threshold_no_sample_reaches_rejects_every_sample_by_similarity(
+@pytest.fixture
+def every_prediction_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers whose pass 1 takes any non-empty FSS prediction as agreeing with the coarse
+    mask: every sample would be a consensus sample but for the semantic check."""
+    from_settings = SynthConfig.from_settings.__func__  # type: ignore[attr-defined]
+
+    def agreeing(cls: type[SynthConfig], settings: Settings) -> SynthConfig:
+        config = from_settings(cls, settings)
+        return replace(config, annotation=replace(config.annotation, consensus_iou=0.0))
+
+    monkeypatch.setattr(SynthConfig, "from_settings", classmethod(agreeing))
+
+
+@pytest.mark.usefixtures("every_prediction_agrees")
+def test_only_samples_that_pass_the_semantic_check_become_consensus_samples(
     tmp_path: Path, tiny_models: Models
 ) -> None:
-    # given a server whose prototype threshold no sample can reach
-    app, queue, service = in_process_app(
-        tmp_path, tiny_models, sample_chunk_size=2, accept_min_prototype_similarity=1.0
+    # given the same class on a server with the check off and one whose prototype threshold
+    # no sample can reach
+    open_app, open_queue, open_service = in_process_app(
+        tmp_path / "open", tiny_models, sample_chunk_size=2, accept_semantic_check=False
     )
+    app, queue, service = in_process_app(
+        tmp_path / "strict", tiny_models, sample_chunk_size=2, accept_min_prototype_similarity=1.0
+    )
+    open_class = create_class(open_service, DOG, name="dog", num_samples=4)
     created = create_class(service, DOG, name="dog", num_samples=4)
 
-    # when the class is synthesized
+    # when each is synthesized
+    run_job(open_app, open_queue, open_class.job_id)
     run_job(app, queue, created.job_id)
 
-    # then the job succeeded with no sample accepted, each rejected with its reason (inversion
-    # samples too), none used as a consensus, and the thresholds are stored with the class
+    # then without the check samples reach consensus; with it none does, none is accepted,
+    # each is rejected with its reason (inversion samples too), and the thresholds used are
+    # stored with the class
+    assert "consensus" in {s.mask_source for s in open_service.samples(open_class.class_id)}
     assert service.job(created.job_id).status == "succeeded"
     samples = service.samples(created.class_id)
     assert len(samples) == 4
