@@ -98,6 +98,51 @@ def training_body(**overrides: Any) -> dict[str, Any]:
     }
 
 
+def report_body(**overrides: Any) -> dict[str, Any]:
+    """A class's report: 10 finished samples, 6 accepted, tuned, with two trainings on it."""
+    return {
+        "class_id": str(uuid.uuid4()),
+        "counts": {
+            "samples": 10,
+            "accepted": 6,
+            "by_prompt_kind": {
+                "inversion": {"samples": 5, "accepted": 4},
+                "text": {"samples": 5, "accepted": 2},
+            },
+            "by_mask_source": {
+                "consensus": {"samples": 6, "accepted": 4},
+                "pseudo_label": {"samples": 4, "accepted": 2},
+                "human": {"samples": 0, "accepted": 0},
+            },
+            "rejected_by": {"ood": 2, "similarity": 1, "user": 1},
+        },
+        "histograms": {
+            "clip_score": {"edges": [0, 25, 50, 75, 100], "counts": [3, 6, 0, 1]},
+            "ood_iou": {"edges": [0, 0.5, 1], "counts": [0, 0]},
+        },
+        "acceptance": {
+            "prototype_similarity": 0.42,
+            "shot_similarity": 0.61,
+            "source": {"prototype_similarity": "calibrated", "shot_similarity": "settings"},
+            "calibration": {"prototype_similarity": [0.7], "shot_similarity": []},
+        },
+        "bg_lambda": 0.6,
+        "tuning": [
+            {"bg_lambda": 0.3, "score": 0.61, "prototype_similarity": 0.58,
+             "shot_similarity": 0.64, "steps": 40, "loss": 0.21},
+            {"bg_lambda": 0.6, "score": 0.7, "prototype_similarity": 0.69,
+             "shot_similarity": 0.71, "steps": 40, "loss": 0.19},
+        ],
+        "trainings": [
+            {"id": str(uuid.uuid4()), "eval_set": "held_out_shots", "miou": 0.71,
+             "baseline_miou": 0.58, "created_at": NOW},
+            {"id": str(uuid.uuid4()), "eval_set": "training_shots", "miou": 0.93,
+             "baseline_miou": None, "created_at": NOW},
+        ],
+        **overrides,
+    }  # fmt: skip
+
+
 def problem(status: int, detail: str, **extra: Any) -> httpx.Response:
     titles = {401: "Unauthorized", 404: "Not Found", 409: "Conflict", 422: "Unprocessable Content"}
     body = {"type": "about:blank", "title": titles.get(status, "Error"), "status": status}

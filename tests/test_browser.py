@@ -1,25 +1,43 @@
 """The dashboard in a real browser (Debian's headless Chromium through Playwright) against a live
 `aligndiff serve` on loopback: sign in, watch a job's progress advance without a reload,
-cancel it, refuse cross-site posts, and sort a class's gallery by score. Screenshots go to
-`test-artifacts/` (ALIGNDIFF_TEST_ARTIFACTS)."""
+cancel it, refuse cross-site posts, sort a class's gallery by score, and read a class's report
+and a training's page (their rows seeded into serve's database as a worker leaves them).
+Screenshots go to `test-artifacts/` (ALIGNDIFF_TEST_ARTIFACTS)."""
 
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy.orm import Session
 
+from service.auth import authenticate
+from service.db import make_engine
+from service.storage import LocalStorage
 from tests.browser_support import (
     chromium,
     create_class,
     screenshot,
     sign_in,
     wait_for_status,
+)
+from tests.report_support import (
+    ACCEPTANCE,
+    MIXED_SAMPLES,
+    TUNING,
+    add_report_class,
+    add_samples,
+    add_shots,
+    add_training,
+    held_out_metrics,
+    training_shots_metrics,
 )
 from tests.serve_support import Server, free_port, running_server
 
@@ -203,3 +221,97 @@ def test_a_class_gallery_sorts_by_clip_score(page: Any, server: Server) -> None:
     page.wait_for_function("() => document.getElementById('dialog-image').naturalWidth > 0")
     assert "size=512" in (page.get_attribute("#dialog-image", "src") or "")
     screenshot(page, "06-sample")
+
+
+def _seed_report(server: Server) -> tuple[uuid.UUID, uuid.UUID]:
+    """The admin's class with MIXED_SAMPLES, another class, and three trainings on them:
+    held out with a baseline, on the training shots, and held out without a baseline. Returns
+    (class, the held-out training with a baseline)."""
+    # `aligndiff serve`'s embedded defaults, under the folder it runs in.
+    data_dir = server.workdir / "aligndiff-data"
+    engine = make_engine(f"sqlite:///{data_dir / 'aligndiff.db'}")
+    storage = LocalStorage(data_dir / "blobs")
+    try:
+        with Session(engine) as session:
+            owner_id = authenticate(session, f"Bearer {server.admin_key}").owner_id
+            pidan = add_report_class(
+                session, owner_id=owner_id, acceptance=ACCEPTANCE, tuning=TUNING
+            )
+            add_samples(session, storage, pidan, MIXED_SAMPLES)
+            add_shots(session, storage, pidan, 3)
+            owl = add_report_class(session, owner_id=owner_id, name="owl", bg_lambda=0.6)
+            add_training(
+                session,
+                owner_id=owner_id,
+                class_ids=[pidan],
+                metrics=training_shots_metrics(["pidan"], miou=0.93),
+                age=timedelta(hours=2),
+            )
+            add_training(
+                session,
+                owner_id=owner_id,
+                class_ids=[pidan, owl],
+                metrics=held_out_metrics(["pidan", "owl"], miou=0.64, baseline_miou=None),
+                age=timedelta(hours=1),
+            )
+            held_out = add_training(
+                session,
+                owner_id=owner_id,
+                class_ids=[pidan, owl],
+                metrics=held_out_metrics(["pidan", "owl"], miou=0.71, baseline_miou=0.58, folds=3),
+            )
+            session.commit()
+    finally:
+        engine.dispose()
+    return pidan, held_out
+
+
+def test_an_admin_reads_a_class_report_and_opens_a_training_from_the_jobs_page(
+    page: Any, server: Server
+) -> None:
+    # given: a finished class with samples of every verdict and trainings on it
+    class_id, training_id = _seed_report(server)
+
+    # when: the admin signs in and opens the class's page
+    sign_in(page, server, server.admin_key)
+    page.wait_for_url(f"{server.url}/admin")
+    page.goto(f"{server.url}/admin/classes/{class_id}")
+
+    # then: every signal's histogram counts the finished samples that have it
+    counts = page.eval_on_selector_all(
+        "#histogram-clip_score rect.bar", "bars => bars.map(b => Number(b.dataset.count))"
+    )
+    assert len(counts) == 20 and sum(counts) == 9
+    assert page.locator("#histogram-shot_similarity line.marker").count() == 1
+    for signal in ("prototype_similarity", "ood_iou", "consensus_iou"):
+        assert page.locator(f"#histogram-{signal} rect.bar").count() > 0, signal
+    # and the rejections by reason, the accepted shares, the chosen bg_lambda
+    rejections = {
+        reason: page.inner_text(f'#rejections tr[data-reason="{reason}"] [data-field="count"]')
+        for reason in ("ood", "similarity", "user")
+    }
+    assert rejections == {"ood": "2", "similarity": "1", "user": "1"}
+    assert "4 / 5 accepted (80%)" in page.inner_text("#by-prompt-kind")
+    assert page.inner_text("#tuning tr.chosen td:first-child") == "0.60"
+    assert page.locator("#trainings-chart g.group").count() == 3
+    assert page.locator("#trainings-chart g.optimistic").count() == 1
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.tile img')]"
+        ".every(i => i.complete && i.naturalWidth > 0)"
+    )
+    screenshot(page, "07-class-report")
+
+    # when: the admin opens the training from its job's link on the jobs page
+    page.click("nav >> text=Jobs")
+    page.wait_for_url(f"{server.url}/admin")
+    page.click(f'a[href="/admin/trainings/{training_id}"]')
+    page.wait_for_url(f"**/admin/trainings/{training_id}")
+
+    # then: its evaluation per class and per fold, and the comparison with its baseline
+    assert page.inner_text("#eval-set") == "held_out_shots"
+    assert page.inner_text("#miou") == "0.710"
+    assert page.inner_text("#difference") == "+0.130"
+    assert page.locator("#folds tbody tr").count() == 3
+    assert page.locator("#per-class tbody tr").count() == 2
+    assert page.locator("#per-class-chart rect.bar-baseline").count() == 2 + 1  # + the legend
+    screenshot(page, "08-training")

@@ -28,6 +28,7 @@ from tests.client_support import (
     job_body,
     mock_client,
     problem,
+    report_body,
     sample_body,
     training_body,
 )
@@ -289,6 +290,30 @@ def test_fields_and_values_a_newer_server_adds_do_not_break_the_client() -> None
 
     assert found.status == "paused" and found.stage == "upscaling"
     assert found.model_extra == {"priority": 3}
+
+
+def test_report_reads_the_class_s_counts_histograms_and_trainings() -> None:
+    # given: a report with a field and a histogram this client does not know of
+    body = report_body()
+    body["histograms"]["hue_shift"] = {"edges": [0, 1], "counts": [4]}
+    body["coverage"] = 0.5
+    with mock_client(answers(httpx.Response(200, json=body))) as (client, recorder):
+        # when
+        report = client.report(body["class_id"])
+
+    # then
+    assert recorder.requests[0].url.path == f"/v1/classes/{body['class_id']}/report"
+    assert str(report.class_id) == body["class_id"]
+    assert report.counts.by_prompt_kind["inversion"].share == 0.8
+    assert report.counts.by_mask_source["human"].share is None
+    assert report.counts.rejected_by == {"ood": 2, "similarity": 1, "user": 1}
+    assert report.histograms["clip_score"].total == 10
+    assert report.histograms["hue_shift"].counts == [4]
+    assert report.acceptance is not None and report.acceptance.shot_similarity == 0.61
+    assert report.tuning is not None and [t.bg_lambda for t in report.tuning] == [0.3, 0.6]
+    assert [t.optimistic for t in report.trainings] == [False, True]
+    assert report.trainings[0].baseline_miou == 0.58
+    assert report.model_extra == {"coverage": 0.5}
 
 
 # --- waiting -------------------------------------------------------------------------------

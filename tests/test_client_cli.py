@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from aligndiff_client.cli import main
-from tests.client_support import BASE_URL, problem, training_body
+from tests.client_support import BASE_URL, problem, report_body, training_body
 
-COMMANDS = ["create", "status", "download", "train"]
+COMMANDS = ["create", "status", "download", "train", "report"]
 
 
 @pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)], ids=["main", *COMMANDS])
@@ -200,3 +200,70 @@ def test_train_wait_prints_what_the_metrics_were_measured_on_and_the_comparison(
     assert json.loads(output.out)["metrics"]["eval_set"] == metrics["eval_set"]
     summary = output.err.splitlines()
     assert all(line in summary for line in lines), output.err
+
+
+def test_report_prints_a_summary_of_counts_rejections_tuning_and_trainings(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # given: a service answering a class's report
+    body = report_body()
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=body)
+
+    # when
+    status = main(
+        ["report", body["class_id"], "--url", BASE_URL, "--api-key", "k"],
+        transport=httpx.MockTransport(handler),
+    )
+
+    # then: a summary for people on stdout
+    output = capsys.readouterr()
+    assert status == 0 and output.err == ""
+    assert seen[0].url.path == f"/v1/classes/{body['class_id']}/report"
+    summary = output.out.splitlines()
+    held_out, optimistic = (t["id"] for t in body["trainings"])
+    for line in [
+        f"class {body['class_id']}: 10 finished samples, 6/10 accepted (60%)",
+        "  by prompt kind: inversion 4/5 accepted (80%), text 2/5 accepted (40%)",
+        "  by mask source: consensus 4/6 accepted (67%), pseudo_label 2/4 accepted (50%)",
+        "rejected: 4 (ood 2, similarity 1, user 1)",
+        "acceptance thresholds: prototype_similarity >= 0.420 (calibrated), "
+        "shot_similarity >= 0.610 (settings)",
+        "  clip_score  0..100   ▄█·▂  (10)",
+        "  ood_iou     0..1     ··  (0)",
+        "bg_lambda: 0.60, chosen of 2 trials (*):",
+        "  * 0.60       0.700  0.690      0.710  40     0.1900",
+        f"  {held_out}  held_out_shots  mIoU 0.710, baseline 0.580 (+0.130)",
+        f"  {optimistic}  training_shots  mIoU 0.930, no baseline (optimistic: measured on "
+        "the training shots)",
+    ]:
+        assert line in summary, f"{line!r} not in\n{output.out}"
+
+
+def test_report_json_prints_the_report_as_the_service_sent_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    body = report_body(tuning=None, acceptance=None)
+
+    status = main(
+        ["report", body["class_id"], "--json", "--url", BASE_URL, "--api-key", "k"],
+        transport=httpx.MockTransport(lambda request: httpx.Response(200, json=body)),
+    )
+
+    printed = json.loads(capsys.readouterr().out)
+    assert status == 0
+    assert printed["counts"] == body["counts"]
+    assert printed["trainings"][0]["miou"] == 0.71 and printed["tuning"] is None
+
+
+def test_report_of_an_unknown_class_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(
+        ["report", str(uuid.uuid4()), "--url", BASE_URL, "--api-key", "k"],
+        transport=httpx.MockTransport(lambda request: problem(404, "class not found")),
+    )
+
+    assert status == 1
+    assert capsys.readouterr().err == "aligndiff-client: error: 404 Not Found: class not found\n"

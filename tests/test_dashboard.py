@@ -1,5 +1,6 @@
 """The admin dashboard over HTTP: signing in, cookies, CSRF, who may see it, the jobs page's data
-(timings, tracebacks, workers online), thumbnails and the gallery."""
+(timings, tracebacks, workers online), thumbnails, the gallery with the class's report, and a
+training's page."""
 
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ from service.models import ApiKey, WorkerHeartbeat, utcnow
 from service.storage import class_prefix
 from service.web_sessions import SECRET_FILE, SESSION_COOKIE
 from tests.api_support import Api, ApiFactory, add_class, add_sample, get_job_row, set_job
+from tests.report_support import (
+    ACCEPTANCE,
+    MIXED_SAMPLES,
+    TUNING,
+    add_report_class,
+    add_samples,
+    add_training,
+    held_out_metrics,
+    training_shots_metrics,
+)
 from worker import synthesis
 from worker.context import WorkerContext
 from worker.heartbeat import Heartbeat
@@ -447,7 +458,8 @@ def test_the_gallery_sorts_by_score_and_filters(api: Api) -> None:
     assert _indices(lowest_first) == [0, 2, 3, 1]
     assert _indices(rejected) == [2]
     assert _indices(text_only) == [1, 3]  # add_sample: odd indices are text prompts
-    counts = [int(c) for c in re.findall(r'class="bar"[^>]*data-count="(\d+)"', by_index)]
+    clip = element(by_index, "svg", "clip-histogram")
+    counts = [int(c) for c in re.findall(r'class="bar"[^>]*data-count="(\d+)"', clip)]
     assert sum(counts) == 4 and counts[0] == 1 and counts[-1] == 1
     assert "bob" in api.admin.get("/admin/classes").text
     assert f"/admin/classes/{class_id}" in api.admin.get("/admin/classes").text
@@ -455,3 +467,171 @@ def test_the_gallery_sorts_by_score_and_filters(api: Api) -> None:
 
 def test_the_gallery_of_an_unknown_class_is_404(api: Api) -> None:
     assert api.admin.get(f"/admin/classes/{uuid.uuid4()}").status_code == 404
+
+
+def element(page: str, tag: str, id_: str) -> str:
+    """The element `<tag id="id_">…</tag>` of a page (no element of the same tag inside)."""
+    found = re.search(rf'<{tag}[^>]*\bid="{id_}"[^>]*>.*?</{tag}>', page, re.DOTALL)
+    assert found is not None, f"no <{tag} id={id_}>"
+    return found.group(0)
+
+
+def _bar_counts(svg: str) -> list[int]:
+    return [int(c) for c in re.findall(r'class="bar"[^>]*data-count="(\d+)"', svg)]
+
+
+@pytest.fixture
+def reported_class(api: Api) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID]:
+    """Bob's auto-tuned class with MIXED_SAMPLES and two trainings on it: (class, a held-out
+    training with a baseline, an older one on the training shots)."""
+    with api.session() as session:
+        class_id = add_report_class(
+            session, owner_id=api.bob_id, acceptance=ACCEPTANCE, tuning=TUNING
+        )
+        add_samples(session, api.storage, class_id, MIXED_SAMPLES)
+        held_out = add_training(
+            session,
+            owner_id=api.bob_id,
+            class_ids=[class_id],
+            metrics=held_out_metrics(["pidan"], miou=0.71, baseline_miou=0.58, folds=3),
+        )
+        optimistic = add_training(
+            session,
+            owner_id=api.bob_id,
+            class_ids=[class_id],
+            metrics=training_shots_metrics(["pidan"], miou=0.93),
+            age=timedelta(hours=1),
+        )
+        session.commit()
+    return class_id, held_out, optimistic
+
+
+def test_the_class_page_shows_the_report(
+    api: Api, reported_class: tuple[uuid.UUID, uuid.UUID, uuid.UUID]
+) -> None:
+    class_id, held_out, optimistic = reported_class
+    finished = [spec for spec in MIXED_SAMPLES if spec.finalized]
+
+    # when
+    page = api.admin.get(f"/admin/classes/{class_id}")
+
+    # then: a histogram per signal, each finished sample with the signal in one bar, and the
+    # class's thresholds marked on the similarities'
+    assert page.status_code == 200
+    assert "10 finished samples, 6 accepted" in page.text
+    for signal in ("clip_score", "shot_similarity", "prototype_similarity", "ood_iou",
+                   "consensus_iou"):  # fmt: skip
+        svg = element(page.text, "svg", f"histogram-{signal}")
+        measured = [spec for spec in finished if getattr(spec, signal) is not None]
+        assert sum(_bar_counts(svg)) == len(measured), signal
+        assert ('class="marker"' in svg) is (signal.endswith("similarity")), signal
+    # and the accepted shares, the rejections by reason and the tuning trials, the chosen one
+    # marked
+    kinds = element(page.text, "table", "by-prompt-kind")
+    assert "4 / 5 accepted (80%)" in kinds and "2 / 5 accepted (40%)" in kinds
+    assert "4 / 6 accepted (67%)" in element(page.text, "table", "by-mask-source")
+    rejections = element(page.text, "table", "rejections")
+    found = dict(
+        re.findall(r'data-reason="(\w+)">.*?data-field="count">(\d+)<', rejections, re.DOTALL)
+    )
+    assert found == {"ood": "2", "similarity": "1", "user": "1"}
+    tuning = element(page.text, "table", "tuning")
+    assert re.findall(r'<tr class="chosen">\s*<td class="num">([\d.]+)</td>', tuning) == ["0.60"]
+    assert "shot similarity ≥ <strong>0.610</strong>" in page.text.lower()
+    # and the trainings, oldest first on the chart, each linking to its page
+    chart = element(page.text, "svg", "trainings-chart")
+    groups = re.findall(r'<g class="group( optimistic)?" data-label="(\w+)"', chart)
+    assert groups == [(" optimistic", str(optimistic)[:8]), ("", str(held_out)[:8])]
+    assert chart.count("optimistic</text>") == 1
+    values = re.findall(r'class="bar-(synthetic|baseline)"[^>]*data-value="([\d.]+)"', chart)
+    assert values == [("synthetic", "0.9300"), ("synthetic", "0.7100"), ("baseline", "0.5800")]
+    table = element(page.text, "table", "trainings")
+    assert f'href="/admin/trainings/{held_out}"' in table
+    assert f'href="/admin/trainings/{optimistic}"' in table
+
+
+def test_a_class_without_samples_or_trainings_has_an_empty_report(api: Api) -> None:
+    class_id, _ = add_class(api, owner_id=api.alice_id, status="running")
+
+    page = api.admin.get(f"/admin/classes/{class_id}").text
+
+    assert "0 finished samples, 0 accepted" in page
+    assert sum(_bar_counts(element(page, "svg", "histogram-clip_score"))) == 0
+    assert "No succeeded training includes this class yet." in page
+    assert "Not set yet" in page  # the thresholds
+
+
+def test_a_disabled_similarity_check_marks_no_threshold(api: Api) -> None:
+    disabled = {
+        "prototype_similarity": -1.0,
+        "shot_similarity": -1.0,
+        "source": dict.fromkeys(("prototype_similarity", "shot_similarity"), "disabled"),
+        "calibration": {"prototype_similarity": [], "shot_similarity": []},
+    }
+    with api.session() as session:
+        class_id = add_report_class(session, owner_id=api.alice_id, acceptance=disabled)
+        add_samples(session, api.storage, class_id, MIXED_SAMPLES)
+        session.commit()
+
+    page = api.admin.get(f"/admin/classes/{class_id}").text
+
+    assert page.count("not checked (disabled)") == 2
+    assert 'class="marker"' not in element(page, "svg", "histogram-shot_similarity")
+
+
+def test_a_training_job_links_to_its_page_with_metrics_per_class_and_fold(
+    api: Api, reported_class: tuple[uuid.UUID, uuid.UUID, uuid.UUID]
+) -> None:
+    class_id, held_out, _ = reported_class
+
+    # when: the admin follows the training job's link from the jobs page
+    jobs = api.admin.get("/admin/api/jobs?kind=training").json()["jobs"]
+    links = {job["target_id"]: job["target_url"] for job in jobs}
+    assert f'href="/admin/trainings/{held_out}"' in api.admin.get("/admin?kind=training").text
+    page = api.admin.get(links[str(held_out)])
+
+    # then: what it was measured on, its metrics per class and per fold, and the comparison
+    assert links[str(held_out)] == f"/admin/trainings/{held_out}"
+    assert page.status_code == 200
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    assert '<span id="eval-set">held_out_shots</span>' in page.text
+    assert element(page.text, "span", "miou") == '<span class="value" id="miou">0.710</span>'
+    assert ">+0.130<" in element(page.text, "span", "difference")
+    assert "larger than" in element(page.text, "p", "verdict")
+    per_class = element(page.text, "table", "per-class")
+    assert f'href="/admin/classes/{class_id}"' in per_class and "0.580" in per_class
+    folds = element(page.text, "table", "folds")
+    assert re.findall(r'data-fold="(\d+)"', folds) == ["0", "1", "2"]
+    assert "pidan #1" in folds and "0.580" in folds
+    assert "data-value" in element(page.text, "svg", "per-class-chart")
+
+
+def test_a_training_on_the_training_shots_is_marked_optimistic_and_one_running_has_no_metrics(
+    api: Api, reported_class: tuple[uuid.UUID, uuid.UUID, uuid.UUID]
+) -> None:
+    class_id, _, optimistic = reported_class
+    with api.session() as session:
+        running = add_training(
+            session, owner_id=api.alice_id, class_ids=[class_id], metrics=None, status="running"
+        )
+        session.commit()
+
+    shots = api.admin.get(f"/admin/trainings/{optimistic}").text
+    unfinished = api.admin.get(f"/admin/trainings/{running}").text
+
+    assert '<span class="badge status-queued">optimistic</span>' in shots
+    assert "Optimistic: measured on the very shots it trained on" in shots
+    assert 'id="folds"' not in shots
+    assert "No metrics yet" in unfinished and 'id="per-class"' not in unfinished
+
+
+def test_the_training_page_is_for_admins_only(
+    api: Api, reported_class: tuple[uuid.UUID, uuid.UUID, uuid.UUID]
+) -> None:
+    _, held_out, _ = reported_class
+    path = f"/admin/trainings/{held_out}"
+
+    assert api.bob.get(path).status_code == 403  # even the training's owner
+    assert api.anonymous.get(path, headers=HTML, follow_redirects=False).status_code == 303
+    assert api.anonymous.get(path, headers=JSON).status_code == 401
+    assert api.admin.get(f"/admin/trainings/{uuid.uuid4()}").status_code == 404

@@ -25,13 +25,22 @@ from aligndiff_client.errors import (
     ValidationFailed,
     WaitTimeout,
 )
-from aligndiff_client.models import ClassInfo, Job, Page, Sample, Training, TrainingMetrics
+from aligndiff_client.models import (
+    ClassInfo,
+    ClassReport,
+    Job,
+    Page,
+    Sample,
+    Training,
+    TrainingMetrics,
+)
 from aligndiff_client.shots import shot_files
 
 __all__ = [
     "AlignDiffError",
     "ApiError",
     "ClassInfo",
+    "ClassReport",
     "Client",
     "Conflict",
     "ConnectionFailed",

@@ -1,7 +1,8 @@
 """`aligndiff-client`: the SDK's main calls from a shell.
 
 Resources are printed to stdout as JSON (for `jq`); progress bars, errors and the summary of a
-finished training's metrics go to stderr. An error is one line, `aligndiff-client: error: …`,
+finished training's metrics go to stderr. `report` prints a summary for people to stdout (the
+report as JSON with `--json`). An error is one line, `aligndiff-client: error: …`,
 and a non-zero exit status (1; 2 for a wrong command line; 130 when interrupted).
 """
 
@@ -19,7 +20,7 @@ from pydantic import BaseModel
 from aligndiff_client._version import __version__
 from aligndiff_client.client import DEFAULT_NUM_SAMPLES, Client
 from aligndiff_client.errors import AlignDiffError
-from aligndiff_client.models import TrainingMetrics
+from aligndiff_client.models import AcceptedCount, ClassReport, Histogram, TrainingMetrics
 from aligndiff_client.shots import shot_files
 
 PROG = "aligndiff-client"
@@ -143,10 +144,107 @@ def _metrics_summary(metrics: TrainingMetrics) -> str:
     return "\n".join(lines)
 
 
-def _number(value: float | None, *, sign: bool = False) -> str:
+def _report(client: Client, args: argparse.Namespace) -> None:
+    report = client.report(args.class_id)
+    if args.json:
+        _print(report)
+    else:
+        print(_report_summary(report))
+
+
+def _report_summary(report: ClassReport) -> str:
+    """A class's report for people: counts, rejections, thresholds, score histograms, the
+    bg_lambda trials and the trainings on it."""
+    counts = report.counts
+    lines = [
+        f"class {report.class_id}: {counts.samples} finished samples, "
+        f"{_accepted(AcceptedCount(samples=counts.samples, accepted=counts.accepted))}"
+    ]
+    for title, groups in (
+        ("by prompt kind", counts.by_prompt_kind),
+        ("by mask source", counts.by_mask_source),
+    ):
+        shown = [f"{name} {_accepted(group)}" for name, group in groups.items() if group.samples]
+        if shown:
+            lines.append(f"  {title}: {', '.join(shown)}")
+    reasons = ", ".join(f"{reason} {count}" for reason, count in counts.rejected_by.items())
+    lines.append(f"rejected: {sum(counts.rejected_by.values())} ({reasons})")
+    acceptance = report.acceptance
+    if acceptance is None:
+        lines.append("acceptance thresholds: not set yet")
+    else:
+        thresholds = [
+            f"{name} >= {_number(value)} ({acceptance.source.get(name, 'unknown')})"
+            for name, value in (
+                ("prototype_similarity", acceptance.prototype_similarity),
+                ("shot_similarity", acceptance.shot_similarity),
+            )
+        ]
+        lines.append(f"acceptance thresholds: {', '.join(thresholds)}")
+    if report.histograms:
+        lines.append("scores (samples per bin, low to high):")
+        width = max(len(name) for name in report.histograms)
+        for name, histogram in report.histograms.items():
+            lines.append(f"  {name:<{width}}  {_sparkline(histogram)}  ({histogram.total})")
+    lines += _tuning_lines(report)
+    lines.append(f"trainings on this class: {len(report.trainings)}")
+    for training in report.trainings:
+        line = f"  {training.id}  {training.eval_set}  mIoU {_number(training.miou)}"
+        if training.baseline_miou is not None and training.miou is not None:
+            difference = _number(training.miou - training.baseline_miou, sign=True)
+            line += f", baseline {_number(training.baseline_miou)} ({difference})"
+        else:
+            line += ", no baseline"
+        if training.optimistic:
+            line += " (optimistic: measured on the training shots)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _accepted(group: AcceptedCount) -> str:
+    share = f" ({group.share:.0%})" if group.share is not None else ""
+    return f"{group.accepted}/{group.samples} accepted{share}"
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def _sparkline(histogram: Histogram) -> str:
+    """The range and one character per bin, as tall as its count (`·` for none)."""
+    peak = max(histogram.counts, default=0)
+    # The bin of the peak is the tallest; any other bin with samples at least the lowest.
+    bars = "".join(
+        SPARKS[-(-count * len(SPARKS) // peak) - 1] if count else "·" for count in histogram.counts
+    )
+    low, high = (histogram.edges[0], histogram.edges[-1]) if histogram.edges else (0.0, 0.0)
+    return f"{f'{low:g}..{high:g}':<8} {bars}"
+
+
+def _tuning_lines(report: ClassReport) -> list[str]:
+    if report.tuning is None:
+        if report.bg_lambda is None:
+            return ["bg_lambda: not chosen yet"]
+        return [f"bg_lambda: {report.bg_lambda:g} (fixed)"]
+    chosen = report.bg_lambda
+    lines = [
+        f"bg_lambda: {_number(chosen, digits=2)}, chosen of {len(report.tuning)} trials (*):",
+        "    bg_lambda  score  prototype  shot   steps  loss",
+    ]
+    for trial in report.tuning:
+        mark = "*" if chosen is not None and abs(trial.bg_lambda - chosen) < 1e-9 else " "
+        lines.append(
+            f"  {mark} {trial.bg_lambda:<9.2f}  {_number(trial.score)}  "
+            f"{_number(trial.prototype_similarity):<9}  {_number(trial.shot_similarity)}  "
+            f"{trial.steps if trial.steps is not None else 'n/a':<5}  "
+            f"{_number(trial.loss, digits=4)}"
+        )
+    return lines
+
+
+def _number(value: float | None, *, sign: bool = False, digits: int = 3) -> str:
     if value is None:
         return "n/a"
-    return f"{value:+.3f}" if sign else f"{value:.3f}"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -232,6 +330,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     dl.add_argument("--extract", type=Path, metavar="DIR", help="also unpack the archive into DIR")
     dl.set_defaults(run=_download)
+
+    report = commands.add_parser(
+        "report",
+        parents=[common],
+        help="summarize a class's samples, scores, tuning and trainings",
+        description="Print a class's report: its finished samples counted by prompt kind, "
+        "mask source and verdict, the rejections by reason, its acceptance thresholds, its "
+        "score histograms, its bg_lambda trials, and the trainings on it.",
+    )
+    report.add_argument("class_id", metavar="CLASS_ID")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.set_defaults(run=_report)
 
     train = commands.add_parser(
         "train",

@@ -30,6 +30,7 @@ from aligndiff_client.errors import (
 from aligndiff_client.models import (
     Architecture,
     ClassInfo,
+    ClassReport,
     DatasetFormat,
     Job,
     Page,
@@ -158,6 +159,13 @@ class Client:
         to `dest`. Raises `Conflict` until the inversion stage has finished."""
         response = self._request("GET", f"/v1/classes/{class_id}/embedding")
         return _write(Path(dest), response.content)
+
+    def report(self, class_id: Id) -> ClassReport:
+        """The class's report: its finished samples counted by prompt kind, mask source and
+        verdict (with the rejections by reason), histograms of their scores in fixed bins, its
+        acceptance thresholds and bg_lambda trials, and the key's trainings on it with their
+        mIoU and baseline."""
+        return self._get(f"/v1/classes/{class_id}/report", ClassReport)
 
     # --- samples and datasets ----------------------------------------------------------------
 

@@ -179,3 +179,95 @@ class Training(Resource):
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+
+class AcceptedCount(Resource):
+    """Finished samples of one prompt kind or mask source, and how many were accepted."""
+
+    samples: int = 0
+    accepted: int = 0
+
+    @property
+    def share(self) -> float | None:
+        """The accepted share; None without samples."""
+        return self.accepted / self.samples if self.samples else None
+
+
+class ReportCounts(Resource):
+    """A class's finished samples and the accepted ones, in all and by `prompt_kind`
+    (inversion | text) and `mask_source` (consensus | pseudo_label | human); `rejected_by`
+    counts the rejected ones by reason: ood | similarity | user."""
+
+    samples: int = 0
+    accepted: int = 0
+    by_prompt_kind: dict[str, AcceptedCount] = Field(default_factory=dict)
+    by_mask_source: dict[str, AcceptedCount] = Field(default_factory=dict)
+    rejected_by: dict[str, int] = Field(default_factory=dict)
+
+
+class Histogram(Resource):
+    """Counts of one signal's values in bins fixed per signal (the same for every class): bin
+    i counts the values v with edges[i] <= v < edges[i + 1], the last bin its upper edge too.
+    Samples without the signal are left out."""
+
+    edges: list[float]
+    counts: list[int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+class AcceptanceThresholds(Resource):
+    """The lowest prototype and shot similarities a class's samples are accepted with;
+    `source` says where each came from (calibrated | settings | disabled), `calibration` holds
+    the shots' calibration copies' similarities they were derived from."""
+
+    prototype_similarity: float | None = None
+    shot_similarity: float | None = None
+    source: dict[str, str] = Field(default_factory=dict)
+    calibration: dict[str, list[float]] = Field(default_factory=dict)
+
+
+class TuningTrial(Resource):
+    """One trial inversion of `bg_lambda: auto`, scored by its trial samples' mean
+    similarities to the shots (the best score is kept)."""
+
+    bg_lambda: float
+    score: float | None = None
+    prototype_similarity: float | None = None
+    shot_similarity: float | None = None
+    steps: int | None = None
+    loss: float | None = None
+
+
+class ReportTraining(Resource):
+    """A succeeded training on a class: its mIoU, and its baseline's (None without one).
+    `eval_set` as in `TrainingMetrics`."""
+
+    id: uuid.UUID
+    eval_set: str | None = None
+    miou: float | None = None
+    baseline_miou: float | None = None
+    created_at: datetime | None = None
+
+    @property
+    def optimistic(self) -> bool:
+        """Whether the mIoU was measured on the images trained on."""
+        return self.eval_set in ("training_shots", "shots")
+
+
+class ClassReport(Resource):
+    """What a class's synthesis produced and how it was judged: the counts of its finished
+    samples, `histograms` of their scores by signal (clip_score, shot_similarity,
+    prototype_similarity, ood_iou, consensus_iou), the acceptance thresholds, the background
+    weight used (`tuning`: the trials of `bg_lambda: auto`), and the key's trainings on it,
+    newest first."""
+
+    class_id: uuid.UUID
+    counts: ReportCounts
+    histograms: dict[str, Histogram] = Field(default_factory=dict)
+    acceptance: AcceptanceThresholds | None = None
+    bg_lambda: float | None = None
+    tuning: list[TuningTrial] | None = None
+    trainings: list[ReportTraining] = Field(default_factory=list)

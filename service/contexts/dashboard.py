@@ -1,5 +1,6 @@
 """What the admin dashboard shows: every job with its timings and traceback, the queue's depth,
-the workers online, the classes, and a class's shots and samples with their scores.
+the workers online, the classes, a class's shots and samples with their scores and its report,
+and a training's metrics.
 
 Plain data for the templates and the jobs page's polling endpoint; times and durations are
 formatted here once, so the first render and every refresh read the same.
@@ -19,8 +20,10 @@ from sqlalchemy.orm import Session
 
 from service.contexts.classes import class_public
 from service.contexts.jobs import ACTIVE
-from service.models import Job, Owner, Sample, SegClass, Shot, WorkerHeartbeat, utcnow
+from service.contexts.trainings import training_public
+from service.models import Job, Owner, Sample, SegClass, Shot, Training, WorkerHeartbeat, utcnow
 from service.problems import not_found
+from service.schemas import ClassReport, ReportTraining, TrainingMetrics, TuningTrial
 
 # A worker is online while its heartbeat is at most this many intervals old.
 ONLINE_INTERVALS = 3
@@ -171,8 +174,17 @@ def _job_row(job: Job, owner: str, now: datetime) -> JobRow:
         can_cancel=job.status in ACTIVE and not job.cancel_requested,
         can_retry=job.status in ("failed", "cancelled"),
         target_id=str(job.target_id),
-        target_url=f"/admin/classes/{job.target_id}" if job.kind == "synthesis" else None,
+        target_url=_target_url(job),
     )
+
+
+def _target_url(job: Job) -> str | None:
+    """The dashboard page of what the job works on: a class's gallery, a training's page."""
+    if job.kind == "synthesis":
+        return f"/admin/classes/{job.target_id}"
+    if job.kind == "training":
+        return f"/admin/trainings/{job.target_id}"
+    return None
 
 
 def workers_online(
@@ -409,3 +421,388 @@ def histogram(values: Sequence[float], bins: int = HISTOGRAM_BINS) -> Histogram:
         for i, count in enumerate(counts)
     ]
     return Histogram(bars=bars, peak=max(counts), total=len(values))
+
+
+def fixed_histogram(edges: Sequence[float], counts: Sequence[int]) -> Histogram:
+    """A histogram of fixed bins (a report's) as the dashboard draws one."""
+    bars = [HistogramBar(edges[i], edges[i + 1], count) for i, count in enumerate(counts)]
+    return Histogram(bars=bars, peak=max(counts, default=0), total=sum(counts))
+
+
+# --- a class's report --------------------------------------------------------------------------
+
+SIGNAL_LABELS = {
+    "clip_score": "CLIP score",
+    "shot_similarity": "Shot similarity",
+    "prototype_similarity": "Prototype similarity",
+    "ood_iou": "OOD IoU",
+    "consensus_iou": "Consensus IoU",
+}
+REJECTION_LABELS = {
+    "ood": "the OOD filter",
+    "similarity": "the similarity check",
+    "user": "a reviewer",
+}
+EVAL_SET_NOTES = {
+    "validation": "Measured on the validation set uploaded with the training.",
+    "held_out_shots": "Measured on held-out shots: leave-one-shot-out folds, each trained "
+    "without one shot of every class; the IoUs are fold means.",
+    "training_shots": "Optimistic: measured on the very shots it trained on (no validation set, "
+    "and a class with a single shot), it says little of how the model does on new images.",
+}
+OPTIMISTIC = "training_shots"
+# An acceptance threshold's source when the similarity check is off.
+DISABLED = "disabled"
+# The trainings the class page charts (the newest); its table lists all the report's.
+CHARTED_TRAININGS = 12
+
+
+@dataclass(frozen=True)
+class ScoreHistogram:
+    signal: str
+    label: str
+    histogram: Histogram
+    threshold: float | None  # the class's acceptance threshold, marked on the chart
+
+
+@dataclass(frozen=True)
+class AcceptedShare:
+    name: str
+    samples: int
+    accepted: int
+
+    @property
+    def share(self) -> float:
+        return self.accepted / self.samples if self.samples else 0.0
+
+    @property
+    def text(self) -> str:
+        if not self.samples:
+            return "no samples"
+        return f"{self.accepted} / {self.samples} accepted ({self.share:.0%})"
+
+
+@dataclass(frozen=True)
+class RejectionRow:
+    reason: str
+    label: str
+    count: int
+    share: float  # of the finished samples
+
+
+@dataclass(frozen=True)
+class Threshold:
+    label: str
+    value: float
+    source: str
+
+
+@dataclass(frozen=True)
+class ComparisonBar:
+    """One group of the comparison chart: the IoU with synthetic samples and without."""
+
+    label: str
+    note: str
+    value: float
+    baseline: float | None
+    url: str | None
+    optimistic: bool
+
+
+@dataclass(frozen=True)
+class TrainingRow:
+    id: str
+    short_id: str
+    url: str
+    eval_set: str
+    eval_note: str
+    optimistic: bool
+    miou: float
+    baseline_miou: float | None
+    difference: float | None
+    created_at: str
+
+
+@dataclass(frozen=True)
+class ClassReportView:
+    """A class's report (`service.contexts.reports`) as the class page shows it."""
+
+    samples: int
+    accepted: int
+    histograms: list[ScoreHistogram]
+    by_prompt_kind: list[AcceptedShare]
+    by_mask_source: list[AcceptedShare]
+    rejections: list[RejectionRow]
+    thresholds: list[Threshold]
+    bg_lambda: float | None
+    tuning: list[TuningTrial] | None
+    chosen_trial: int | None  # the index in `tuning` of the bg_lambda chosen
+    trainings: list[TrainingRow]
+    chart: list[ComparisonBar]
+
+
+def report_view(report: ClassReport) -> ClassReportView:
+    """The class page's report section, from the API's report of the class."""
+    counts = report.counts
+    acceptance = report.acceptance
+    thresholds = (
+        {
+            "shot_similarity": acceptance.shot_similarity,
+            "prototype_similarity": acceptance.prototype_similarity,
+        }
+        if acceptance is not None
+        else {}
+    )
+    # A disabled check's threshold (-1) accepts everything: nothing to mark.
+    marked = {
+        signal: value
+        for signal, value in thresholds.items()
+        if acceptance is not None and acceptance.source.get(signal) != DISABLED
+    }
+    histograms = [
+        ScoreHistogram(
+            signal=signal,
+            label=SIGNAL_LABELS.get(signal, signal),
+            histogram=fixed_histogram(found.edges, found.counts),
+            threshold=marked.get(signal),
+        )
+        for signal, found in report.histograms
+    ]
+    trainings = [_training_row(training) for training in report.trainings]
+    return ClassReportView(
+        samples=counts.samples,
+        accepted=counts.accepted,
+        histograms=histograms,
+        by_prompt_kind=[
+            AcceptedShare(name, group.samples, group.accepted)
+            for name, group in counts.by_prompt_kind
+        ],
+        by_mask_source=[
+            AcceptedShare(name, group.samples, group.accepted)
+            for name, group in counts.by_mask_source
+            # A source no sample has yet (masks a reviewer uploaded) is left out.
+            if group.samples or name != "human"
+        ],
+        rejections=[
+            RejectionRow(
+                reason=reason,
+                label=REJECTION_LABELS.get(reason, reason),
+                count=count,
+                share=count / counts.samples if counts.samples else 0.0,
+            )
+            for reason, count in counts.rejected_by
+        ],
+        thresholds=[
+            Threshold(SIGNAL_LABELS[signal], value, acceptance.source.get(signal, ""))
+            for signal, value in thresholds.items()
+            if acceptance is not None
+        ],
+        bg_lambda=report.bg_lambda,
+        tuning=report.tuning,
+        chosen_trial=next(
+            (
+                index
+                for index, trial in enumerate(report.tuning or [])
+                if report.bg_lambda is not None
+                and math.isclose(trial.bg_lambda, report.bg_lambda, abs_tol=1e-9)
+            ),
+            None,
+        ),
+        trainings=trainings,
+        # Oldest on the left: the chart reads as a history.
+        chart=[
+            ComparisonBar(
+                label=row.short_id,
+                note=row.eval_set,
+                value=row.miou,
+                baseline=row.baseline_miou,
+                url=row.url,
+                optimistic=row.optimistic,
+            )
+            for row in reversed(trainings[:CHARTED_TRAININGS])
+        ],
+    )
+
+
+def _training_row(training: ReportTraining) -> TrainingRow:
+    baseline = training.baseline_miou
+    return TrainingRow(
+        id=str(training.id),
+        short_id=str(training.id)[:8],
+        url=f"/admin/trainings/{training.id}",
+        eval_set=training.eval_set,
+        eval_note=EVAL_SET_NOTES.get(training.eval_set, ""),
+        optimistic=training.eval_set == OPTIMISTIC,
+        miou=training.miou,
+        baseline_miou=baseline,
+        difference=training.miou - baseline if baseline is not None else None,
+        created_at=format_time(training.created_at),
+    )
+
+
+# --- a training's page -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassLink:
+    name: str
+    url: str | None  # None: the class was deleted since
+
+
+@dataclass(frozen=True)
+class ClassIoURow:
+    name: str
+    url: str | None
+    iou: float
+    std: float | None
+    baseline: float | None
+    difference: float | None
+
+
+@dataclass(frozen=True)
+class FoldRow:
+    fold: int
+    held_out: str
+    miou: float
+    baseline_miou: float | None
+    per_class: list[float | None]  # in `TrainingPage.class_names` order
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A succeeded training's metrics: per class, per fold and against its baseline."""
+
+    miou: float
+    baseline_miou: float | None
+    difference: float | None
+    spread: float | None
+    exceeds_spread: bool | None
+    class_names: list[str]
+    per_class: list[ClassIoURow]
+    folds: list[FoldRow]
+    chart: list[ComparisonBar]
+
+
+@dataclass(frozen=True)
+class TrainingPage:
+    """A training, what it is measured on, and its evaluation once it succeeded."""
+
+    id: str
+    owner: str
+    status: str
+    error: str
+    architecture: str
+    steps: int
+    batch_size: int
+    use_synthetic: bool
+    copy_paste: bool
+    compare_baseline: bool
+    created_at: str
+    classes: list[ClassLink]
+    eval_set: str
+    eval_note: str
+    optimistic: bool
+    evaluation: Evaluation | None
+
+
+def training_page(*, session: Session, training_id: uuid.UUID) -> TrainingPage:
+    """Any owner's training with its metrics (none before it succeeded); 404 if unknown."""
+    found = session.execute(
+        select(Training, Owner.name, Job)
+        .join(Owner, Owner.id == Training.owner_id)
+        .outerjoin(Job, Job.id == Training.job_id)
+        .where(Training.id == training_id)
+    ).one_or_none()
+    if found is None:
+        raise not_found("training")
+    training, owner, job = found
+    public = training_public(training, job)
+    names = dict(
+        session.execute(select(SegClass.id, SegClass.name).where(SegClass.id.in_(public.class_ids)))
+        .tuples()
+        .all()
+    )
+    classes = [
+        ClassLink(names[class_id], f"/admin/classes/{class_id}")
+        if class_id in names
+        else ClassLink(str(class_id), None)
+        for class_id in public.class_ids
+    ]
+    eval_set = public.metrics.eval_set if public.metrics is not None else training.eval_set
+    return TrainingPage(
+        id=str(public.id),
+        owner=owner,
+        status=public.status,
+        error=public.error or "",
+        architecture=public.architecture,
+        steps=public.steps,
+        batch_size=public.batch_size,
+        use_synthetic=public.use_synthetic,
+        copy_paste=public.copy_paste,
+        compare_baseline=public.compare_baseline,
+        created_at=format_time(public.created_at),
+        classes=classes,
+        eval_set=eval_set,
+        eval_note=EVAL_SET_NOTES.get(eval_set, ""),
+        optimistic=eval_set == OPTIMISTIC,
+        evaluation=(
+            _evaluation(public.metrics, {link.name: link.url for link in classes})
+            if public.metrics is not None
+            else None
+        ),
+    )
+
+
+def _evaluation(metrics: TrainingMetrics, urls: dict[str, str | None]) -> Evaluation:
+    baseline = metrics.baseline
+    comparison = metrics.comparison
+    std = metrics.per_class_iou_std or {}
+    per_class = []
+    for name, iou in metrics.per_class_iou.items():
+        base = baseline.per_class_iou.get(name) if baseline is not None else None
+        per_class.append(
+            ClassIoURow(
+                name=name,
+                url=urls.get(name),
+                iou=iou,
+                std=std.get(name),
+                baseline=base,
+                difference=iou - base if base is not None else None,
+            )
+        )
+    class_names = [row.name for row in per_class]
+    if comparison is not None:
+        difference: float | None = comparison.miou_difference
+    else:
+        difference = metrics.miou - baseline.miou if baseline is not None else None
+    return Evaluation(
+        miou=metrics.miou,
+        baseline_miou=baseline.miou if baseline is not None else None,
+        difference=difference,
+        spread=comparison.spread if comparison is not None else None,
+        exceeds_spread=comparison.exceeds_spread if comparison is not None else None,
+        class_names=class_names,
+        per_class=per_class,
+        folds=[
+            FoldRow(
+                fold=fold.fold,
+                held_out=", ".join(f"{name} #{shot}" for name, shot in fold.held_out.items()),
+                miou=fold.miou,
+                baseline_miou=fold.baseline.miou if fold.baseline is not None else None,
+                per_class=[fold.per_class_iou.get(name) for name in class_names],
+            )
+            for fold in metrics.folds or []
+        ],
+        chart=[
+            ComparisonBar(
+                label=row.name,
+                note="",
+                value=row.iou,
+                baseline=row.baseline,
+                url=row.url,
+                # The page says it once, above the chart.
+                optimistic=False,
+            )
+            for row in per_class
+        ],
+    )

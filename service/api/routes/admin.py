@@ -1,5 +1,6 @@
 """`/admin`: the operators' dashboard (admin keys only): sign-in, the jobs page and its polling
-endpoint, cancel and retry; the class pages are in `admin_classes`, access in `admin_access`.
+endpoint, cancel and retry, a training's page; the class pages are in `admin_classes`, access
+in `admin_access`.
 
 A browser signs in with an admin key and gets a session cookie (`service.web_sessions`); any
 client may instead send `Authorization: Bearer <admin key>`.
@@ -254,6 +255,19 @@ def admin_retry_job(
     )
     job_control.start_job(queue=queue, start=accepted.start)
     return _after_action(request, next, answer_response(accepted.answer))
+
+
+# --- trainings -------------------------------------------------------------------------------
+
+
+@router.get("/admin/trainings/{training_id}", response_class=HTMLResponse, include_in_schema=False)
+def admin_training(
+    request: Request, access: PageAdmin, session: SessionDep, training_id: uuid.UUID
+) -> HTMLResponse:
+    """Any owner's training: what it is measured on, its metrics per class and per fold, and
+    the comparison with its baseline."""
+    found = dashboard.training_page(session=session, training_id=training_id)
+    return render(request, "training.html", {"training": found}, access=access)
 
 
 # --- static files ----------------------------------------------------------------------------

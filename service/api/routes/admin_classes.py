@@ -1,5 +1,6 @@
 """`/admin/classes`: every class, and a class's gallery: its shots and samples as thumbnails
-with the mask overlaid, sorted and filtered by score, with a histogram of CLIP scores."""
+with the mask overlaid, sorted and filtered by score, with a histogram of CLIP scores and the
+class's report (`service.contexts.reports`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi.responses import HTMLResponse
 
 from service.api.deps import SessionDep, StorageDep
 from service.api.routes.admin_access import PageAdmin, admin_router, render
-from service.contexts import dashboard, thumbnails
+from service.contexts import dashboard, reports, thumbnails
 from service.problems import Problem
 
 router = admin_router()
@@ -48,7 +49,8 @@ def admin_class_gallery(
     prompt_kind: Annotated[Literal["inversion", "text", ""] | None, Query()] = None,
     page: Annotated[int, Query(ge=1)] = 1,
 ) -> HTMLResponse:
-    """A class's shots and samples; scores sort best first unless `order` says otherwise."""
+    """A class's shots and samples (scores sort best first unless `order` says otherwise) and
+    its report: score histograms, accepted shares, rejections, tuning and trainings."""
     filters = dashboard.GalleryFilters(
         sort=sort,
         order=order or ("asc" if sort == "index" else "desc"),
@@ -58,11 +60,13 @@ def admin_class_gallery(
         page=page,
     )
     found = dashboard.gallery(session=session, class_id=class_id, filters=filters)
+    report = reports.class_report(session=session, principal=access.principal, class_id=class_id)
     return render(
         request,
         "gallery.html",
         {
             "gallery": found,
+            "report": dashboard.report_view(report),
             "filters": filters,
             "accepted": accepted or "",
             "sort_keys": dashboard.SORT_KEYS,

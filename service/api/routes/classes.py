@@ -1,5 +1,5 @@
 """`/v1/classes`: create a class from shots (202, its synthesis job queued), read, list,
-delete, and download its learned embedding."""
+delete, download its learned embedding, and report on it."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from service.api.deps import (
     require_multipart,
 )
 from service.api.responses import answer_response, blob_response, problem_responses
-from service.contexts import classes, job_control
+from service.contexts import classes, job_control, reports
 from service.contexts.uploads import Upload
 from service.pagination import DEFAULT_LIMIT
 from service.problems import refuse_unknown_fields
-from service.schemas import ClassCreate, ClassPublic, Page
+from service.schemas import ClassCreate, ClassPublic, ClassReport, Page
 
 router = APIRouter(prefix="/v1/classes", tags=["classes"])
 
@@ -139,6 +139,18 @@ def get_class_embedding(
         filename=filename,
         disposition="attachment",
     )
+
+
+@router.get(
+    "/{class_id}/report", response_model=ClassReport, responses=problem_responses(401, 404, 422)
+)
+def get_class_report(
+    session: SessionDep, principal: CurrentPrincipal, class_id: uuid.UUID
+) -> ClassReport:
+    """A class's report: its finished samples counted by prompt kind, mask source and verdict,
+    histograms of their scores (fixed bins), its acceptance thresholds and bg_lambda tuning,
+    and the caller's trainings on it with their mIoU and baseline."""
+    return reports.class_report(session=session, principal=principal, class_id=class_id)
 
 
 def _read(upload: UploadFile) -> Upload:
