@@ -51,9 +51,11 @@ def client(server: Server) -> Iterator[Client]:
 
 @pytest.fixture(scope="module")
 def dog(client: Client) -> ClassInfo:
-    """The dog class of two samples, created from the shots folder and waited for."""
+    """The dog class of two samples, created from the shots folder with bg_lambda chosen by
+    trials, and waited for."""
     images, masks = shot_files(SHOTS_DIR / "dog")
-    created = client.create_class("dog", images, masks, num_samples=2, seed=3)
+    created = client.create_class("dog", images, masks, num_samples=2, seed=3, bg_lambda="auto")
+    assert (created.bg_lambda, created.tuning) == (None, None)
     return client.wait(created.id, timeout=JOB_TIMEOUT, poll_interval=0.5, progress=False)
 
 
@@ -85,6 +87,23 @@ def test_a_class_is_created_waited_for_and_its_samples_read(
     assert embedding.stat().st_size > 64
     assert dog.id in {c.id for c in client.list_classes(page_size=1)}
     assert dog.job_id is not None and client.get_job(dog.job_id).status == "succeeded"
+
+
+def test_an_auto_class_shows_its_trials_and_its_report_counts_its_samples(
+    client: Client, dog: ClassInfo
+) -> None:
+    # then: the class kept the best-scoring of its trials
+    assert dog.tuning is not None
+    assert [trial.bg_lambda for trial in dog.tuning] == [0.2, 0.6, 1.0]
+    assert dog.bg_lambda == max(dog.tuning, key=lambda trial: trial.score or 0.0).bg_lambda
+    # and: its report counts the samples the listing shows, each rejection with its reason
+    report = client.report(dog.id)
+    samples = list(client.samples(dog.id))
+    assert report.counts.samples == len(samples) == 2
+    assert report.counts.accepted == sum(s.accepted for s in samples) == dog.num_accepted
+    assert sum(report.counts.rejected_by.values()) == sum(not s.accepted for s in samples)
+    assert all((s.rejected_by is None) == s.accepted for s in samples)
+    assert report.bg_lambda == dog.bg_lambda
 
 
 def test_the_dataset_downloads_in_every_format_as_a_valid_archive(

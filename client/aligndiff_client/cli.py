@@ -75,6 +75,7 @@ def _create(client: Client, args: argparse.Namespace) -> None:
         prompts=args.prompt,
         num_samples=args.num_samples,
         seed=args.seed,
+        bg_lambda=args.bg_lambda,
     )
     if args.wait:
         created = client.wait(created.id, timeout=args.timeout, progress=not _quiet(args))
@@ -297,6 +298,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"how many samples to synthesize (default: {DEFAULT_NUM_SAMPLES})",
     )
     create.add_argument("--seed", type=int, metavar="S", help="the class seed (default: random)")
+    create.add_argument(
+        "--bg-lambda",
+        metavar="L",
+        help="the inversion's background weight in [0, 2], or 'auto' to choose it by trials "
+        "(default: the server's, 0.6)",
+    )
     create.add_argument(
         "--prompt",
         action="append",

@@ -108,11 +108,14 @@ class Client:
         prompts: Sequence[str] | None = None,
         num_samples: int = DEFAULT_NUM_SAMPLES,
         seed: int | None = None,
+        bg_lambda: float | str | None = None,
         idempotency_key: str | None = None,
     ) -> ClassInfo:
         """Upload shots (paths or bytes; `masks[i]` is the mask of `images[i]`) and queue the
-        class's synthesis; return the class, `queued`. The service checks the files: a bad
-        one raises `ValidationFailed` (or `ApiError` 415) naming it."""
+        class's synthesis; return the class, `queued`. `bg_lambda`: the inversion's background
+        weight in [0, 2], or "auto" to choose it by trial inversions (default: the server's).
+        The service checks the files: a bad one raises `ValidationFailed` (or `ApiError` 415)
+        naming it."""
         files = [("images", _upload(f, i, "image")) for i, f in enumerate(images)]
         files += [("masks", _upload(f, i, "mask")) for i, f in enumerate(masks)]
         data: dict[str, Any] = {"name": name, "num_samples": str(num_samples)}
@@ -120,6 +123,8 @@ class Client:
             data["prompts"] = list(prompts)
         if seed is not None:
             data["seed"] = str(seed)
+        if bg_lambda is not None:
+            data["bg_lambda"] = str(bg_lambda)
         response = self._request(
             "POST", "/v1/classes", data=data, files=files, idempotency_key=idempotency_key
         )

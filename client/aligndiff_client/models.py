@@ -48,6 +48,8 @@ class ClassInfo(Resource):
     num_samples_done: int = 0
     num_accepted: int = 0
     clip_score_mean: float | None = None
+    bg_lambda: float | None = None
+    tuning: list[TuningTrial] | None = None
     job_id: uuid.UUID | None = None
     error: str | None = None
     created_at: datetime
@@ -60,7 +62,9 @@ class ClassInfo(Resource):
 
 class Sample(Resource):
     """A synthetic sample. `prompt_kind`: inversion | text; `mask_source`: consensus |
-    pseudo_label; `accepted` is False for text samples the OOD filter rejected."""
+    pseudo_label; `accepted` is False when a check refused it, and `rejected_by` says which:
+    ood (the OOD filter, text samples), similarity (the semantic check against the shots) or
+    user."""
 
     id: uuid.UUID
     class_id: uuid.UUID
@@ -72,9 +76,11 @@ class Sample(Resource):
     height: int
     clip_score: float | None = None
     shot_similarity: float | None = None
+    prototype_similarity: float | None = None
     consensus_iou: float | None = None
     ood_iou: float | None = None
     accepted: bool
+    rejected_by: str | None = None
     mask_source: str
     image_url: str
     mask_url: str
