@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from service.models import ApiKey, Owner
+from service.models import ApiKey, Owner, utcnow
 from service.problems import Problem
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "adk_"
 _PREFIX_CHARS = 12
+# `ApiKey.last_used_at` is written at most once per this interval per key, never per request.
+LAST_USED_GRANULARITY_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ def create_key(
     session: Session, *, name: str, admin: bool, owner_id: uuid.UUID | None = None
 ) -> str:
     """Create a key (and its owner, named `name`, unless `owner_id` is given); return the
-    plaintext key, which is never stored and cannot be shown again."""
+    plaintext key, which is never stored and cannot be shown again (`key_of` finds its row)."""
     if owner_id is None:
         owner = Owner(name=name)
         session.add(owner)
@@ -55,6 +62,42 @@ def create_key(
     )
     session.flush()
     return key
+
+
+def key_of(session: Session, key: str) -> ApiKey | None:
+    """The row of a plaintext key (by its lookup prefix; the hash is not compared)."""
+    return session.execute(select(ApiKey).where(ApiKey.prefix == _lookup(key))).scalar_one_or_none()
+
+
+def _lookup(key: str) -> str:
+    return (
+        key[len(KEY_PREFIX) : len(KEY_PREFIX) + _PREFIX_CHARS] if key.startswith(KEY_PREFIX) else ""
+    )
+
+
+def record_use(session: Session, key: ApiKey, now: datetime | None = None) -> None:
+    """Note that `key` was just used, unless its `last_used_at` is recent enough: at most one
+    write per key per `LAST_USED_GRANULARITY_SECONDS` (a busy key costs no write per request).
+
+    NOTE: the UPDATE runs on a connection of its own, in a transaction of its own, outside the
+    caller's: a request that reads only (or fails, and rolls back) still records the use,
+    and no transaction holds the key's row locked for longer than the statement. A failure is
+    logged, never raised: bookkeeping must not refuse a valid key.
+    """
+    now = now or utcnow()
+    since = now - timedelta(seconds=LAST_USED_GRANULARITY_SECONDS)
+    if key.last_used_at is not None and key.last_used_at >= since:
+        return
+    statement = (
+        update(ApiKey)
+        .where(ApiKey.id == key.id, or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < since))
+        .values(last_used_at=now)
+    )
+    try:
+        with session.get_bind().engine.begin() as connection:
+            connection.execute(statement)
+    except SQLAlchemyError as error:
+        log.warning("could not record the use of API key %s: %s", key.id, error)
 
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -72,7 +115,8 @@ def bearer_key(authorization: str | None) -> str:
 class PrincipalCache:
     """Recently verified keys (by hash), so a busy client costs no key lookup per request.
 
-    A revoked key keeps working for at most `ttl_seconds` in a process that verified it.
+    A revoked key keeps working for at most `ttl_seconds` in a process that verified it (the
+    process that revokes it forgets it at once: `forget`).
     """
 
     def __init__(self, ttl_seconds: float, max_entries: int = 10_000) -> None:
@@ -95,28 +139,39 @@ class PrincipalCache:
                 self._entries.clear()
             self._entries[digest] = (time.monotonic() + self.ttl_seconds, principal)
 
+    def forget(self, key_id: uuid.UUID) -> None:
+        """Drop the key's entry (it was just revoked): this process refuses it from now on."""
+        with self._lock:
+            for digest, (_, principal) in list(self._entries.items()):
+                if principal.key_id == key_id:
+                    del self._entries[digest]
+
 
 def authenticate(
-    session: Session, authorization: str | None, cache: PrincipalCache | None = None
+    session: Session,
+    authorization: str | None,
+    cache: PrincipalCache | None = None,
+    *,
+    record: bool = False,
 ) -> Principal:
-    """The principal behind an `Authorization: Bearer <key>` header; 401 otherwise."""
+    """The principal behind an `Authorization: Bearer <key>` header; 401 otherwise. With
+    `record`, a key verified against the database has its use recorded (`record_use`).
+
+    NOTE: `record` is for sessions that hold no write lock (a request's own reads): on SQLite
+    the UPDATE, made on another connection, would wait for the caller's transaction.
+    """
     key = bearer_key(authorization)
     digest = hash_key(key)
     if cache is not None and (cached := cache.get(digest)) is not None:
         return cached
-    lookup = (
-        key[len(KEY_PREFIX) : len(KEY_PREFIX) + _PREFIX_CHARS] if key.startswith(KEY_PREFIX) else ""
-    )
-    row = (
-        session.execute(select(ApiKey).where(ApiKey.prefix == lookup)).scalar_one_or_none()
-        if lookup
-        else None
-    )
+    row = key_of(session, key) if _lookup(key) else None
     # Compare against a dummy hash when the prefix is unknown, so timing reveals nothing.
     expected = row.key_hash if row is not None else hash_key("")
     if not hmac.compare_digest(expected, digest) or row is None or row.revoked_at is not None:
         raise Problem(401, "the API key is not valid", headers=_CHALLENGE)
     principal = Principal(owner_id=row.owner_id, key_id=row.id, is_admin=row.is_admin)
+    if record:
+        record_use(session, row)
     if cache is not None:
         cache.put(digest, principal)
     return principal
@@ -133,6 +188,6 @@ async def authenticate_cached(
 
     def verify() -> Principal:
         with session_factory() as session:
-            return authenticate(session, authorization, cache)
+            return authenticate(session, authorization, cache, record=True)
 
     return await run_in_threadpool(verify)

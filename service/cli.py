@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
+import uuid
+from datetime import datetime
 from typing import Annotated
 
 import typer
@@ -15,17 +15,20 @@ from sqlalchemy import select
 from aligndiff.cli import app as core_app
 from service.settings import Settings, describe_invalid_settings
 
+# NOTE: rich_markup_mode=None: click's plain help, which re-wraps the docstrings to the
+# terminal and never cuts an option's name (Rich's tables do, at 80 columns).
 app = typer.Typer(
     name="aligndiff",
     help="AlignDiff: turn a few image+mask shots of a class into a synthetic segmentation dataset.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
 for command in core_app.registered_commands:
     app.registered_commands.append(command)
 
-keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
-db_app = typer.Typer(help="Manage the database.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True, rich_markup_mode=None)
+db_app = typer.Typer(help="Manage the database.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 
@@ -56,7 +59,9 @@ def db_upgrade() -> None:
 
 @keys_app.command("create")
 def keys_create(
-    name: Annotated[str, typer.Option("--name", help="Who the key is for (a new owner).")],
+    name: Annotated[
+        str, typer.Option("--name", metavar="NAME", help="Who the key is for (a new owner).")
+    ],
     admin: Annotated[
         bool, typer.Option("--admin", help="An admin key: sees every owner's data.")
     ] = False,
@@ -79,21 +84,98 @@ def keys_create(
     typer.echo(key)
 
 
+@keys_app.command("list")
+def keys_list() -> None:
+    """List every API key, newest first.
+
+    A table of each key's id, name, admin or not, owner, and when it was created, last used
+    (to within about a minute) and revoked. Never the keys themselves."""
+    from service.contexts.keys import every_key
+    from service.db import make_engine, make_session_factory
+
+    settings = Settings()
+    _upgrade(settings)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            listed = every_key(session=session)
+    finally:
+        engine.dispose()
+    rows = [
+        [
+            str(item.key.id),
+            item.key.name,
+            "yes" if item.key.admin else "no",
+            item.owner,
+            _when(item.key.created_at),
+            _when(item.key.last_used_at) or "never",
+            _when(item.key.revoked_at),
+        ]
+        for item in listed
+    ]
+    header = ["ID", "NAME", "ADMIN", "OWNER", "CREATED (UTC)", "LAST USED", "REVOKED"]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        typer.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else ""
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[
+        str, typer.Argument(metavar="KEY_ID", help="The key's id (see `aligndiff keys list`).")
+    ],
+) -> None:
+    """Revoke an API key.
+
+    Running servers refuse it within ALIGNDIFF_AUTH_CACHE_SECONDS, and its dashboard sessions
+    end at once. Revoking a revoked key changes nothing."""
+    from service.contexts.keys import revoke_any_key
+    from service.db import make_engine, make_session_factory
+    from service.problems import Problem
+
+    try:
+        parsed = uuid.UUID(key_id)
+    except ValueError:
+        raise _fail(f"{key_id!r} is not a key id (see `aligndiff keys list`)") from None
+    settings = Settings()
+    _upgrade(settings)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            key = revoke_any_key(session=session, key_id=parsed)
+    except Problem:
+        raise _fail(f"no key has the id {parsed} (see `aligndiff keys list`)") from None
+    finally:
+        engine.dispose()
+    typer.echo(f"key {key.id} ({key.name!r}) is revoked, since {_when(key.revoked_at)} UTC")
+
+
 @app.command()
 def worker(
-    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Worker processes.")] = 1,
-    pool: Annotated[str, typer.Option("--pool", help="solo or prefork.")] = "solo",
-    loglevel: Annotated[str, typer.Option("--loglevel")] = "info",
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, metavar="N", help="Worker processes.")
+    ] = 1,
+    pool: Annotated[str, typer.Option("--pool", metavar="POOL", help="solo or prefork.")] = "solo",
+    loglevel: Annotated[
+        str, typer.Option("--loglevel", metavar="LEVEL", help="debug, info, warning or error.")
+    ] = "info",
     queues: Annotated[
         str,
         typer.Option(
             "--queues",
+            metavar="QUEUES",
             help="Comma-separated: aligndiff (jobs), aligndiff.predict (predictions). "
             "Default: both.",
         ),
     ] = "",
 ) -> None:
-    """Run a Celery worker (GPU work). Run one per GPU."""
+    """Run a Celery worker (GPU work), one per GPU."""
     from worker.main import run_worker
 
     run_worker(
@@ -111,9 +193,11 @@ def sweep(
         bool, typer.Option("--dry-run", help="List what would be done; change nothing.")
     ] = False,
 ) -> None:
-    """Sweep once, as every worker does periodically: resume jobs whose worker died, send
-    lost starts again, remove stale unfinished samples and orphaned blobs, expire idempotency
-    records. Prints one line per thing done, then a summary."""
+    """Sweep once, as every worker does periodically.
+
+    Resume jobs whose worker died, send lost starts again, remove stale unfinished samples
+    and orphaned blobs, expire idempotency records. Prints one line per thing done, then a
+    summary."""
     import socket
 
     from service.contexts.sweeper import sweep as sweep_once
@@ -145,15 +229,6 @@ def sweep(
         typer.echo(line)
 
 
-def _die_with_parent() -> None:
-    """In a child process: ask Linux to send SIGTERM when the parent exits."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def _first_admin_key(settings: Settings) -> str | None:
     """Create an admin key when the database has none yet (first start); else None."""
     from service.auth import create_key
@@ -172,70 +247,61 @@ def _first_admin_key(settings: Settings) -> str | None:
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    host: Annotated[
+        str, typer.Option("--host", metavar="HOST", help="The address to listen on.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=1, max=65535, metavar="PORT", help="The port.")
+    ] = 8000,
     embedded_worker: Annotated[
         bool,
         typer.Option(
-            "--embedded-worker/--no-embedded-worker", help="Also run a worker in a child process."
+            "--embedded-worker/--no-embedded-worker", help="Also run workers in child processes."
         ),
     ] = True,
     predict_worker: Annotated[
         bool,
         typer.Option(
             "--predict-worker/--no-predict-worker",
-            help="With the embedded worker, run predictions in a worker of their own, so they "
+            help="With the embedded workers, run predictions in a worker of their own, so they "
             "never wait behind a synthesis or a training (one more process).",
         ),
     ] = True,
 ) -> None:
-    """Run the API, the dashboard and an embedded worker on one machine.
+    """Run the API, the dashboard and embedded workers on one machine.
 
-    Defaults need no server: SQLite, a local blob folder and a SQLite-backed broker, all under
-    ./aligndiff-data (ALIGNDIFF_DATA_DIR).
+    Defaults need no server: SQLite, a local blob folder and a SQLite-backed broker, all
+    under ./aligndiff-data (ALIGNDIFF_DATA_DIR). Once it listens, serve prints its URL and,
+    on first start, an admin API key.
     """
-    import uvicorn
-
     from service.app import create_app
+    from service.serve import CannotListen, Serve, WorkerExited, listening_socket
     from worker.celery_app import JOBS_QUEUE, PREDICT_QUEUE
 
     settings = Settings()
+    try:
+        # Before anything starts: a taken port fails at once.
+        sock = listening_socket(host, port)
+    except CannotListen as error:
+        raise _fail(str(error)) from None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _upgrade(settings)
     admin_key = _first_admin_key(settings)
-
-    children: list[subprocess.Popen[bytes]] = []
-    if embedded_worker:
-        env = {**os.environ, "ALIGNDIFF_DATA_DIR": str(settings.data_dir.resolve())}
-        # NOTE: disjoint queues: the embedded broker (SQLite) cannot hand one queue's messages
-        # to two consumers safely.
-        queues = [[JOBS_QUEUE], [PREDICT_QUEUE]] if predict_worker else [[]]
-        # NOTE: the workers stay in serve's process group (Ctrl-C reaches them) and the kernel
-        # signals them when serve dies, however serve dies: uvicorn re-raises SIGTERM on
-        # shutdown, so code after uvicorn.run() does not run then.
-        command = [sys.executable, "-m", "service.cli", "worker", "--pool", "solo"]
-        children = [
-            subprocess.Popen(
-                [*command, f"--queues={','.join(names)}"], env=env, preexec_fn=_die_with_parent
-            )
-            for names in queues
-        ]
-    typer.echo(f"AlignDiff is serving on http://{host}:{port} (data in {settings.data_dir})")
-    if admin_key is not None:
-        typer.echo("first start: an admin API key was created; it is shown only once:")
-        typer.echo(admin_key)
-    sys.stdout.flush()
+    # NOTE: disjoint queues: the embedded broker (SQLite) cannot hand one queue's messages
+    # to two consumers safely.
+    queues = [[JOBS_QUEUE], [PREDICT_QUEUE]] if predict_worker else [[]]
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
-    finally:
-        running = [child for child in children if child.poll() is None]
-        for child in running:
-            child.terminate()
-        for child in running:
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        Serve(
+            app=create_app(settings),
+            sock=sock,
+            host=host,
+            port=port,
+            data_dir=settings.data_dir.resolve(),
+            admin_key=admin_key,
+            worker_queues=queues if embedded_worker else [],
+        ).run()
+    except WorkerExited as error:
+        raise _fail(str(error)) from None
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from aligndiff.names import LEGACY_PROMPT_STYLE, PROMPT_STYLE
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -92,6 +94,9 @@ class ApiKey(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # When the key was last verified, kept to within `auth.LAST_USED_GRANULARITY_SECONDS`: it
+    # is written at most once per that interval, never per request.
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
     # Dashboard sessions signed in with this key before this moment are over (signing out
     # sets it): a copy of a signed-out cookie is refused.
     sessions_not_before: Mapped[datetime | None] = mapped_column(default=None)
@@ -136,6 +141,12 @@ class SegClass(Base):
     name: Mapped[str] = mapped_column(String(64))
     seed: Mapped[int] = mapped_column(BigInteger)
     prompts: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # How its template prompts are worded (`aligndiff.names.PromptStyle`), fixed when it is
+    # created so that its job draws every sample, on any retry, with the same prompts. Rows
+    # from before the styles were recorded are "always-a" (their prompts said "a" to any name).
+    prompt_style: Mapped[str] = mapped_column(
+        String(16), default=PROMPT_STYLE, server_default=LEGACY_PROMPT_STYLE
+    )
     num_shots: Mapped[int] = mapped_column(Integer)
     num_samples_requested: Mapped[int] = mapped_column(Integer)
     num_samples_done: Mapped[int] = mapped_column(Integer, default=0)

@@ -140,7 +140,9 @@ class ClassCreate(BaseModel):
         default_factory=list,
         max_length=50,
         description="Text prompts for the text-conditioned half of the samples (repeat the "
-        "field); each must mention the class name. Default: 'a photo of a {name}'.",
+        "field); each must mention the class name (the mask is read at its last mention) and "
+        "fit the text encoder (75 tokens on Stable Diffusion 1.x). Default: 'a photo of a "
+        "{name}', with 'an' before a vowel sound.",
     )
     num_samples: int = Field(ge=1, description="How many samples to synthesize (server max).")
     seed: int | None = Field(
@@ -152,6 +154,17 @@ class ClassCreate(BaseModel):
         "inversions at several values, the best kept by the acceptance signals of a few trial "
         "samples. Default: the server's (0.6).",
     )
+
+
+class ServiceIndex(BaseModel):
+    """`GET /`: what this service is, and where its parts are."""
+
+    name: str = Field(examples=["AlignDiff"])
+    version: str = Field(examples=["0.1.0"])
+    docs: str = Field(description="The interactive API docs.", examples=["/docs"])
+    openapi: str = Field(description="This OpenAPI document.", examples=["/openapi.json"])
+    dashboard: str = Field(description="The admins' dashboard.", examples=["/admin"])
+    health: str = Field(description="The liveness probe.", examples=["/healthz"])
 
 
 class Health(BaseModel):
@@ -389,3 +402,56 @@ class ClassReport(BaseModel):
         description="The caller's succeeded trainings that include the class (an admin: "
         "everyone's), newest first, at most 100."
     )
+
+
+class KeyCreate(BaseModel):
+    """The body of `POST /v1/keys`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1,
+        max_length=128,
+        # At least one visible character and no control characters (PostgreSQL refuses NUL).
+        pattern=r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$",
+        description="What the key is for, e.g. 'ci' or 'alice's laptop' (not unique); "
+        "surrounding spaces are dropped.",
+    )
+    admin: bool = Field(
+        default=False,
+        description="An admin key: sees every owner's data, manages every key. Admin keys only.",
+    )
+    owner_id: uuid.UUID | None = Field(
+        default=None,
+        description="Whose key it is. A user key may name only its own owner (another answers "
+        "403), and gets its own owner when it names none. An admin key may name any owner "
+        "(an unknown one answers 422), or none: a new owner, named like the key.",
+    )
+
+
+class KeyPublic(BaseModel):
+    """An API key as listed: never its secret, which is shown once, when it is created."""
+
+    id: uuid.UUID
+    name: str
+    admin: bool
+    owner_id: uuid.UUID
+    created_at: datetime
+    last_used_at: datetime | None = Field(
+        description="When the key was last used, to within about a minute: it is recorded at "
+        "most once a minute per key, not on every request. Null if it never was."
+    )
+    revoked_at: datetime | None = Field(
+        description="When the key was revoked (`DELETE /v1/keys/{id}`); null while it works."
+    )
+
+
+class KeyCreated(BaseModel):
+    """A new API key, with its secret: `key` is shown this once and cannot be read again."""
+
+    id: uuid.UUID
+    name: str
+    admin: bool
+    owner_id: uuid.UUID
+    key: str = Field(description="The key to send as `Authorization: Bearer <key>`.")
+    created_at: datetime

@@ -31,7 +31,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from service.auth import Principal
+from service.auth import Principal, record_use
 from service.models import ApiKey, utcnow
 from service.problems import Problem, problem_response
 from service.settings import Settings
@@ -147,6 +147,7 @@ def session_principal(session: Session, web_session: WebSession) -> Principal | 
         return None
     if key.sessions_not_before is not None and web_session.issued_at < key.sessions_not_before:
         return None
+    record_use(session, key)
     return Principal(owner_id=key.owner_id, key_id=key.id, is_admin=True)
 
 

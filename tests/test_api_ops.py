@@ -1,10 +1,12 @@
-"""Operations: liveness, readiness, Prometheus metrics and the OpenAPI document."""
+"""Operations: the service's index, liveness, readiness, Prometheus metrics and the OpenAPI
+document."""
 
 from __future__ import annotations
 
 import uuid
 from pathlib import Path
 
+import aligndiff
 from tests.api_support import Api, ApiFactory, BrokenStorage, add_class
 
 pytest_plugins = ["tests.api_support"]
@@ -15,6 +17,7 @@ OPERATION_IDS = {
     "get_class",
     "delete_class",
     "get_class_embedding",
+    "get_class_report",
     "list_samples",
     "get_sample_image",
     "get_sample_mask",
@@ -28,11 +31,41 @@ OPERATION_IDS = {
     "get_job",
     "cancel_job",
     "retry_job",
+    "create_key",
+    "list_keys",
+    "revoke_key",
+    "service_index",
     "healthz",
     "readyz",
     "metrics",
     "admin_dashboard",
 }
+
+
+def test_the_root_names_the_services_parts_for_an_api_client(api: Api) -> None:
+    response = api.anonymous.get("/", headers={"Accept": "application/json"})
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "name": "AlignDiff",
+        "version": aligndiff.__version__,
+        "docs": "/docs",
+        "openapi": "/openapi.json",
+        "dashboard": "/admin",
+        "health": "/healthz",
+    }
+    # and: each part is where the index says
+    for part in ("docs", "openapi", "health"):
+        assert api.anonymous.get(response.json()[part]).status_code == 200
+
+
+def test_the_root_sends_a_browser_to_the_dashboard(api: Api) -> None:
+    browser_accept = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+    response = api.anonymous.get("/", headers={"Accept": browser_accept}, follow_redirects=False)
+
+    assert response.status_code == 307
+    assert response.headers["location"] == "/admin"
 
 
 def test_healthz_answers_without_a_key(api: Api) -> None:

@@ -15,6 +15,7 @@ import pytest
 from fastapi.routing import APIRoute, iter_route_contexts
 from sqlalchemy import select
 
+from service.auth import create_key, key_of
 from service.models import Base, Job, Shot, Training
 from service.storage import shot_key
 from tests.api_support import (
@@ -85,6 +86,15 @@ def add_shot(api: Api, class_id: uuid.UUID) -> uuid.UUID:
         return shot.id
 
 
+def add_key(api: Api, *, owner_id: uuid.UUID) -> uuid.UUID:
+    """Another key of the owner's (not the one its client uses: a route may revoke it)."""
+    with api.session() as session:
+        key = key_of(session, create_key(session, name="spare", admin=False, owner_id=owner_id))
+        assert key is not None
+        session.commit()
+        return key.id
+
+
 @pytest.fixture
 def alices_ids(api: Api) -> dict[str, uuid.UUID]:
     """An id of alice's for every kind of `{…_id}` path parameter the routes use."""
@@ -97,6 +107,7 @@ def alices_ids(api: Api) -> dict[str, uuid.UUID]:
         "sample_id": sample_id,
         "shot_id": add_shot(api, class_id),
         "training_id": add_training(api, owner_id=api.alice_id, class_id=class_id),
+        "key_id": add_key(api, owner_id=api.alice_id),
     }
 
 
@@ -264,6 +275,9 @@ def test_no_key_is_stored_in_plaintext(api: Api) -> None:
         "/v1/classes", data=class_form(), files=pair(), headers={"Idempotency-Key": "k1"}
     )
     assert created.status_code == 202
+    # and a key created through the API, with an Idempotency-Key as the SDK sends one
+    made = api.alice.post("/v1/keys", json={"name": "ci"}, headers={"Idempotency-Key": "k2"})
+    assert made.status_code == 201
 
     # when: every value of every row of every table is read as text
     stored = []
@@ -275,7 +289,7 @@ def test_no_key_is_stored_in_plaintext(api: Api) -> None:
 
     # then: no key, nor the secret part of one, is among them
     assert len(stored) > 20
-    for key in api.keys.values():
+    for key in [*api.keys.values(), made.json()["key"]]:
         secret = key.split("_", 1)[1]
         assert key not in everything
         assert secret[len(secret) // 2 :] not in everything

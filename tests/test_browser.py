@@ -1,8 +1,9 @@
 """The dashboard in a real browser (Debian's headless Chromium through Playwright) against a live
 `aligndiff serve` on loopback: sign in, watch a job's progress advance without a reload,
 cancel it, refuse cross-site posts, sort a class's gallery by score, and read a class's report
-and a training's page (their rows seeded into serve's database as a worker leaves them).
-Screenshots go to `test-artifacts/` (ALIGNDIFF_TEST_ARTIFACTS)."""
+and a training's page (their rows seeded into serve's database as a worker leaves them), and
+create a key, see it listed, revoke it and see the API refuse it. Screenshots go to
+`test-artifacts/` (ALIGNDIFF_TEST_ARTIFACTS)."""
 
 from __future__ import annotations
 
@@ -315,3 +316,49 @@ def test_an_admin_reads_a_class_report_and_opens_a_training_from_the_jobs_page(
     assert page.locator("#per-class tbody tr").count() == 2
     assert page.locator("#per-class-chart rect.bar-baseline").count() == 2 + 1  # + the legend
     screenshot(page, "08-training")
+
+
+def test_an_admin_creates_a_key_sees_it_listed_and_revokes_it(page: Any, server: Server) -> None:
+    # given: the admin signed in, on the keys page
+    sign_in(page, server, server.admin_key)
+    page.wait_for_url(f"{server.url}/admin")
+    page.click("nav >> text=Keys")
+    page.wait_for_url(f"{server.url}/admin/keys")
+
+    # when: the admin creates a user key for a new owner
+    page.fill("#key-name", "browser ci")
+    page.click("#create-key button[type=submit]")
+
+    # then: the key is shown once, and listed (without its secret); it works
+    key = page.inner_text("#new-key-value").strip()
+    assert key.startswith("adk_")
+    row = page.locator(
+        "#keys tr.key", has=page.locator('[data-field="name"]', has_text="browser ci")
+    )
+    assert row.locator('[data-field="kind"]').inner_text() == "user"
+    screenshot(page, "09-key-created")
+    api = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"})
+    assert api.get("/v1/jobs").status_code == 200
+    page.goto(f"{server.url}/admin/keys")
+    assert key not in page.content()
+
+    # when: the admin revokes it, confirming the question the page asks
+    questions: list[str] = []
+
+    def confirm(dialog: Any) -> None:
+        questions.append(dialog.message)
+        dialog.accept()
+
+    page.on("dialog", confirm)
+    row.locator("form.revoke-key button").click()
+    row.locator('[data-field="revoked_at"]', has_text=":").wait_for()
+
+    # then: it is marked revoked, and the API refuses it at once
+    assert questions and "browser ci" in questions[0]
+    assert row.locator("form.revoke-key").count() == 0
+    assert "revoked" in (row.get_attribute("class") or "")
+    refused = api.get("/v1/jobs")
+    assert refused.status_code == 401
+    assert refused.headers["content-type"] == "application/problem+json"
+    api.close()
+    screenshot(page, "10-key-revoked")

@@ -635,3 +635,138 @@ def test_the_training_page_is_for_admins_only(
     assert api.anonymous.get(path, headers=HTML, follow_redirects=False).status_code == 303
     assert api.anonymous.get(path, headers=JSON).status_code == 401
     assert api.admin.get(f"/admin/trainings/{uuid.uuid4()}").status_code == 404
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+def _keys_page_token(browser: TestClient) -> str:
+    return csrf_token_of(browser.get("/admin/keys", headers=HTML).text)
+
+
+def _key_row(page: str, name: str) -> str:
+    """The keys table's row of the key named `name`."""
+    row = r'<tr class="key[^"]*" data-key-id="[^"]+">\s*<td data-field="name">'
+    found = re.search(rf"{row}{re.escape(name)}\b.*?</tr>", page, re.S)
+    assert found is not None, name
+    return found.group(0)
+
+
+def test_the_keys_page_lists_every_key_with_its_owner_and_a_revoke_button(api: Api) -> None:
+    with api.session() as session:
+        revoked = ApiKey(
+            owner_id=api.bob_id, name="old laptop", prefix="0123456789ab", key_hash="0" * 64
+        )
+        revoked.revoked_at = utcnow()
+        session.add(revoked)
+        session.commit()
+    browser = sign_in(api, api.keys["admin"])
+
+    page = browser.get("/admin/keys", headers=HTML)
+
+    assert page.status_code == 200
+    assert '<a href="/admin/keys" aria-current="page">Keys</a>' in page.text
+    alices = _key_row(page.text, "alice")
+    assert "user" in alices and 'action="/admin/keys/' in alices and "Revoke" in alices
+    assert "admin</span>" in _key_row(page.text, "admin")
+    old = _key_row(page.text, "old laptop")
+    assert "bob" in old and "Revoke" not in old and 'class="key revoked"' in old
+    for key in api.keys.values():
+        assert key not in page.text
+    assert "'unsafe-inline'" not in page.headers["content-security-policy"]
+    assert "<script>" not in page.text and " style=" not in page.text
+
+
+def test_an_admin_creates_a_key_on_the_keys_page_and_sees_it_once(api: Api) -> None:
+    browser = sign_in(api, api.keys["admin"])
+    token = _keys_page_token(browser)
+
+    # when: the admin creates a user key for bob from the page
+    answer = browser.post(
+        "/admin/keys",
+        data={"name": "bob's ci", "owner_id": str(api.bob_id), "csrf_token": token},
+        headers={"Origin": "http://testserver"},
+    )
+
+    # then: the page shows the key this once, and it is bob's and works
+    assert answer.status_code == 201, answer.text
+    shown = re.search(r'<code id="new-key-value">(adk_[^<]+)</code>', answer.text)
+    assert shown is not None
+    key = shown.group(1)
+    owned = TestClient(api.app, headers={"Authorization": f"Bearer {key}"})
+    assert owned.get("/v1/keys").json()["items"][0]["owner_id"] == str(api.bob_id)
+    assert owned.get("/admin/keys").status_code == 403  # a user key
+    assert key not in browser.get("/admin/keys", headers=HTML).text
+
+
+def test_a_key_the_page_cannot_create_shows_why(api: Api) -> None:
+    browser = sign_in(api, api.keys["admin"])
+    token = _keys_page_token(browser)
+    before = browser.get("/v1/keys", headers={"Authorization": f"Bearer {api.keys['admin']}"})
+
+    blank = browser.post("/admin/keys", data={"name": "  ", "csrf_token": token})
+    unknown = browser.post(
+        "/admin/keys", data={"name": "x", "owner_id": str(uuid.uuid4()), "csrf_token": token}
+    )
+
+    assert blank.status_code == 422 and "check its name" in blank.text
+    assert unknown.status_code == 422 and "owner_id: no owner has this id" in unknown.text
+    after = api.admin.get("/v1/keys")
+    assert len(after.json()["items"]) == len(before.json()["items"])
+
+
+@pytest.mark.parametrize(
+    "headers, send_token",
+    [({"Origin": "https://evil.example"}, True), ({"Origin": "http://testserver"}, False)],
+    ids=["other-origin", "no-token"],
+)
+def test_a_cross_site_or_tokenless_key_create_or_revoke_is_refused(
+    api: Api, headers: dict[str, str], send_token: bool
+) -> None:
+    browser = sign_in(api, api.keys["admin"])
+    data = {"csrf_token": _keys_page_token(browser)} if send_token else {}
+    alices_id = api.alice.get("/v1/keys").json()["items"][0]["id"]
+    before = api.admin.get("/v1/keys").json()["items"]
+
+    created = browser.post("/admin/keys", data={"name": "evil", **data}, headers=headers)
+    revoked = browser.post(f"/admin/keys/{alices_id}/revoke", data=data, headers=headers)
+
+    assert (created.status_code, revoked.status_code) == (403, 403)
+    assert api.admin.get("/v1/keys").json()["items"] == before
+    assert api.alice.get("/v1/jobs").status_code == 200
+
+
+def test_revoking_on_the_keys_page_refuses_the_key_and_ends_its_sessions(api: Api) -> None:
+    # given: a second admin key, signed in on another browser and used with Bearer
+    ops = api.admin.post("/v1/keys", json={"name": "ops", "admin": True}).json()
+    other_browser = sign_in(api, ops["key"])
+    bearer = TestClient(api.app, headers={"Authorization": f"Bearer {ops['key']}"})
+    assert other_browser.get("/admin/api/jobs").status_code == 200
+    assert bearer.get("/v1/jobs").status_code == 200
+    browser = sign_in(api, api.keys["admin"])
+
+    # when: the first admin revokes it from the keys page
+    answer = browser.post(
+        f"/admin/keys/{ops['id']}/revoke",
+        data={"csrf_token": _keys_page_token(browser), "next": "/admin/keys"},
+        headers={"Origin": "http://testserver"},
+        follow_redirects=False,
+    )
+
+    # then: back to the keys page, where it is marked revoked; its session and Bearer use end
+    assert answer.status_code == 303 and answer.headers["location"] == "/admin/keys"
+    assert 'class="key revoked"' in _key_row(browser.get("/admin/keys").text, "ops")
+    assert other_browser.get("/admin/api/jobs").status_code == 401
+    assert bearer.get("/v1/jobs").status_code == 401
+    assert browser.get("/admin/api/jobs").status_code == 200
+
+
+def test_revoking_a_key_through_the_api_ends_its_dashboard_sessions(api: Api) -> None:
+    ops = api.admin.post("/v1/keys", json={"name": "ops", "admin": True}).json()
+    browser = sign_in(api, ops["key"])
+    assert browser.get("/admin/api/jobs").status_code == 200
+
+    assert api.admin.delete(f"/v1/keys/{ops['id']}").status_code == 204
+
+    assert browser.get("/admin/api/jobs").status_code == 401
+    assert browser.get("/admin/keys", headers=HTML, follow_redirects=False).status_code == 303

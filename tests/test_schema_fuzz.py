@@ -9,7 +9,6 @@ then read, its samples fetched, its job cancelled or retried, the class deleted 
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,14 @@ import schemathesis
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, events
 
-from tests.api_support import Api, ApiFactory, add_class, add_embedding, add_sample
+from tests.api_support import (
+    Api,
+    ApiFactory,
+    add_class,
+    add_embedding,
+    add_sample,
+    sqlite_database,
+)
 
 pytest_plugins = ["tests.api_support"]
 
@@ -36,7 +42,7 @@ MAX_SECONDS = 45
 UPLOADS = ["create_class", "create_training", "predict_with_training"]
 # - Listings: the cursor is opaque (made by the server); a forged one is the client's error,
 #   400, which no schema of an opaque string can rule out.
-LISTINGS = ["list_classes", "list_samples", "list_trainings", "list_jobs"]
+LISTINGS = ["list_classes", "list_samples", "list_trainings", "list_jobs", "list_keys"]
 # - Idempotent POSTs: the fuzzer sends one generated Idempotency-Key with different jobs, and a
 #   key reused for a different request is refused (422), as the IETF Idempotency-Key draft says.
 IDEMPOTENT = ["cancel_job", "retry_job"]
@@ -78,9 +84,7 @@ def fuzz_config(key: str) -> SchemathesisConfig:
 @pytest.fixture
 def database_url(tmp_path: Path, sqlite_template: Path) -> str:
     """SQLite only: the schema is the same on both databases, and the API tests cover both."""
-    path = tmp_path / "api.db"
-    shutil.copyfile(sqlite_template, path)
-    return f"sqlite:///{path}"
+    return sqlite_database(tmp_path, sqlite_template)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.auth import Principal, authenticate_cached
+from service.auth import Principal, PrincipalCache, authenticate_cached
 from service.db import close_session
 from service.metrics import Metrics
 from service.pagination import MAX_LIMIT
@@ -60,12 +60,18 @@ async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
 
+async def get_principal_cache(request: Request) -> PrincipalCache:
+    """This process's recently verified keys (a revoked key is dropped from it at once)."""
+    return request.app.state.principal_cache  # type: ignore[no-any-return]
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 QueueDep = Annotated[TaskQueue, Depends(get_queue)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+PrincipalCacheDep = Annotated[PrincipalCache, Depends(get_principal_cache)]
 
 # Query and header parameters shared by several routes.
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size.")]

@@ -1,6 +1,6 @@
 """What the admin dashboard shows: every job with its timings and traceback, the queue's depth,
 the workers online, the classes, a class's shots and samples with their scores and its report,
-and a training's metrics.
+a training's metrics, and every API key.
 
 Plain data for the templates and the jobs page's polling endpoint; times and durations are
 formatted here once, so the first render and every refresh read the same.
@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from service.contexts.classes import class_public
 from service.contexts.jobs import ACTIVE
+from service.contexts.keys import every_key
 from service.contexts.trainings import training_public
 from service.models import Job, Owner, Sample, SegClass, Shot, Training, WorkerHeartbeat, utcnow
 from service.problems import not_found
@@ -806,3 +807,41 @@ def _evaluation(metrics: TrainingMetrics, urls: dict[str, str | None]) -> Evalua
             for row in per_class
         ],
     )
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    """An API key as the keys page shows it (never its secret)."""
+
+    id: str
+    short_id: str
+    name: str
+    owner: str
+    owner_id: str
+    admin: bool
+    created_at: str
+    last_used_at: str
+    revoked_at: str
+    revoked: bool
+
+
+def key_rows(*, session: Session, limit: int) -> list[KeyRow]:
+    """Every owner's keys, newest first, revoked ones included."""
+    return [
+        KeyRow(
+            id=str(listed.key.id),
+            short_id=str(listed.key.id)[:8],
+            name=listed.key.name,
+            owner=listed.owner,
+            owner_id=str(listed.key.owner_id),
+            admin=listed.key.admin,
+            created_at=format_time(listed.key.created_at),
+            last_used_at=format_time(listed.key.last_used_at),
+            revoked_at=format_time(listed.key.revoked_at),
+            revoked=listed.key.revoked_at is not None,
+        )
+        for listed in every_key(session=session, limit=limit)
+    ]

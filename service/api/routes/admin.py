@@ -1,6 +1,6 @@
 """`/admin`: the operators' dashboard (admin keys only): sign-in, the jobs page and its polling
-endpoint, cancel and retry, a training's page; the class pages are in `admin_classes`, access
-in `admin_access`.
+endpoint, cancel and retry, a training's page; the class pages are in `admin_classes`, the keys
+page in `admin_keys`, access in `admin_access`.
 
 A browser signs in with an admin key and gets a session cookie (`service.web_sessions`); any
 client may instead send `Authorization: Bearer <admin key>`.
@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
 from service.api.deps import QueueDep, SessionDep, SettingsDep
 from service.api.responses import answer_response, problem_responses
-from service.api.routes import admin_classes
+from service.api.routes import admin_classes, admin_keys
 from service.api.routes.admin_access import (
     ApiAdmin,
     CsrfField,
@@ -287,3 +287,4 @@ def admin_static(name: str) -> Response:
 
 
 router.include_router(admin_classes.router)
+router.include_router(admin_keys.router)
