@@ -37,7 +37,7 @@ from PIL import Image, ImageEnhance
 
 from aligndiff.fss import Features, FewShotSegmenter, RGBImage, calibrate_each
 from aligndiff.masks import BoolMask
-from aligndiff.ood import OodConfig, PromptKind, is_accepted
+from aligndiff.ood import OodConfig, PromptKind, is_accepted, ood_ious
 
 RejectedBy = Literal["ood", "similarity"]
 # Unit CLIP image embeddings (N, D) of RGB images, as `ClipScorer.embed_images` gives them.
@@ -277,6 +277,41 @@ class SemanticCheck:
         return self.thresholds.passes(
             prototype_similarity=prototype_similarity, shot_similarity=shot_similarity
         )
+
+
+@dataclass(frozen=True)
+class FinalSignals:
+    """What the verdict reads of each sample besides its CLIP scores, in sample order."""
+
+    ood_iou: list[float]
+    prototype_similarity: list[float]
+
+
+def final_signals(
+    segmenter: FewShotSegmenter,
+    *,
+    samples: Features,
+    sample_masks: Sequence[BoolMask],
+    shots: Features,
+    shot_masks: Sequence[BoolMask],
+    semantic: SemanticCheck,
+    ood: OodConfig,
+) -> FinalSignals:
+    """Each sample's ood_iou and prototype similarity, from its final mask: the segmenter is
+    calibrated once on each sample alone, which serves both."""
+    alone = calibrate_each(segmenter, samples, sample_masks)
+    return FinalSignals(
+        ood_iou=ood_ious(
+            segmenter,
+            samples=samples,
+            sample_masks=sample_masks,
+            shots=shots,
+            shot_masks=shot_masks,
+            threshold=ood.prediction_threshold,
+            sample_prototypes=alone,
+        ),
+        prototype_similarity=semantic.similarities_of(alone),
+    )
 
 
 def verdict(

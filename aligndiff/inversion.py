@@ -1,10 +1,11 @@
 """Normalized masked textual inversion: learn one token embedding from a few image+mask shots.
 
-The prompt is "a photo of a <tok> {name}", with <tok> initialized from an adjective so the noun
-keeps the concept even when the object is small. The loss averages the denoising error over
-foreground and background latent pixels separately (that is the normalization) and weights the
-background by λ_bg. Images are fixed, so their VAE latents are computed once per image and flip;
-only the new token vector is a parameter, so a step is one text-encoder and one UNet pass.
+The prompt is "a photo of a <tok> {name}" ("an" before a vowel sound, `aligndiff.names`), with
+<tok> initialized from an adjective so the noun keeps the concept even when the object is small.
+The loss averages the denoising error over foreground and background latent pixels separately
+(that is the normalization) and weights the background by λ_bg. Images are fixed, so their VAE
+latents are computed once per image and flip; only the new token vector is a parameter, so a
+step is one text-encoder and one UNet pass.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from aligndiff.conditioning import encode_prompts
 from aligndiff.masks import BoolMask
 from aligndiff.models.diffusion import DiffusionModel
-from aligndiff.prompts import INITIALIZER_WORD, inversion_prompt, inversion_token, tokenize_prompts
+from aligndiff.names import PROMPT_STYLE, PromptStyle, inversion_prompt, inversion_token
+from aligndiff.prompts import INITIALIZER_WORD, tokenize_prompts
 
 Progress = Callable[[int, int], None]
 
@@ -162,12 +164,20 @@ class InversionObjective:
     """The loss of a candidate token vector on a batch of cached shots (differentiable)."""
 
     def __init__(
-        self, model: DiffusionModel, data: InversionData, *, class_name: str, lambda_bg: float
+        self,
+        model: DiffusionModel,
+        data: InversionData,
+        *,
+        class_name: str,
+        lambda_bg: float,
+        prompt_style: PromptStyle = PROMPT_STYLE,
     ):
         self.model = model
         self.data = data
         self.lambda_bg = lambda_bg
-        self.tokens = tokenize_prompts(model.tokenizer, [inversion_prompt(class_name)], class_name)
+        self.tokens = tokenize_prompts(
+            model.tokenizer, [inversion_prompt(class_name, prompt_style)], class_name
+        )
         self.prediction_type = model.scheduler.config.get("prediction_type", "epsilon")
 
     def loss(
@@ -221,12 +231,17 @@ class InversionRun:
         *,
         class_name: str,
         config: InversionConfig,
+        prompt_style: PromptStyle = PROMPT_STYLE,
     ) -> None:
         self.model = model
         self.config = config
         self.data = data
         self.objective = InversionObjective(
-            model, data, class_name=class_name, lambda_bg=config.lambda_bg
+            model,
+            data,
+            class_name=class_name,
+            lambda_bg=config.lambda_bg,
+            prompt_style=prompt_style,
         )
         # The trained row is a float32 master copy whatever the model's dtype: it is cast to the
         # model's dtype inside the loss, so AdamW's update (lr 5e-4 on entries near 0.01) does
@@ -334,6 +349,7 @@ def invert(
     *,
     class_name: str,
     config: InversionConfig,
+    prompt_style: PromptStyle = PROMPT_STYLE,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> InversionResult:
@@ -343,7 +359,7 @@ def invert(
     before any work is done. Nothing of `model` is modified.
     """
     data = encode_for(model, images, masks, config)
-    run = InversionRun(model, data, class_name=class_name, config=config)
+    run = InversionRun(model, data, class_name=class_name, config=config, prompt_style=prompt_style)
     run.advance(
         config.steps,
         progress=None if progress is None else (lambda step: progress(step, config.steps)),

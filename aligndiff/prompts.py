@@ -2,7 +2,9 @@
 
 The class-name span (which token positions spell {name}) is what the coarse mask reads from the
 cross-attention; the placeholder slot is where the learned inversion embedding is substituted.
-The prompts' and token's texts come from `aligndiff.names` (torch-free, for the API).
+The prompts' and token's texts, and where the name is in a prompt (its last mention), come from
+`aligndiff.names` (torch-free, for the API, which counts the same parts' tokens at the door:
+`aligndiff.token_budget`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from typing import Literal
 import torch
 from transformers import CLIPTokenizer
 
-from aligndiff.names import find_name, inversion_prompt, inversion_token, text_prompt
+from aligndiff.names import (
+    PROMPT_STYLE,
+    PromptStyle,
+    find_name,
+    inversion_prompt,
+    prompt_parts,
+    text_prompt,
+)
 
 PromptKind = Literal["inversion", "text"]
 
@@ -48,21 +57,25 @@ def prompt_bank(
     num_samples: int,
     class_seed: int,
     prompts: Sequence[str] = (),
+    prompt_style: PromptStyle = PROMPT_STYLE,
 ) -> list[SampleSpec]:
     """Half the samples from the inversion prompt (even indices), half from text (odd).
 
-    Text samples cycle through the user's prompts, or use "a photo of a {name}" when none are
-    given. A user prompt must mention the class name: its tokens are where the mask comes from.
+    Text samples cycle through the user's prompts, or use "a photo of a {name}" ("an" before a
+    vowel sound, in the `a-or-an` style) when none are given. A user prompt must mention the
+    class name: its tokens (its last mention's) are where the mask comes from. `prompt_style`
+    is the class's (`aligndiff.names.PromptStyle`): a class keeps the prompts it was created with.
     """
     if num_samples < 1:
         raise ValueError("num_samples must be at least 1")
     for prompt in prompts:
         find_name(prompt, class_name)
-    texts = list(prompts) or [text_prompt(class_name)]
+    texts = list(prompts) or [text_prompt(class_name, prompt_style)]
+    inversion = inversion_prompt(class_name, prompt_style)
     specs = []
     for index in range(num_samples):
         if index % 2 == 0:
-            prompt, kind = inversion_prompt(class_name), "inversion"
+            prompt, kind = inversion, "inversion"
         else:
             prompt, kind = texts[(index // 2) % len(texts)], "text"
         specs.append(SampleSpec(index, prompt, kind, derive_seed(class_seed, index)))  # type: ignore[arg-type]
@@ -83,38 +96,25 @@ def tokenize_prompts(
 ) -> TokenizedPrompts:
     """Tokenize prompts, locating the class-name tokens and the inversion token's slot.
 
-    The placeholder is tokenized as the initializer word ("good"): its embedding row is then
-    replaced by the learned one. The tokenizer is never modified, so a process serving many
-    classes keeps a constant vocabulary.
+    Each prompt is tokenized part by part (`aligndiff.names.prompt_parts`): the name's last
+    mention outside the learned token is the name span, the learned token's text (its first
+    occurrence) the slot. The placeholder is tokenized as the initializer word ("good"): its
+    embedding row is then replaced by the learned one. The tokenizer is never modified, so a
+    process serving many classes keeps a constant vocabulary. Raises ValueError when a prompt
+    does not mention the name or takes more than the context's tokens (77 minus start and end:
+    what `aligndiff.token_budget` counts at the door).
     """
     initializer_ids = tokenizer(INITIALIZER_WORD, add_special_tokens=False).input_ids
     if len(initializer_ids) != 1:
         raise ValueError(f"initializer {INITIALIZER_WORD!r} is not a single token")
     length = tokenizer.model_max_length
-    placeholder = inversion_token(class_name)
     rows, names, slots = [], [], []
     for prompt in prompts:
-        before, rest = prompt, ""
-        has_placeholder = placeholder in prompt
-        if has_placeholder:
-            before, rest = prompt.split(placeholder, 1)
-        pieces: list[tuple[str, str]] = []  # (text, role)
-        for text, in_rest in ((before, False), (rest, True)):
-            try:
-                start, end = find_name(text, class_name)
-            except ValueError:
-                pieces.append((text, "plain"))
-            else:
-                pieces += [
-                    (text[:start], "plain"),
-                    (text[start:end], "name"),
-                    (text[end:], "plain"),
-                ]
-            if has_placeholder and not in_rest:
-                pieces.append((INITIALIZER_WORD, "placeholder"))
         ids = [tokenizer.bos_token_id]
         roles = ["special"]
-        for text, role in pieces:
+        for text, role in prompt_parts(prompt, class_name):
+            if role == "placeholder":
+                text = INITIALIZER_WORD
             if not text.strip():
                 continue
             piece_ids = tokenizer(text, add_special_tokens=False).input_ids

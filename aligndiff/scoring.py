@@ -1,6 +1,8 @@
 """Scoring: each sample's CLIP score against its class name and its similarity to the real shots.
 
-`clip_score` is torchmetrics' CLIPScore for one image and the text "a photo of a {name}":
+`clip_score` is torchmetrics' CLIPScore for one image and the text "a photo of a {name}", as the
+public contract defines it (always "a", whatever article the class's sampling prompts use, so
+scores compare across classes and across versions):
 max(100 · cos(image embedding, text embedding), 0), with the same preprocessing (the checkpoint's
 image processor and tokenizer, projected `get_image_features` / `get_text_features` outputs).
 `shot_similarity` is the cosine between a sample's image embedding and the mean of the real
@@ -23,9 +25,11 @@ from PIL import Image
 
 from aligndiff.fss import RGBImage
 from aligndiff.models.clip import ClipBundle
-from aligndiff.prompts import text_prompt
+from aligndiff.names import PromptStyle, text_prompt
 
 ImageInput = RGBImage | Image.Image
+# The contract's CLIP-score text says "a photo of a {name}" for every name.
+CLIP_SCORE_STYLE: PromptStyle = "always-a"
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ class ClipScorer:
     def reference(self, *, class_name: str, shot_images: Sequence[ImageInput]) -> ScoreReference:
         """Everything a class's samples are scored against; compute once per class."""
         return ScoreReference(
-            text_embedding=self.embed_text(text_prompt(class_name)),
+            text_embedding=self.embed_text(text_prompt(class_name, CLIP_SCORE_STYLE)),
             shot_centroid=self.shot_centroid(shot_images),
         )
 

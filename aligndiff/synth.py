@@ -22,16 +22,18 @@ from aligndiff.acceptance import (
     AcceptanceThresholds,
     SemanticCheck,
     calibrate,
+    final_signals,
     verdict,
 )
 from aligndiff.annotation import AnnotationConfig, annotate
-from aligndiff.fss import FewShotSegmenter, PrototypeSegmenter, calibrate_each
+from aligndiff.fss import FewShotSegmenter, PrototypeSegmenter
 from aligndiff.inversion import InversionConfig, InversionResult, invert, save_embedding
 from aligndiff.masks import mask_to_image
 from aligndiff.models.backbone import load_backbone
 from aligndiff.models.clip import load_clip
 from aligndiff.models.diffusion import DiffusionModel, load_diffusion_model, resolve_dtype
-from aligndiff.ood import OodConfig, ood_ious
+from aligndiff.names import PROMPT_STYLE, PromptStyle
+from aligndiff.ood import OodConfig
 from aligndiff.prompts import prompt_bank
 from aligndiff.sampling import Sampler, SamplingConfig
 from aligndiff.scoring import ClipScorer
@@ -295,24 +297,26 @@ def synthesize(
             shot_similarities=[score.shot_similarity for score in scores],
             progress=report("annotation"),
         )
-        final_masks = [a.mask for a in annotations]
-        alone = calibrate_each(segmenter, sample_features, final_masks)
-        ood = ood_ious(
+        signals = final_signals(
             segmenter,
             samples=sample_features,
-            sample_masks=final_masks,
+            sample_masks=[a.mask for a in annotations],
             shots=shot_features,
             shot_masks=shot_masks,
-            threshold=config.ood.prediction_threshold,
-            sample_prototypes=alone,
+            semantic=semantic,
+            ood=config.ood,
         )
-        similarities = semantic.similarities_of(alone)
 
     class_id = str(uuid.uuid4())
     created_at = _now()
     samples = []
     for sample, annotation, ood_iou, score, similarity in zip(
-        generated, annotations, ood, scores, similarities, strict=True
+        generated,
+        annotations,
+        signals.ood_iou,
+        scores,
+        signals.prototype_similarity,
+        strict=True,
     ):
         spec = sample.spec
         height, width = sample.image.shape[:2]
@@ -378,11 +382,13 @@ def learn_token(
     class_seed: int,
     bg_lambda: float | Literal["auto"] | None,
     config: SynthConfig,
+    prompt_style: PromptStyle = PROMPT_STYLE,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> LearnedToken | None:
     """The inversion of a class at `bg_lambda` (None: `config.inversion.lambda_bg`), or with
-    λ_bg chosen by trials ("auto"). None when `should_stop` stopped it."""
+    λ_bg chosen by trials ("auto"), from the inversion prompt in the class's `prompt_style`.
+    None when `should_stop` stopped it."""
     if bg_lambda == "auto":
         tuned = tune_bg_lambda(
             models.diffusion,
@@ -392,8 +398,15 @@ def learn_token(
             config=config.inversion,
             tuning=config.tuning,
             score_trial=trial_scorer(
-                models, config, class_name, class_seed, shot_images, shot_masks
+                models,
+                config,
+                class_name,
+                class_seed,
+                shot_images,
+                shot_masks,
+                prompt_style=prompt_style,
             ),
+            prompt_style=prompt_style,
             progress=progress,
             should_stop=should_stop,
         )
@@ -418,6 +431,7 @@ def learn_token(
         shot_masks,
         class_name=class_name,
         config=replace(config.inversion, lambda_bg=value),
+        prompt_style=prompt_style,
         progress=progress,
         should_stop=stop,
     )
@@ -431,6 +445,7 @@ def trial_scorer(
     class_seed: int,
     shot_images: Sequence[np.ndarray],
     shot_masks: Sequence[np.ndarray],
+    prompt_style: PromptStyle = PROMPT_STYLE,
 ) -> TrialScorer:
     """The acceptance-signal scorer of `bg_lambda=auto`'s trials, on these models."""
     return acceptance_scorer(
@@ -444,6 +459,7 @@ def trial_scorer(
         sampling=config.sampling,
         trial_samples=config.tuning.trial_samples,
         fss_threshold=config.annotation.fss_threshold,
+        prompt_style=prompt_style,
     )
 
 

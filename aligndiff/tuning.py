@@ -29,7 +29,7 @@ from aligndiff.fss import FewShotSegmenter
 from aligndiff.inversion import InversionConfig, InversionResult, InversionRun, encode_for
 from aligndiff.masks import BoolMask
 from aligndiff.models.diffusion import DiffusionModel
-from aligndiff.names import inversion_prompt
+from aligndiff.names import PROMPT_STYLE, PromptStyle, inversion_prompt
 from aligndiff.prompts import SampleSpec, derive_seed
 from aligndiff.sampling import Sampler, SamplingConfig
 
@@ -106,6 +106,7 @@ def tune_bg_lambda(
     config: InversionConfig,
     tuning: TuningConfig,
     score_trial: TrialScorer,
+    prompt_style: PromptStyle = PROMPT_STYLE,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TuningResult | None:
@@ -125,7 +126,11 @@ def tune_bg_lambda(
     trials: list[Trial] = []
     for value in tuning.grid:
         run = InversionRun(
-            model, data, class_name=class_name, config=replace(config, lambda_bg=value)
+            model,
+            data,
+            class_name=class_name,
+            config=replace(config, lambda_bg=value),
+            prompt_style=prompt_style,
         )
         if not run.advance(trial_steps, progress=advanced(done), should_stop=should_stop):
             return None
@@ -163,6 +168,7 @@ def acceptance_scorer(
     sampling: SamplingConfig,
     trial_samples: int,
     fss_threshold: float,
+    prompt_style: PromptStyle = PROMPT_STYLE,
 ) -> TrialScorer:
     """The default trial scorer: `trial_samples` samples from the inversion prompt (the same
     seeds for every trial), each masked by the segmenter calibrated on the shots (> the
@@ -177,7 +183,7 @@ def acceptance_scorer(
     specs = [
         SampleSpec(
             index=i,
-            prompt=inversion_prompt(class_name),
+            prompt=inversion_prompt(class_name, prompt_style),
             prompt_kind="inversion",
             seed=derive_seed(class_seed, -1 - i),
         )

@@ -21,9 +21,8 @@ from dataclasses import replace
 
 import torch
 
-from aligndiff.acceptance import SemanticCheck, calibrate
+from aligndiff.acceptance import SemanticCheck, calibrate, final_signals
 from aligndiff.annotation import annotate
-from aligndiff.fss import calibrate_each
 from aligndiff.inversion import initial_embedding
 from aligndiff.ood import ood_ious
 from aligndiff.prompts import prompt_bank
@@ -127,18 +126,25 @@ def annotation_share(models: Models, config: SynthConfig, args, label: str) -> N
             shot_similarities=shot_similarities if semantic else None,
         )
         masks = [a.mask for a in annotations]
-        alone = calibrate_each(segmenter, features, masks)
-        ood_ious(
-            segmenter,
-            samples=features,
-            sample_masks=masks,
-            shots=shot_features,
-            shot_masks=shot_masks,
-            threshold=config.ood.prediction_threshold,
-            sample_prototypes=alone,
-        )
-        if semantic is not None:
-            semantic.similarities_of(alone)
+        if semantic is None:
+            ood_ious(
+                segmenter,
+                samples=features,
+                sample_masks=masks,
+                shots=shot_features,
+                shot_masks=shot_masks,
+                threshold=config.ood.prediction_threshold,
+            )
+        else:
+            final_signals(
+                segmenter,
+                samples=features,
+                sample_masks=masks,
+                shots=shot_features,
+                shot_masks=shot_masks,
+                semantic=semantic,
+                ood=config.ood,
+            )
         return time.perf_counter() - start
 
     rounds = run_interleaved(

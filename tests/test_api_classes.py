@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -166,6 +167,14 @@ BAD_UPLOADS: list[Any] = [
     pytest.param(pair(), class_form(name="d" * 65), 422, "name", id="name-too-long"),
     pytest.param(pair(), class_form(name=""), 422, "name", id="name-empty"),
     pytest.param(pair(), class_form(name="   "), 422, "name", id="name-blank"),
+    pytest.param(pair(), class_form(name="가" * 64), 422, "name", id="name-over-the-tokens"),
+    pytest.param(
+        pair(),
+        class_form(prompts=["a dog on a beach", "dog " * 76]),
+        422,
+        "prompts[1]",
+        id="prompt-over-the-tokens",
+    ),
     pytest.param(pair(), class_form(num_samples=0), 422, "num_samples", id="zero-samples"),
     pytest.param(pair(), class_form(num_samples=1001), 422, "num_samples", id="over-max"),
     pytest.param(
@@ -194,6 +203,83 @@ def test_a_bad_upload_is_refused_and_leaves_nothing_behind(
     assert problem["status"] == status
     assert field in [error["field"] for error in problem["errors"]], problem
     api.assert_nothing_stored()
+
+
+# --- prompts: the text encoder's 75 tokens, checked at the door -----------------------------
+
+HANGUL_NAME = "한국" * 32  # 64 characters, the most a name may have
+LONG_PROMPT = "a dog " + " ".join(["very"] * 87) + " fluffy"  # 90 tokens on SD 1.5
+
+
+@pytest.fixture
+def sd15_api(make_api: ApiFactory, real_clip_tokenizer_dir: Path) -> Api:
+    """The API of a deployment on SD 1.5 (of which the API reads the tokenizer alone)."""
+    return make_api(diffusion_model=str(real_clip_tokenizer_dir.parent))
+
+
+def test_a_name_too_long_for_the_text_encoder_is_refused_with_its_count(sd15_api: Api) -> None:
+    # when: a 64-character Hangul name, which SD 1.5's tokenizer spells in 128 tokens
+    response = sd15_api.alice.post("/v1/classes", files=pair(), data=class_form(name=HANGUL_NAME))
+
+    # then: 422 on `name`, saying how many tokens its longest prompt takes and the limit
+    assert response.status_code == 422, response.text
+    [error] = response.json()["errors"]
+    assert error["field"] == "name"
+    assert "takes 133 tokens" in error["message"] and "at most 75" in error["message"]
+    assert f"a photo of a <class> {HANGUL_NAME}" in error["message"]
+    sd15_api.assert_nothing_stored()
+    assert sd15_api.queue.sent == []
+
+
+def test_a_user_prompt_too_long_for_the_text_encoder_is_refused_with_its_count(
+    sd15_api: Api,
+) -> None:
+    form = class_form(prompts=["a dog on a beach", LONG_PROMPT])
+
+    response = sd15_api.alice.post("/v1/classes", files=pair(), data=form)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"] == [
+        {
+            "field": "prompts[1]",
+            "message": "takes 90 tokens, and the text encoder reads at most 75 (its context "
+            "less the start and end of text)",
+        }
+    ]
+    sd15_api.assert_nothing_stored()
+
+
+def test_prompts_that_fit_exactly_are_accepted(sd15_api: Api) -> None:
+    # given: a prompt of exactly 75 tokens on SD 1.5, the name's prompts well within
+    fits = "a dog " + " ".join(["very"] * 72) + " fluffy"
+
+    response = sd15_api.alice.post("/v1/classes", files=pair(), data=class_form(prompts=[fits]))
+
+    assert response.status_code == 202, response.text
+
+
+def test_an_api_that_cannot_read_the_tokenizer_still_creates_classes(
+    make_api: ApiFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # given: a model folder without its tokenizer files (as where only the workers mount it)
+    model = tmp_path / "workers-only-model"
+    (model / "tokenizer").mkdir(parents=True)
+    api = make_api(diffusion_model=str(model))
+
+    response = api.alice.post("/v1/classes", files=pair(), data=class_form())
+
+    # then: the class is created, its prompts left to the workers, and the operator warned
+    assert response.status_code == 202, response.text
+    assert "prompts' tokens not counted" in caplog.text
+
+
+def test_a_new_class_keeps_the_current_prompt_style(api: Api) -> None:
+    response = api.alice.post("/v1/classes", files=pair(), data=class_form(name="albatross"))
+
+    assert response.status_code == 202, response.text
+    with api.session() as session:
+        seg_class = session.get(SegClass, uuid.UUID(response.json()["id"]))
+        assert seg_class is not None and seg_class.prompt_style == "a-or-an"
 
 
 def test_an_image_over_the_pixel_cap_is_refused(make_api: ApiFactory) -> None:

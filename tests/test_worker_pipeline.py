@@ -19,7 +19,7 @@ from PIL import Image
 from aligndiff.inversion import load_embedding
 from aligndiff.synth import Models
 from service.contexts.jobs import TERMINAL, request_cancel
-from service.models import Job
+from service.models import Job, SegClass
 from service.settings import Settings
 from tests.conftest import SHOTS_DIR
 from tests.worker_support import (
@@ -37,6 +37,7 @@ from worker import synthesis
 from worker.celery_app import AlignDiffCelery, make_celery
 
 DOG = SHOTS_DIR / "dog"
+ALBATROSS = SHOTS_DIR / "albatross"
 
 
 @pytest.fixture
@@ -157,6 +158,38 @@ def test_samples_do_not_depend_on_chunking_or_redelivery(
         synthesis.FINALIZE_CHUNK: 2,
     }
     assert all(s.finalized_at is not None for s in samples_one)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_class_keeps_the_prompts_it_was_created_with(tmp_path: Path, tiny_models: Models) -> None:
+    # given: two albatross classes with the same token: one stored before prompts said "an"
+    # (as migration 0007 marks it), one created now
+    app, queue, service = in_process_app(tmp_path, tiny_models, sample_chunk_size=2)
+    embedding = token_embedding(tiny_models, "<albatross>")
+    created = {
+        style: create_class(service, ALBATROSS, name="albatross", num_samples=2)
+        for style in ("always-a", "a-or-an")
+    }
+    with service.session() as session:
+        old = session.get(SegClass, created["always-a"].class_id)
+        assert old is not None
+        old.prompt_style = "always-a"
+    for each in created.values():
+        give_embedding(service, each.class_id, embedding, "<albatross>")
+
+    # when: both jobs run
+    for each in created.values():
+        run_job(app, queue, each.job_id)
+
+    # then: the old class's samples say "a", as its job would have before; the new one's "an"
+    prompts = {
+        style: [s.prompt for s in service.samples(each.class_id)] for style, each in created.items()
+    }
+    assert prompts == {
+        "always-a": ["a photo of a <albatross> albatross", "a photo of a albatross"],
+        "a-or-an": ["a photo of an <albatross> albatross", "a photo of an albatross"],
+    }
+    assert all(service.job(each.job_id).status == "succeeded" for each in created.values())
 
 
 @dataclass

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -40,12 +40,18 @@ from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from aligndiff.acceptance import AcceptanceThresholds, SemanticCheck, calibrate, verdict
+from aligndiff.acceptance import (
+    AcceptanceThresholds,
+    SemanticCheck,
+    calibrate,
+    final_signals,
+    verdict,
+)
 from aligndiff.annotation import consensus_pass, pseudo_label_pass, recalibrate
-from aligndiff.fss import Prototypes, calibrate_each
+from aligndiff.fss import Prototypes
 from aligndiff.inversion import load_embedding, save_embedding
 from aligndiff.masks import BoolMask, mask_to_image
-from aligndiff.ood import ood_ious
+from aligndiff.names import PROMPT_STYLES, PromptStyle
 from aligndiff.prompts import prompt_bank
 from aligndiff.sampling import GeneratedSample, Sampler
 from aligndiff.scoring import SampleScore, mean_clip_score
@@ -98,6 +104,7 @@ class ClassInfo:
     name: str
     seed: int
     prompts: list[str]
+    prompt_style: PromptStyle
     num_samples: int
     embedding_key: str | None
     prototypes_key: str | None
@@ -149,7 +156,11 @@ def sample_chunk(ctx: WorkerContext, job_id: uuid.UUID, indices: Sequence[int]) 
     if missing:
         log.info("job %s: drawing samples %s", job_id, ",".join(map(str, missing)))
         specs = prompt_bank(
-            info.name, num_samples=info.num_samples, class_seed=info.seed, prompts=info.prompts
+            info.name,
+            num_samples=info.num_samples,
+            class_seed=info.seed,
+            prompts=info.prompts,
+            prompt_style=info.prompt_style,
         )
         _, embedding = _embedding_from_bytes(ctx.storage.get(info.embedding_key))
         sampler = Sampler(
@@ -192,7 +203,8 @@ def annotate_chunk(ctx: WorkerContext, job_id: uuid.UUID, indices: Sequence[int]
         images = [_decode_rgb(ctx.storage.get(row.image_key)) for row in rows]
         coarse = [_decode_npy(ctx.storage.get(row.coarse_mask_key)) for row in rows]
         scores = scorer.score(
-            images, scorer.reference(class_name=info.name, shot_images=shot_images)
+            images,
+            scorer.reference(class_name=info.name, shot_images=shot_images),
         )
         semantic = SemanticCheck.for_shots(
             segmenter, shot_features, shot_masks, _thresholds(ctx, info, shots)
@@ -455,6 +467,7 @@ def _invert(ctx: WorkerContext, info: ClassInfo) -> bool:
         class_seed=info.seed,
         bg_lambda="auto" if info.bg_lambda_auto else info.bg_lambda,
         config=ctx.config,
+        prompt_style=info.prompt_style,
         progress=heartbeat.progress,
         should_stop=heartbeat.should_stop,
     )
@@ -509,6 +522,7 @@ def _load_class(ctx: WorkerContext, job_id: uuid.UUID, *, record_models: bool = 
             name=row.name,
             seed=row.seed,
             prompts=list(row.prompts or []),
+            prompt_style=_prompt_style(row),
             num_samples=row.num_samples_requested,
             embedding_key=row.embedding_key,
             prototypes_key=row.prototypes_key,
@@ -516,6 +530,16 @@ def _load_class(ctx: WorkerContext, job_id: uuid.UUID, *, record_models: bool = 
             bg_lambda_auto=row.bg_lambda_auto,
             acceptance=row.acceptance,
         )
+
+
+def _prompt_style(row: SegClass) -> PromptStyle:
+    """The class's stored prompt style; one this worker does not know fails the job rather
+    than draw its samples with other prompts than it was created with."""
+    if row.prompt_style not in PROMPT_STYLES:
+        raise RuntimeError(
+            f"class {row.id} has prompt style {row.prompt_style!r}, unknown to this worker"
+        )
+    return cast(PromptStyle, row.prompt_style)
 
 
 def _pending(session: Session, info: ClassInfo, stage: str) -> list[int]:
@@ -614,19 +638,17 @@ def _finalize(ctx: WorkerContext, info: ClassInfo, rows: list[Sample]) -> None:
             masks[i] = _decode_mask(ctx.storage.get(_required(row.mask_key)))
     final_masks = [masks[i] for i in range(len(rows))]
 
-    alone = calibrate_each(segmenter, features, final_masks)
-    ood = ood_ious(
+    thresholds = _thresholds(ctx, info, shots)
+    signals = final_signals(
         segmenter,
         samples=features,
         sample_masks=final_masks,
         shots=shot_features,
         shot_masks=shot_masks,
-        threshold=config.ood.prediction_threshold,
-        sample_prototypes=alone,
+        semantic=SemanticCheck.for_shots(segmenter, shot_features, shot_masks, thresholds),
+        ood=config.ood,
     )
-    thresholds = _thresholds(ctx, info, shots)
-    semantic = SemanticCheck.for_shots(segmenter, shot_features, shot_masks, thresholds)
-    similarities = semantic.similarities_of(alone)
+    ood, similarities = signals.ood_iou, signals.prototype_similarity
     scores = _clip_scores(ctx, info, rows, images, shot_images)
     verdicts = [
         verdict(

@@ -3,14 +3,15 @@
 It has CLIP's exact shape (byte-to-unicode alphabet, `</w>` word ends, start/end-of-text
 specials, lower-casing, 77-token context) and a short merge list for the words our prompts use,
 so common words are single tokens and any other text still tokenizes (into smaller pieces).
+
+Torch-free (`transformers` is imported only to save the tokenizer): the API counts prompts'
+tokens with this vocabulary when the deployment runs `tiny` (`aligndiff.token_budget`).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from transformers import CLIPTokenizer
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -50,7 +51,7 @@ _WORDS = [
 ]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible byte → printable-unicode table (identical to OpenAI's)."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -69,7 +70,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def tiny_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     """The tiny tokenizer's vocabulary and merge list (deterministic)."""
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [ch + "</w>" for ch in alphabet]
     merges: list[str] = []
     seen = set(tokens)
@@ -91,6 +92,8 @@ def tiny_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
 
 def write_tiny_tokenizer(directory: Path) -> None:
     """Write the tiny tokenizer in the standard `save_pretrained` layout."""
+    from transformers import CLIPTokenizer
+
     directory.mkdir(parents=True, exist_ok=True)
     vocab, merges = tiny_vocab_and_merges()
     (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")

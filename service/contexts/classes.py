@@ -13,9 +13,10 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from aligndiff.masks import mask_to_image
-from aligndiff.names import find_name, inversion_token
+from aligndiff.names import PROMPT_STYLE, find_name, inversion_token
 from aligndiff.settings import AUTO
 from aligndiff.shots import Shot, ShotError, ShotFormatError, load_shot
+from aligndiff.token_budget import TokenBudget, TokenizerUnavailable
 from service.auth import Principal
 from service.contexts import jobs, quotas
 from service.contexts.access import visible_to
@@ -56,8 +57,10 @@ def create_class(
     written; blobs are written before the rows that name them and deleted again when the rows
     cannot be committed. The caller starts the job (`job_control.start_job`) afterwards.
     Invalid fields or shots answer 422, files of a type other than JPEG/PNG/WEBP images and
-    PNG masks 415, each with the fields concerned (`images[0]`, `masks[1]`, …). Over one of
-    the owner's quotas (`service.contexts.quotas`; not for `quota_exempt`) answers 429.
+    PNG masks 415, each with the fields concerned (`images[0]`, `masks[1]`, …); a name or a
+    prompt too long for the text encoder is an invalid field. Over one of the owner's quotas
+    (`service.contexts.quotas`; not for `quota_exempt`) answers 429. The class's prompts are
+    worded in the current style (`aligndiff.names.PROMPT_STYLE`), which it keeps.
     """
     claim = claim_for(owner_id, idempotency_key, _fingerprint(class_in, images, masks))
     if (replay := find_answer(session, claim)) is not None:
@@ -86,6 +89,7 @@ def create_class(
             name=name,
             seed=secrets.randbelow(MAX_SEED + 1) if class_in.seed is None else class_in.seed,
             prompts=list(class_in.prompts),
+            prompt_style=PROMPT_STYLE,
             bg_lambda=_fixed_bg_lambda(class_in, settings),
             bg_lambda_auto=class_in.bg_lambda == AUTO,
             num_shots=len(shots),
@@ -267,7 +271,8 @@ def _check_fields(
     masks: Sequence[Upload],
     settings: Settings,
 ) -> None:
-    """The checks that need no decoding: the name, counts and prompts (422)."""
+    """The checks that need no decoding: the name, counts and prompts (422), and that every
+    prompt the job will encode fits the text encoder (`_token_errors`)."""
     errors = []
     if not name:
         errors.append({"field": "name", "message": "must not be blank"})
@@ -305,8 +310,46 @@ def _check_fields(
                         "is read from the attention to those words",
                     }
                 )
+        errors += _token_errors(name, class_in.prompts, settings=settings)
     if errors:
         raise Problem(422, "the request is not valid", errors=errors)
+
+
+def _token_errors(name: str, prompts: Sequence[str], *, settings: Settings) -> list[dict[str, str]]:
+    """A `name` error when the class's template prompts, and a `prompts[i]` error for each
+    user prompt, take more tokens than the text encoder reads: counted as the workers will
+    tokenize them, with the deployment's tokenizer (`aligndiff.token_budget`), so that a job
+    never fails on them after its inversion was spent."""
+    try:
+        budget = TokenBudget.for_model(settings.diffusion_model)
+    except TokenizerUnavailable as error:
+        # NOTE: not counted, rather than every upload refused: an API that cannot read the
+        # model's tokenizer (a folder only the workers mount, a hub it cannot reach) must not
+        # stop classes from being created, and the workers still refuse a prompt too long.
+        log.warning("prompts' tokens not counted at upload: %s", error)
+        return []
+    errors = []
+    for overrun in budget.overruns(name, prompts, style=PROMPT_STYLE):
+        limit = (
+            f"the text encoder reads at most {overrun.limit} (its context less the start and "
+            "end of text)"
+        )
+        if overrun.user_prompt is None:
+            errors.append(
+                {
+                    "field": "name",
+                    "message": f"is too long for the model: the prompt {overrun.prompt!r} "
+                    f"takes {overrun.tokens} tokens, and {limit}",
+                }
+            )
+        else:
+            errors.append(
+                {
+                    "field": f"prompts[{overrun.user_prompt}]",
+                    "message": f"takes {overrun.tokens} tokens, and {limit}",
+                }
+            )
+    return errors
 
 
 def _load_shots(
