@@ -89,11 +89,6 @@ class Settings(CoreSettings):
     # leave-one-shot-out folds, each one more training of the segmenter.
     eval_max_folds: int = Field(default=5, ge=2)
 
-    # Dataset exports (webdataset): a shard is buffered whole before it is sent, so it is
-    # closed at whichever of these comes first.
-    export_shard_max_samples: int = Field(default=1000, ge=1)
-    export_shard_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
-
     # Workers
     sample_chunk_size: int = 8
     annotation_chunk_size: int = 32

@@ -98,6 +98,20 @@ def training_body(**overrides: Any) -> dict[str, Any]:
     }
 
 
+def key_body(**overrides: Any) -> dict[str, Any]:
+    """A key as `GET /v1/keys` lists it (`POST /v1/keys` adds its secret, `key`)."""
+    return {
+        "id": str(uuid.uuid4()),
+        "name": "ci",
+        "admin": False,
+        "owner_id": str(uuid.uuid4()),
+        "created_at": NOW,
+        "last_used_at": None,
+        "revoked_at": None,
+        **overrides,
+    }
+
+
 def report_body(**overrides: Any) -> dict[str, Any]:
     """A class's report: 10 finished samples, 6 accepted, tuned, with two trainings on it."""
     return {

@@ -1,8 +1,10 @@
 """`GET /v1/classes/{id}/dataset`: who may download, when, the answer's headers, and resuming
-a broken download with Range and If-Range (also over a real HTTP connection)."""
+a broken download with Range and If-Range (also over a real HTTP connection, with curl and with
+the SDK)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -17,6 +19,7 @@ import httpx
 import pytest
 import uvicorn
 
+from aligndiff_client import Client
 from service.export import FORMATS
 from tests.api_support import Api, add_class, set_job
 from tests.dataset_support import DatasetClass, download
@@ -327,3 +330,69 @@ def test_curl_resumes_a_partial_file(api: Api, dataset_class: DatasetClass, tmp_
 
     assert result.returncode == 0, result.stderr
     assert partial.read_bytes() == body
+
+
+class RecordingTransport(httpx.HTTPTransport):
+    """A real HTTP transport that notes the status of every answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statuses: list[int] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        self.statuses.append(response.status_code)
+        return response
+
+
+class Interrupted(Exception):
+    """Raised from a progress callback to break a download off, as Ctrl-C would."""
+
+
+# NOTE: the contract's call, `WebDataset(path)`, on purpose: webdataset warns that it was not told
+# whether to shuffle shards (one file: nothing to shuffle).
+@pytest.mark.filterwarnings("ignore:WebDataset\\(shardshuffle")
+def test_the_sdk_resumes_a_webdataset_tar_that_webdataset_reads_record_by_record(
+    api: Api, dataset_class: DatasetClass, tmp_path: Path
+) -> None:
+    import webdataset as wds
+
+    whole = download(api, dataset_class, "webdataset")
+    dest, folder = tmp_path / "dog.tar", tmp_path / "dog"
+    transport = RecordingTransport()
+    with (
+        serving(api) as base,
+        Client(base, api.keys["alice"], transport=transport) as client,
+    ):
+        # given: an SDK download broken off, half of what it saved left (as after a crash)
+        def interrupt(done: int, total: int | None) -> None:
+            raise Interrupted
+
+        with pytest.raises(Interrupted):
+            client.download_dataset(
+                dataset_class.id, "webdataset", dest, progress=False, on_progress=interrupt
+            )
+        partial = dest.with_name(dest.name + ".incomplete")
+        with partial.open("r+b") as file:
+            file.truncate(partial.stat().st_size // 2)
+
+        # when: the same download is asked for again, and unpacked
+        client.download_dataset(
+            dataset_class.id, "webdataset", dest, progress=False, extract=folder
+        )
+
+    # then: the rest came as a range, and the file is the archive
+    assert transport.statuses == [200, 206]
+    assert dest.read_bytes() == whole and not partial.exists()
+    # and: WebDataset reads the file as it is, one record per shot and accepted sample
+    records = list(wds.WebDataset(str(dest)))
+    expected = [item.name for item in dataset_class.exported()]
+    assert [r["__key__"] for r in records] == expected
+    for record in records:
+        assert {"jpg", "mask.png", "json"} <= set(record)
+        assert json.loads(record["json"])["name"] == record["__key__"]
+    # and: the SDK unpacks it: the records' files, and the metadata WebDataset skipped
+    assert (folder / "__meta__" / "metadata.json").is_file()
+    assert sorted(p.name for p in folder.glob("shot_*")) == [
+        f"shot_0{n}.{ext}" for n in (0, 1) for ext in ("jpg", "json", "mask.png")
+    ]

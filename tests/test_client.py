@@ -1,12 +1,14 @@
 """The SDK's requests against a mock service: retries and their waits, errors, pagination,
-idempotency keys, waiting on a class, and trainings."""
+idempotency keys, waiting on a class, trainings (their weights and predictions) and keys."""
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +18,8 @@ from aligndiff_client import (
     Conflict,
     ConnectionFailed,
     JobFailed,
+    KeyCreated,
+    KeyInfo,
     NotFound,
     RateLimited,
     Unauthorized,
@@ -23,9 +27,11 @@ from aligndiff_client import (
     WaitTimeout,
 )
 from tests.client_support import (
+    NOW,
     answers,
     class_body,
     job_body,
+    key_body,
     mock_client,
     problem,
     report_body,
@@ -437,3 +443,116 @@ def test_train_with_a_validation_set_posts_it_as_multipart() -> None:
         labels,
     ):
         assert part in first.content
+
+
+def test_list_trainings_iterates_every_page() -> None:
+    bodies = [training_body(), training_body(), training_body()]
+    handler = answers(
+        httpx.Response(200, json={"items": bodies[:2], "next_cursor": "c2"}),
+        httpx.Response(200, json={"items": bodies[2:], "next_cursor": None}),
+    )
+    with mock_client(handler) as (client, recorder):
+        found = list(client.list_trainings(page_size=2))
+
+    assert [str(t.id) for t in found] == [b["id"] for b in bodies]
+    assert [r.url.path for r in recorder.requests] == ["/v1/trainings"] * 2
+    assert [r.url.params.get("cursor") for r in recorder.requests] == [None, "c2"]
+
+
+def test_predict_uploads_the_image_and_returns_the_label_mask(tmp_path: Path) -> None:
+    # given: a service busy once (503, Retry-After), then answering the mask
+    training_id = uuid.uuid4()
+    mask = b"\x89PNG label mask"
+    handler = answers(
+        httpx.Response(503, headers={"Retry-After": "2"}),
+        httpx.Response(200, content=mask, headers={"Content-Type": "image/png"}),
+    )
+    image = SHOTS_DIR / "dog" / "1.jpg"
+    with mock_client(handler) as (client, recorder):
+        # when
+        found = client.predict(training_id, image, tmp_path / "out" / "mask.png")
+
+    # then: the image went as the multipart field `image`, the mask came back and was saved
+    assert found == mask and (tmp_path / "out" / "mask.png").read_bytes() == mask
+    post = recorder.requests[-1]
+    assert post.method == "POST" and post.url.path == f"/v1/trainings/{training_id}/predict"
+    assert b'name="image"; filename="1.jpg"' in post.content
+    assert image.read_bytes() in post.content
+    assert recorder.sleeps == [2.0]
+
+
+def test_download_weights_streams_the_zip_to_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given: a training's weights, and no destination named
+    monkeypatch.chdir(tmp_path)
+    training_id = uuid.uuid4()
+    weights = b"PK" + bytes(50_000)
+    handler = answers(httpx.Response(200, content=weights))
+    with mock_client(handler) as (client, recorder):
+        # when
+        path = client.download_weights(training_id, progress=False)
+
+    # then: the file named after the training, nothing left beside it
+    assert path == Path(f"{training_id}-weights.zip")
+    assert path.read_bytes() == weights and sorted(os.listdir(tmp_path)) == [path.name]
+    assert recorder.requests[0].url.path == f"/v1/trainings/{training_id}/weights"
+
+
+def test_download_weights_of_an_unfinished_training_is_a_conflict(tmp_path: Path) -> None:
+    handler = answers(problem(409, "the training is running"))
+    with mock_client(handler) as (client, _), pytest.raises(Conflict, match="running"):
+        client.download_weights(uuid.uuid4(), tmp_path / "w.zip", progress=False)
+
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def test_create_key_posts_it_and_returns_its_secret() -> None:
+    # given: a first try over the rate limit, then the key created
+    owner_id = uuid.uuid4()
+    created = {**key_body(name="ci", admin=True, owner_id=str(owner_id)), "key": "adk_secret"}
+    del created["last_used_at"], created["revoked_at"]
+    handler = answers(
+        httpx.Response(429, headers={"Retry-After": "1"}), httpx.Response(201, json=created)
+    )
+    with mock_client(handler) as (client, recorder):
+        # when
+        key = client.create_key("ci", admin=True, owner_id=owner_id)
+
+    # then: the same body both times, and the secret in the answer
+    first, second = recorder.requests
+    assert first.method == "POST" and first.url.path == "/v1/keys"
+    assert json.loads(first.content) == {"name": "ci", "admin": True, "owner_id": str(owner_id)}
+    assert second.content == first.content and recorder.sleeps == [1.0]
+    assert isinstance(key, KeyCreated)
+    assert key.key == "adk_secret" and key.owner_id == owner_id and key.admin
+
+
+def test_list_keys_reads_every_page_without_secrets() -> None:
+    used = key_body(last_used_at=NOW)
+    revoked = key_body(name="old", revoked_at=NOW)
+    handler = answers(
+        httpx.Response(200, json={"items": [used], "next_cursor": "k"}),
+        httpx.Response(200, json={"items": [revoked], "next_cursor": None}),
+    )
+    with mock_client(handler) as (client, recorder):
+        keys = list(client.list_keys())
+
+    assert [type(k) for k in keys] == [KeyInfo, KeyInfo]
+    assert keys[0].last_used_at is not None and keys[0].revoked_at is None
+    assert keys[1].name == "old" and keys[1].revoked_at is not None
+    assert [r.url.path for r in recorder.requests] == ["/v1/keys"] * 2
+
+
+def test_revoke_key_deletes_it_and_a_retry_that_finds_it_gone_succeeds() -> None:
+    key_id = uuid.uuid4()
+    handler = answers(httpx.ReadError("reset"), problem(404, "key not found"))
+    with mock_client(handler) as (client, recorder):
+        client.revoke_key(key_id)
+
+    assert [(r.method, r.url.path) for r in recorder.requests] == [
+        ("DELETE", f"/v1/keys/{key_id}")
+    ] * 2

@@ -33,10 +33,15 @@ class Body(httpx.SyncByteStream):
 
 
 def archive_server(
-    body: bytes, *, etag: str | None = ETAG, cut_first_at: int | None = None
+    body: bytes,
+    *,
+    etag: str | None = ETAG,
+    cut_first_at: int | None = None,
+    whole_length: bool = True,
 ) -> Handler:
     """A dataset route serving `body`, resuming ranges under `etag`; the first answer's
-    connection drops after `cut_first_at` bytes."""
+    connection drops after `cut_first_at` bytes. Without `whole_length`, a whole answer has
+    no Content-Length (as the service's first download of an archive)."""
     served = 0
 
     def handle(request: httpx.Request) -> httpx.Response:
@@ -49,7 +54,8 @@ def archive_server(
             headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
             headers["Content-Length"] = str(len(body) - start)
             return httpx.Response(206, headers=headers, stream=Body(body[start:]))
-        headers["Content-Length"] = str(len(body))
+        if whole_length:
+            headers["Content-Length"] = str(len(body))
         cut = cut_first_at if served == 1 else None
         return httpx.Response(200, headers=headers, stream=Body(body, cut))
 
@@ -147,6 +153,46 @@ def test_a_429_during_a_download_is_retried_after_retry_after(body: bytes, tmp_p
         client.download_dataset("c1", "voc", dest, progress=False)
 
     assert recorder.sleeps == [7.0] and dest.read_bytes() == body
+
+
+def final_bar(stderr: str) -> str:
+    """The progress bar as it was last drawn."""
+    return stderr.replace("\r", "\n").strip().splitlines()[-1]
+
+
+def test_the_progress_bar_shows_the_total_that_content_length_gives(
+    body: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with mock_client(archive_server(body)) as (client, _):
+        client.download_dataset("c1", "voc", tmp_path / "dog.zip")
+
+    bar = final_bar(capsys.readouterr().err)
+    assert "100%" in bar and "195k/195k" in bar, bar
+
+
+def test_a_resumed_download_s_bar_shows_the_total_that_content_range_gives(
+    body: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # given: a first answer without a length, cut off midway
+    handler = archive_server(body, cut_first_at=70_000, whole_length=False)
+    with mock_client(handler) as (client, recorder):
+        # when
+        client.download_dataset("c1", "voc", tmp_path / "dog.zip")
+
+    # then: the resumed answer's Content-Range gave the bar its total
+    assert recorder.requests[1].headers["Range"] == "bytes=70000-"
+    bar = final_bar(capsys.readouterr().err)
+    assert "100%" in bar and "195k/195k" in bar, bar
+
+
+def test_without_a_known_size_the_bar_counts_bytes(
+    body: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with mock_client(archive_server(body, whole_length=False)) as (client, _):
+        client.download_dataset("c1", "voc", tmp_path / "dog.zip")
+
+    bar = final_bar(capsys.readouterr().err)
+    assert "195kB" in bar and "/195k" not in bar and "%" not in bar, bar
 
 
 def test_an_error_answer_raises_and_leaves_no_file(tmp_path: Path) -> None:

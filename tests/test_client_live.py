@@ -19,11 +19,12 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import webdataset as wds
 from PIL import Image
 
 from aligndiff.models.segmenters import load_segmenter
 from aligndiff.training import predict
-from aligndiff_client import ClassInfo, Client, shot_files
+from aligndiff_client import ClassInfo, Client, Unauthorized, shot_files
 from aligndiff_client.client import archive_suffix
 from tests.conftest import SHOTS_DIR
 from tests.serve_support import Server, running_server
@@ -106,6 +107,7 @@ def test_an_auto_class_shows_its_trials_and_its_report_counts_its_samples(
     assert report.bg_lambda == dog.bg_lambda
 
 
+@pytest.mark.filterwarnings("ignore:WebDataset\\(shardshuffle")  # one file: no shards to shuffle
 def test_the_dataset_downloads_in_every_format_as_a_valid_archive(
     client: Client, dog: ClassInfo, dataset_formats: list[str], tmp_path: Path
 ) -> None:
@@ -124,6 +126,11 @@ def test_the_dataset_downloads_in_every_format_as_a_valid_archive(
         opener = tarfile.is_tarfile if name == "webdataset" else zipfile.is_zipfile
         assert opener(dest), f"{name}: not a valid archive"
         assert any(p.is_file() for p in (tmp_path / name).rglob("*")), f"{name}: empty"
+
+    # and: WebDataset reads the webdataset tar as it was downloaded, a record per image
+    records = list(wds.WebDataset(str(tmp_path / "dog-webdataset.tar")))
+    assert len(records) == dog.num_shots + dog.num_accepted
+    assert all({"jpg", "mask.png", "json"} <= set(record) for record in records)
 
 
 def test_an_interrupted_download_resumes_to_the_same_bytes(
@@ -161,33 +168,49 @@ def test_an_interrupted_download_resumes_to_the_same_bytes(
     )
 
 
+def test_a_key_is_created_used_listed_and_revoked(server: Server, client: Client) -> None:
+    # when: the admin creates a key for a new owner, which then lists its classes
+    created = client.create_key("live-test")
+    with Client(server.url, created.key) as newcomer:
+        classes = list(newcomer.list_classes())
+
+    # then: a user key of its own owner, who has no classes yet
+    assert not created.admin and created.key and classes == []
+    listed = {key.id: key for key in client.list_keys()}
+    assert listed[created.id].revoked_at is None
+
+    # when: it is revoked
+    client.revoke_key(created.id)
+
+    # then: it is refused, and listed as revoked
+    with Client(server.url, created.key) as newcomer, pytest.raises(Unauthorized):
+        newcomer.get_class(uuid.uuid4())
+    assert {key.id: key for key in client.list_keys()}[created.id].revoked_at is not None
+
+
 # NOTE: before the command line's tests: the class one of them creates would keep serve's one
 # worker busy while this training waits.
 def test_a_trained_segmenter_predicts_on_the_worker_as_its_downloaded_weights_do(
-    server: Server, client: Client, dog: ClassInfo
+    server: Server, client: Client, dog: ClassInfo, tmp_path: Path
 ) -> None:
-    # when: a segmenter is trained on the class, waited for, and an image is sent to predict
-    # (the API hands it to serve's embedded worker)
+    # when: a segmenter is trained on the class, waited for, an image is sent to predict (the
+    # API hands it to serve's embedded worker) and the weights are downloaded
     queued = client.train([dog.id], steps=2, batch_size=2)
     training = client.wait_training(
         queued.id, timeout=JOB_TIMEOUT, poll_interval=0.5, progress=False
     )
-    image = (SHOTS_DIR / "dog" / "1.jpg").read_bytes()
-    headers = {"Authorization": f"Bearer {server.admin_key}"}
-    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
-        predicted = http.post(
-            f"/v1/trainings/{training.id}/predict",
-            files={"image": ("dog.jpg", image, "image/jpeg")},
-        )
-        weights = http.get(f"/v1/trainings/{training.id}/weights")
+    image = SHOTS_DIR / "dog" / "1.jpg"
+    predicted = client.predict(training.id, image, tmp_path / "mask.png")
+    weights = client.download_weights(training.id, tmp_path / "weights.zip", progress=False)
 
     # then: the worker's mask is what the downloaded weights predict in this process
     assert training.status == "succeeded", training
-    assert predicted.status_code == 200, predicted.text
-    model, config = load_segmenter(weights.content)
-    decoded = np.asarray(Image.open(BytesIO(image)).convert("RGB"))
+    assert (tmp_path / "mask.png").read_bytes() == predicted
+    assert training.id in {t.id for t in client.list_trainings()}
+    model, config = load_segmenter(weights.read_bytes())
+    decoded = np.asarray(Image.open(image).convert("RGB"))
     (expected,) = predict(model, [decoded], resolution=int(config["resolution"]))
-    assert np.array_equal(np.asarray(Image.open(BytesIO(predicted.content))), expected)
+    assert np.array_equal(np.asarray(Image.open(BytesIO(predicted))), expected)
     # and: the API process (serve itself, not its worker) has no torch loaded
     assert "libtorch" not in Path(f"/proc/{server.process.pid}/maps").read_text()
 
@@ -201,10 +224,15 @@ def test_the_command_line_creates_and_shows_a_class(server: Server, dog: ClassIn
         env, "create", "dog", "--shots-dir", str(SHOTS_DIR / "dog"), "--num-samples", "1"
     )
     status = cli_json(env, "status", str(dog.id))
+    listed = cli(env, "list", "--json")
 
     # then
     assert created["name"] == "dog" and created["status"] in ("queued", "running")
     assert status["id"] == str(dog.id) and status["status"] == "succeeded"
+    assert listed.returncode == 0, listed.stderr
+    assert {created["id"], str(dog.id)} <= {
+        json.loads(line)["id"] for line in listed.stdout.splitlines()
+    }
 
     # and: an error is one line and a non-zero status
     missing = cli(env, "status", str(uuid.uuid4()))

@@ -40,7 +40,6 @@ from tests.dataset_support import (
     MODEL_IDS,
     PROMPTS,
     DatasetClass,
-    create_finished_class,
     download,
     extract,
     labels_of,
@@ -48,6 +47,8 @@ from tests.dataset_support import (
 )
 
 pytest_plugins = ["tests.api_support", "tests.dataset_support"]
+
+WEBDATASET_METADATA = "__meta__/metadata.json"
 
 
 # --- the formats, read back ---------------------------------------------------------------
@@ -138,30 +139,34 @@ def test_hf_parquet_carries_the_datasets_features(api: Api, dataset_class: Datas
     assert hf.Features.from_arrow_schema(schema)["image"] == hf.Image()
 
 
-def test_webdataset_is_a_tar_of_shards_read_by_webdataset(
-    make_api: ApiFactory, tmp_path: Path
+# NOTE: the contract's call, `WebDataset(path)`, on purpose: webdataset warns that it was not told
+# whether to shuffle shards (one file: nothing to shuffle).
+@pytest.mark.filterwarnings("ignore:WebDataset\\(shardshuffle")
+def test_webdataset_is_one_tar_that_webdataset_reads_record_by_record(
+    api: Api, dataset_class: DatasetClass, tmp_path: Path
 ) -> None:
     import webdataset as wds
 
-    # given: shards of at most 4 samples
-    api = make_api(export_shard_max_samples=4)
-    dataset = create_finished_class(api)
+    # when: the download is read as it is, with no extraction
+    path = tmp_path / "dog.tar"
+    path.write_bytes(download(api, dataset_class, "webdataset"))
+    records = list(wds.WebDataset(str(path)))
 
-    # when
-    folder = extract(download(api, dataset, "webdataset"), tmp_path)
-    shards = sorted(str(path) for path in folder.glob("shard-*.tar"))
-    samples = list(wds.WebDataset(shards, shardshuffle=False, empty_check=False))
-
-    # then: two shards; every key has its image, mask and record, consecutively
-    assert [Path(s).name for s in shards] == ["shard-000000.tar", "shard-000001.tar"]
-    expected = dataset.exported()
-    assert [s["__key__"] for s in samples] == [item.name for item in expected]
-    for sample, item in zip(samples, expected, strict=True):
-        assert set(sample) >= {"jpg", "seg.png", "json"}
-        assert _close(np.asarray(Image.open(BytesIO(sample["jpg"]))), item.pixels)
-        assert np.array_equal(labels_of(sample["seg.png"]) == 1, item.mask)
-        assert json.loads(sample["json"])["name"] == item.name
-    assert (folder / "metadata.json").is_file()
+    # then: one record per shot and accepted sample, in order, each its image, mask and record
+    expected = dataset_class.exported()
+    assert [r["__key__"] for r in records] == [item.name for item in expected]
+    for record, item in zip(records, expected, strict=True):
+        assert {k for k in record if not k.startswith("__")} == {"jpg", "mask.png", "json"}
+        assert _close(np.asarray(Image.open(BytesIO(record["jpg"]))), item.pixels)
+        mask = Image.open(BytesIO(record["mask.png"]))
+        assert mask.mode == "P" and set(np.unique(np.asarray(mask))) <= {0, 1}
+        assert np.array_equal(labels_of(record["mask.png"]) == 1, item.mask)
+        assert json.loads(record["json"])["name"] == item.name
+    # and: the tar holds nothing else but the metadata, where WebDataset does not look
+    with tarfile.open(path) as opened:
+        names = opened.getnames()
+    assert names[0] == WEBDATASET_METADATA
+    assert len(names) == 1 + 3 * len(expected)
 
 
 # --- what is in every archive -------------------------------------------------------------
@@ -173,7 +178,7 @@ def test_metadata_records_the_class_the_shots_and_the_samples(
 ) -> None:
     # when
     folder = extract(download(api, dataset_class, export_format), tmp_path)
-    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata = _metadata(folder, export_format)
 
     # then: enough to trace and regenerate the dataset
     assert metadata["format"] == export_format
@@ -196,8 +201,8 @@ def test_metadata_records_the_class_the_shots_and_the_samples(
     # and: the files each record names are in the archive
     for record in shots + metadata["samples"]:
         for role, name in record["files"].items():
-            if export_format == "webdataset" or (export_format == "hf" and role != "data"):
-                continue  # inside a shard, or a row of a Parquet file
+            if export_format == "hf" and role != "data":
+                continue  # a row of a Parquet file
             assert (folder / name).is_file(), name
 
 
@@ -208,7 +213,7 @@ def test_accepted_only_by_default_and_every_sample_on_request(
     def sample_indices(**params: Any) -> list[int]:
         data = download(api, dataset_class, export_format, **params)
         folder = extract(data, tmp_path / str(params))
-        metadata = json.loads((folder / "metadata.json").read_text())
+        metadata = _metadata(folder, export_format)
         assert [s["name"] for s in metadata["shots"]] == ["shot_00", "shot_01"]
         return [sample["index"] for sample in metadata["samples"]]
 
@@ -290,7 +295,7 @@ def test_empty_sample_list_still_exports_the_shots() -> None:
         data = b"".join(write_archive(export_format, source))
         if export_format == "webdataset":
             with tarfile.open(fileobj=io.BytesIO(data)) as opened:
-                metadata = json.load(opened.extractfile("metadata.json"))  # type: ignore[arg-type]
+                metadata = json.load(opened.extractfile(WEBDATASET_METADATA))  # type: ignore[arg-type]
         else:
             with zipfile.ZipFile(io.BytesIO(data)) as opened:
                 metadata = json.loads(opened.read("metadata.json"))
@@ -306,10 +311,10 @@ def test_empty_sample_list_still_exports_the_shots() -> None:
 def test_memory_does_not_grow_with_the_number_of_samples(
     make_api: ApiFactory, export_format: str
 ) -> None:
-    # given: classes of 200 and 2,000 tiny samples (shards of 50 samples for webdataset)
+    # given: classes of 200 and 2,000 tiny samples
     # NOTE: blobs in memory: a local store's path handling churns the interpreter's table of
     # interned strings, whose occasional rebuild (megabytes, for a moment) would be measured.
-    api = make_api(export_shard_max_samples=50, storage=MemoryStorage())
+    api = make_api(storage=MemoryStorage())
     small, large = _many_samples(api, 200), _many_samples(api, 2000)
 
     # when: each archive is streamed through (after an untraced pass to warm caches)
@@ -396,6 +401,12 @@ class MemoryStorage(LocalStorage):
             return self.blobs[key]
         except KeyError:
             raise BlobNotFound(key) from None
+
+
+def _metadata(folder: Path, export_format: str) -> Any:
+    """An extracted archive's `metadata.json` (webdataset keeps it where WebDataset skips)."""
+    name = WEBDATASET_METADATA if export_format == "webdataset" else "metadata.json"
+    return json.loads((folder / name).read_text())
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:

@@ -1,9 +1,11 @@
-"""`aligndiff-client`: the SDK's main calls from a shell.
+"""`aligndiff-client`: the SDK's calls from a shell.
 
-Resources are printed to stdout as JSON (for `jq`); progress bars, errors and the summary of a
-finished training's metrics go to stderr. `report` prints a summary for people to stdout (the
-report as JSON with `--json`). An error is one line, `aligndiff-client: error: …`,
-and a non-zero exit status (1; 2 for a wrong command line; 130 when interrupted).
+A resource is printed to stdout as JSON (for `jq`); lists (`list`, `samples`, `jobs`, `keys
+list`) as a table for people, or one JSON object a line with `--json`; downloads print the
+path they wrote. Progress bars, confirmations, errors and the summary of a finished training's
+metrics go to stderr. `report` prints a summary for people to stdout (the report as JSON with
+`--json`). An error is one line, `aligndiff-client: error: …`, and a non-zero exit status (1;
+2 for a wrong command line; 130 when interrupted).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 from pydantic import BaseModel
@@ -20,8 +24,19 @@ from pydantic import BaseModel
 from aligndiff_client._version import __version__
 from aligndiff_client.client import DEFAULT_NUM_SAMPLES, Client
 from aligndiff_client.errors import AlignDiffError
-from aligndiff_client.models import AcceptedCount, ClassReport, Histogram, TrainingMetrics
+from aligndiff_client.models import (
+    AcceptedCount,
+    ClassInfo,
+    ClassReport,
+    Histogram,
+    Job,
+    KeyInfo,
+    Sample,
+    TrainingMetrics,
+)
 from aligndiff_client.shots import shot_files
+
+M = TypeVar("M", bound=BaseModel)
 
 PROG = "aligndiff-client"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -82,8 +97,157 @@ def _create(client: Client, args: argparse.Namespace) -> None:
     _print(created)
 
 
-def _status(client: Client, args: argparse.Namespace) -> None:
+def _show(client: Client, args: argparse.Namespace) -> None:
     _print(client.get_class(args.class_id))
+
+
+def _list(client: Client, args: argparse.Namespace) -> None:
+    _print_list(client.list_classes(), args, _class_row, CLASS_COLUMNS)
+
+
+def _samples(client: Client, args: argparse.Namespace) -> None:
+    samples = client.samples(
+        args.class_id,
+        accepted=True if args.accepted else False if args.rejected else None,
+        min_clip_score=args.min_clip_score,
+    )
+    _print_list(samples, args, _sample_row, SAMPLE_COLUMNS)
+
+
+def _delete(client: Client, args: argparse.Namespace) -> None:
+    client.delete_class(args.class_id)
+    print(f"deleted class {args.class_id}", file=sys.stderr)
+
+
+def _embedding(client: Client, args: argparse.Namespace) -> None:
+    print(client.get_embedding(args.class_id, args.out or f"{args.class_id}.safetensors"))
+
+
+def _jobs(client: Client, args: argparse.Namespace) -> None:
+    _print_list(client.jobs(status=args.status, kind=args.kind), args, _job_row, JOB_COLUMNS)
+
+
+def _cancel(client: Client, args: argparse.Namespace) -> None:
+    _print(client.cancel_job(args.job_id))
+
+
+def _retry(client: Client, args: argparse.Namespace) -> None:
+    _print(client.retry_job(args.job_id))
+
+
+def _predict(client: Client, args: argparse.Namespace) -> None:
+    client.predict(args.training_id, args.image, args.out)
+    print(args.out)
+
+
+def _weights(client: Client, args: argparse.Namespace) -> None:
+    print(client.download_weights(args.training_id, args.out, progress=not _quiet(args)))
+
+
+def _keys_create(client: Client, args: argparse.Namespace) -> None:
+    created = client.create_key(args.name, admin=args.admin, owner_id=args.owner_id)
+    if args.json:
+        _print(created)
+        return
+    kind = "admin key" if created.admin else "key"
+    print(
+        f"created {kind} {created.id} ({created.name}) of owner {created.owner_id}; "
+        "it is shown this once:",
+        file=sys.stderr,
+    )
+    print(created.key)
+
+
+def _keys_list(client: Client, args: argparse.Namespace) -> None:
+    _print_list(client.list_keys(), args, _key_row, KEY_COLUMNS)
+
+
+def _keys_revoke(client: Client, args: argparse.Namespace) -> None:
+    client.revoke_key(args.key_id)
+    print(f"revoked key {args.key_id}", file=sys.stderr)
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+CLASS_COLUMNS = ("ID", "NAME", "STATUS", "STAGE", "PROGRESS", "SAMPLES", "ACCEPTED", "CREATED")
+SAMPLE_COLUMNS = ("INDEX", "ID", "KIND", "CLIP", "SHOT_SIM", "ACCEPTED", "MASK", "PROMPT")
+JOB_COLUMNS = ("ID", "KIND", "STATUS", "STAGE", "PROGRESS", "ATTEMPTS", "TARGET", "CREATED")
+KEY_COLUMNS = ("ID", "NAME", "ADMIN", "OWNER", "CREATED", "LAST_USED", "REVOKED")
+
+
+def _class_row(item: ClassInfo) -> list[str]:
+    return [
+        str(item.id),
+        item.name,
+        item.status,
+        item.stage or "-",
+        f"{item.progress:.0%}",
+        f"{item.num_samples_done}/{item.num_samples_requested}",
+        str(item.num_accepted),
+        _time(item.created_at),
+    ]
+
+
+def _sample_row(item: Sample) -> list[str]:
+    verdict = "yes" if item.accepted else f"no ({item.rejected_by})" if item.rejected_by else "no"
+    return [
+        str(item.index),
+        str(item.id),
+        item.prompt_kind,
+        _number(item.clip_score, digits=1),
+        _number(item.shot_similarity),
+        verdict,
+        item.mask_source,
+        item.prompt,
+    ]
+
+
+def _job_row(item: Job) -> list[str]:
+    return [
+        str(item.id),
+        item.kind,
+        item.status,
+        item.stage or "-",
+        f"{item.progress:.0%}",
+        str(item.attempts),
+        str(item.target_id),
+        _time(item.created_at),
+    ]
+
+
+def _key_row(item: KeyInfo) -> list[str]:
+    return [
+        str(item.id),
+        item.name,
+        "yes" if item.admin else "no",
+        str(item.owner_id),
+        _time(item.created_at),
+        _time(item.last_used_at),
+        _time(item.revoked_at),
+    ]
+
+
+def _print_list(
+    items: Iterable[M],
+    args: argparse.Namespace,
+    row: Callable[[M], list[str]],
+    columns: Sequence[str],
+) -> None:
+    """Resources as a table (all fetched first, to size the columns), or with `--json` one
+    JSON object a line as they arrive."""
+    if args.json:
+        for item in items:
+            print(item.model_dump_json())
+        return
+    rows = [list(columns), *(row(item) for item in items)]
+    widths = [max(len(cells[i]) for cells in rows) for i in range(len(columns))]
+    for cells in rows:
+        line = "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True))
+        print(line.rstrip())
+
+
+def _time(value: datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _download(client: Client, args: argparse.Namespace) -> None:
@@ -284,6 +448,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--shots-dir",
         type=Path,
+        metavar="DIR",
         help="a folder of <stem>.jpg|jpeg|webp + <stem>.png pairs, or images/ + masks/",
     )
     source.add_argument("--images", nargs="+", type=Path, metavar="FILE", help="shot images")
@@ -313,14 +478,68 @@ def _parser() -> argparse.ArgumentParser:
     _wait_options(create, "wait until the synthesis ends; print the final class")
     create.set_defaults(run=_create)
 
-    status = commands.add_parser(
-        "status",
+    show = commands.add_parser(
+        "show",
+        aliases=["status"],
         parents=[common],
         help="show a class and its progress",
         description="Print a class, with its status, stage and progress, as JSON.",
     )
-    status.add_argument("class_id", metavar="CLASS_ID")
-    status.set_defaults(run=_status)
+    show.add_argument("class_id", metavar="CLASS_ID")
+    show.set_defaults(run=_show)
+
+    listing = commands.add_parser(
+        "list",
+        parents=[common],
+        help="list your classes",
+        description="List the classes of the key's owner (an admin key: everyone's), newest "
+        "first, as a table.",
+    )
+    _json_option(listing)
+    listing.set_defaults(run=_list)
+
+    samples = commands.add_parser(
+        "samples",
+        parents=[common],
+        help="list a class's samples and their scores",
+        description="List a class's finished samples in index order, with their scores and "
+        "verdicts, as a table.",
+    )
+    samples.add_argument("class_id", metavar="CLASS_ID")
+    verdict = samples.add_mutually_exclusive_group()
+    verdict.add_argument("--accepted", action="store_true", help="only the accepted samples")
+    verdict.add_argument("--rejected", action="store_true", help="only the rejected samples")
+    samples.add_argument(
+        "--min-clip-score",
+        type=float,
+        metavar="S",
+        help="only samples whose CLIP score is at least S (0 to 100)",
+    )
+    _json_option(samples)
+    samples.set_defaults(run=_samples)
+
+    delete = commands.add_parser(
+        "delete",
+        parents=[common],
+        help="delete a class with its samples and files",
+        description="Delete a class with its shots, samples and files; its job, if still "
+        "running, is cancelled.",
+    )
+    delete.add_argument("class_id", metavar="CLASS_ID")
+    delete.set_defaults(run=_delete)
+
+    embedding = commands.add_parser(
+        "embedding",
+        parents=[common],
+        help="download a class's learned token",
+        description="Download a class's learned token as safetensors (diffusers' "
+        "load_textual_inversion loads it); print the file's path.",
+    )
+    embedding.add_argument("class_id", metavar="CLASS_ID")
+    embedding.add_argument(
+        "--out", type=Path, metavar="PATH", help="default: <CLASS_ID>.safetensors"
+    )
+    embedding.set_defaults(run=_embedding)
 
     dl = commands.add_parser(
         "download",
@@ -371,7 +590,130 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--no-copy-paste", action="store_true", help="no copy-paste augmentation")
     _wait_options(train, "wait until the training ends; print the final training")
     train.set_defaults(run=_train)
+
+    predict = commands.add_parser(
+        "predict",
+        parents=[common],
+        help="segment an image with a trained segmenter",
+        description="Segment an image with a trained segmenter (on the service's worker) and "
+        "save the label mask: a grayscale PNG of the image's size, 0 the background, k the "
+        "k-th class of the training. Print the mask's path.",
+    )
+    predict.add_argument("training_id", metavar="TRAINING_ID")
+    predict.add_argument("image", type=Path, metavar="IMAGE", help="a JPEG, PNG or WEBP image")
+    predict.add_argument(
+        "--out", type=Path, required=True, metavar="PATH", help="where to save the mask (PNG)"
+    )
+    predict.set_defaults(run=_predict)
+
+    weights = commands.add_parser(
+        "weights",
+        parents=[common],
+        help="download a trained segmenter's weights",
+        description="Download a trained segmenter: a zip of model.safetensors and "
+        "config.json. Print the file's path.",
+    )
+    weights.add_argument("training_id", metavar="TRAINING_ID")
+    weights.add_argument(
+        "--out", type=Path, metavar="PATH", help="default: <TRAINING_ID>-weights.zip"
+    )
+    weights.set_defaults(run=_weights)
+
+    jobs = commands.add_parser(
+        "jobs",
+        parents=[common],
+        help="list your jobs",
+        description="List the jobs of the key's owner (an admin key: everyone's), newest "
+        "first, as a table.",
+    )
+    jobs.add_argument(
+        "--status",
+        metavar="STATUS",
+        help="only jobs in this state: queued, running, succeeded, failed or cancelled",
+    )
+    jobs.add_argument(
+        "--kind", metavar="KIND", help="only jobs of this kind: synthesis or training"
+    )
+    _json_option(jobs)
+    jobs.set_defaults(run=_jobs)
+
+    cancel = commands.add_parser(
+        "cancel",
+        parents=[common],
+        help="cancel a queued or running job",
+        description="Ask a queued or running job to stop; it ends cancelled within one "
+        "batch. Print the job as JSON.",
+    )
+    cancel.add_argument("job_id", metavar="JOB_ID")
+    cancel.set_defaults(run=_cancel)
+
+    retry = commands.add_parser(
+        "retry",
+        parents=[common],
+        help="queue a failed or cancelled job again",
+        description="Queue a failed or cancelled job again, keeping the work it already "
+        "stored. Print the job as JSON.",
+    )
+    retry.add_argument("job_id", metavar="JOB_ID")
+    retry.set_defaults(run=_retry)
+
+    _keys_parser(commands, common)
     return parser
+
+
+def _keys_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    keys = commands.add_parser(
+        "keys",
+        parents=[common],
+        help="create, list and revoke API keys",
+        description="Create, list and revoke the API keys of the key's owner (an admin "
+        "key: of any owner).",
+    )
+    actions = keys.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    create = actions.add_parser(
+        "create",
+        parents=[common],
+        help="create a key and print it",
+        description="Create an API key and print it alone on stdout (so that $(...) "
+        "captures it): it is shown this once.",
+    )
+    create.add_argument("--name", required=True, help="what the key is for, e.g. 'ci'")
+    create.add_argument("--admin", action="store_true", help="an admin key (needs an admin key)")
+    create.add_argument(
+        "--owner-id",
+        metavar="ID",
+        help="the new key's owner (admin keys only; default: the caller's owner, or a new "
+        "owner when the caller is an admin key)",
+    )
+    _json_option(create, "print the new key with its id and owner as JSON")
+    create.set_defaults(run=_keys_create)
+
+    listing = actions.add_parser(
+        "list",
+        parents=[common],
+        help="list keys",
+        description="List the keys of the key's owner (an admin key: every key), without "
+        "their secrets, as a table.",
+    )
+    _json_option(listing)
+    listing.set_defaults(run=_keys_list)
+
+    revoke = actions.add_parser(
+        "revoke",
+        parents=[common],
+        help="revoke a key",
+        description="Revoke a key: within seconds every request made with it is refused.",
+    )
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    revoke.set_defaults(run=_keys_revoke)
+
+
+def _json_option(
+    parser: argparse.ArgumentParser, help: str = "print one JSON object a line, not a table"
+) -> None:
+    parser.add_argument("--json", action="store_true", help=help)
 
 
 def _wait_options(parser: argparse.ArgumentParser, help: str) -> None:

@@ -33,6 +33,8 @@ from aligndiff_client.models import (
     ClassReport,
     DatasetFormat,
     Job,
+    KeyCreated,
+    KeyInfo,
     Page,
     Sample,
     Training,
@@ -312,6 +314,47 @@ class Client:
     def get_training(self, training_id: Id) -> Training:
         return self._get(f"/v1/trainings/{training_id}", Training)
 
+    def list_trainings(self, *, page_size: int = 50) -> Iterator[Training]:
+        """Every training of the key's owner (an admin key: everyone's), newest first."""
+        return self._pages("/v1/trainings", Training, {"limit": page_size})
+
+    def download_weights(
+        self,
+        training_id: Id,
+        dest: str | Path | None = None,
+        *,
+        progress: bool = True,
+        on_progress: ProgressCallback | None = None,
+    ) -> Path:
+        """Download the trained segmenter (a zip of `model.safetensors` and `config.json`) to
+        `dest` (default: `<training_id>-weights.zip` in the current folder) and return its
+        path. Streamed to `<dest>.incomplete` like `download_dataset`. Raises `Conflict` until
+        the training has succeeded."""
+        target = Path(dest or f"{training_id}-weights.zip")
+        download(
+            self._http,
+            f"/v1/trainings/{training_id}/weights",
+            target,
+            retry=self._retry,
+            progress=progress,
+            on_progress=on_progress,
+        )
+        return target
+
+    def predict(self, training_id: Id, image: FileLike, dest: str | Path | None = None) -> bytes:
+        """Segment an image (a path or bytes: JPEG, PNG or WEBP) with the trained segmenter,
+        on the service's worker; return the label mask (PNG bytes, the image's size: 0
+        background, k the k-th of the training's classes), also written to `dest` when given.
+        Raises `Conflict` until the training has succeeded."""
+        response = self._request(
+            "POST",
+            f"/v1/trainings/{training_id}/predict",
+            files=[("image", _upload(image, 0, "image"))],
+        )
+        if dest is not None:
+            _write(Path(dest), response.content)
+        return response.content
+
     def wait_training(
         self,
         training_id: Id,
@@ -327,6 +370,37 @@ class Client:
             poll_interval=poll_interval,
             progress=progress,
         )
+
+    # --- keys --------------------------------------------------------------------------------
+
+    def create_key(
+        self,
+        name: str,
+        *,
+        admin: bool = False,
+        owner_id: Id | None = None,
+    ) -> KeyCreated:
+        """Create an API key; its secret (`.key`) is in this answer only. A user key creates
+        keys for its own owner (`Forbidden` for another owner or `admin=True`); an admin key
+        may name any `owner_id` (or none: a new owner) and may create admin keys.
+
+        Unlike other POSTs, the service does not replay this one by its `Idempotency-Key` (a
+        replay would need the secret, which it does not keep): if an answer is lost and the
+        request retried, a second key is made, and the first, whose secret nobody saw, is
+        listed with `last_used_at` None, to be revoked."""
+        body: dict[str, Any] = {"name": name, "admin": admin}
+        if owner_id is not None:
+            body["owner_id"] = str(owner_id)
+        return self._post("/v1/keys", KeyCreated, json=body)
+
+    def list_keys(self, *, page_size: int = 50) -> Iterator[KeyInfo]:
+        """Every key of the key's owner (an admin key: everyone's), without their secrets."""
+        return self._pages("/v1/keys", KeyInfo, {"limit": page_size})
+
+    def revoke_key(self, key_id: Id) -> None:
+        """Revoke a key: within the service's auth cache time (seconds) every request with it
+        answers 401, and its dashboard sessions end."""
+        self._request("DELETE", f"/v1/keys/{key_id}")
 
     # --- plumbing ----------------------------------------------------------------------------
 

@@ -108,6 +108,32 @@ class Job(Resource):
         return self.status in TERMINAL_STATUSES
 
 
+class KeyInfo(Resource):
+    """An API key, without its secret: `owner_id` is whose classes and jobs it sees (an
+    `admin` key sees everyone's); `last_used_at` and `revoked_at` are None until it is used or
+    revoked."""
+
+    id: uuid.UUID
+    name: str
+    admin: bool = False
+    owner_id: uuid.UUID
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class KeyCreated(Resource):
+    """A key just created, with its secret `key`: shown this once, the service keeps only a
+    hash of it."""
+
+    id: uuid.UUID
+    name: str
+    admin: bool = False
+    owner_id: uuid.UUID
+    key: str
+    created_at: datetime
+
+
 class BaselineMetrics(Resource):
     """The same training on the real shots alone; with held-out shots, its fold means and
     `per_class_iou_std`."""

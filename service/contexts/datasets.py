@@ -47,7 +47,8 @@ from service.storage import BlobNotFound, Storage, class_key
 log = logging.getLogger(__name__)
 
 # Bump when a writer's output changes for the same inputs: every ETag changes with it.
-EXPORT_REVISION = 1
+# 2: webdataset is one tar of records (it was a tar of shard tars).
+EXPORT_REVISION = 2
 # Samples read per query: the rows held in memory at once.
 SAMPLE_BATCH = 256
 
@@ -137,10 +138,7 @@ def prepare_download(
             select(ShotRow).where(ShotRow.class_id == class_id).order_by(ShotRow.position)
         ).scalars()
     ]
-    options = ExportOptions(
-        shard_max_samples=settings.export_shard_max_samples,
-        shard_max_bytes=settings.export_shard_max_bytes,
-    )
+    options = ExportOptions()
     state = [
         EXPORT_REVISION,
         software_versions(),

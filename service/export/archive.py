@@ -128,9 +128,6 @@ class ExportSource:
 class ExportOptions:
     """Bounds of the buffers some formats need (see each format's module)."""
 
-    # webdataset: a shard is buffered whole, so it is closed at whichever comes first.
-    shard_max_samples: int = 1000
-    shard_max_bytes: int = 64 * 1024 * 1024
     # hf: rows per Parquet file, and per row group (the rows held in memory at once).
     parquet_rows_per_file: int = 1000
     parquet_rows_per_group: int = 64

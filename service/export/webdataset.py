@@ -1,24 +1,26 @@
-"""WebDataset layout: a tar of shards.
+"""WebDataset layout: one tar that `webdataset.WebDataset(path)` reads directly, one record per
+shot and per sample.
 
-    metadata.json
-    shard-000000.tar, shard-000001.tar, …
+    __meta__/metadata.json
+    shot_00.jpg  shot_00.mask.png  shot_00.json
+    …
+    sample_00000.jpg  sample_00000.mask.png  sample_00000.json
+    …
 
-Each shard is a WebDataset tar: per shot and per sample, consecutive members `<name>.jpg`
-(the image, JPEG quality 95), `<name>.seg.png` (palette PNG: index 0 background, 1 the class)
-and `<name>.json` (its record, as in `metadata.json`). Extract the download and point
-`webdataset.WebDataset("shard-{000000..00000N}.tar")` at the shards.
+The members of an image are consecutive and share its name as the record's key: `jpg` (the
+image, JPEG quality 95), `mask.png` (palette PNG: index 0 background, 1 the class) and `json`
+(its record, as in `metadata.json`). `metadata.json` sits under `__meta__/`, a folder WebDataset
+skips (its readers skip every `__…__/` path), so it adds no record.
 
-NOTE: a tar member's size comes before its data, so each shard is built in memory and then
-sent; a shard is closed at `shard_max_samples` samples or once it holds `shard_max_bytes`,
-which bounds the memory a download takes. `metadata.json` is generated twice (once to measure
-it) rather than held.
+NOTE: a tar member's size comes before its data, so each image's members are encoded in memory
+(one image at a time) and then sent: memory does not grow with the number of samples.
+`metadata.json` is generated twice (once to measure it) rather than held.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from io import BytesIO
 
 from service.export.archive import (
     TAR_END,
@@ -32,7 +34,7 @@ from service.export.archive import (
     tar_member,
 )
 
-SEND_CHUNK = 1 << 20
+METADATA = "__meta__/metadata.json"
 
 
 def write_webdataset(source: ExportSource, options: ExportOptions) -> Iterator[bytes]:
@@ -42,18 +44,10 @@ def write_webdataset(source: ExportSource, options: ExportOptions) -> Iterator[b
     def metadata() -> Iterator[bytes]:
         return metadata_pieces(source, format_name="webdataset", files=_files)
 
-    yield from tar_member("metadata.json", sum(map(len, metadata())), metadata(), mtime=mtime)
-    shard, in_shard, number = BytesIO(), 0, 0
+    yield from tar_member(METADATA, sum(map(len, metadata())), metadata(), mtime=mtime)
     for item in source.items():
         for name, data in _members(source, item):
-            for chunk in tar_member(name, len(data), [data], mtime=mtime):
-                shard.write(chunk)
-        in_shard += 1
-        if in_shard >= options.shard_max_samples or shard.tell() >= options.shard_max_bytes:
-            yield from _send_shard(shard, number, mtime=mtime)
-            shard, in_shard, number = BytesIO(), 0, number + 1
-    if in_shard:
-        yield from _send_shard(shard, number, mtime=mtime)
+            yield from tar_member(name, len(data), [data], mtime=mtime)
     yield TAR_END
 
 
@@ -66,16 +60,6 @@ def _members(source: ExportSource, item: ExportItem) -> list[tuple[str, bytes]]:
     ]
 
 
-def _send_shard(shard: BytesIO, number: int, *, mtime: int) -> Iterator[bytes]:
-    shard.write(TAR_END)
-    view = shard.getbuffer()
-    try:
-        chunks = (bytes(view[at : at + SEND_CHUNK]) for at in range(0, len(view), SEND_CHUNK))
-        yield from tar_member(f"shard-{number:06d}.tar", len(view), chunks, mtime=mtime)
-    finally:
-        view.release()
-
-
 def _files(_: int, item: ExportItem) -> Files:
     name = item.name
-    return {"image": f"{name}.jpg", "mask": f"{name}.seg.png", "json": f"{name}.json"}
+    return {"image": f"{name}.jpg", "mask": f"{name}.mask.png", "json": f"{name}.json"}

@@ -87,11 +87,13 @@ def download_dataset(
     Formats: `voc` (JPEGImages/, SegmentationClass/ palette PNGs, ImageSets/Segmentation/
     train.txt, labelmap.txt), `coco` (images/ and annotations/instances.json with RLE masks),
     `hf` (Parquet under data/ that `datasets.load_dataset` reads, with `image` and
-    `annotation` image columns, and id2label.json), `webdataset` (a tar of shard tars, each
-    sample as `<name>.jpg`, `<name>.seg.png`, `<name>.json`). Every archive carries a
-    `metadata.json`: the class, the service version, the models, and a record per shot
-    (`"source": "shot"`, files named `shot_*`) and per sample (`"source": "synthetic"`,
-    `sample_*`) with its prompt, seed and scores, so the dataset can be traced and regenerated.
+    `annotation` image columns, and id2label.json), `webdataset` (one tar that
+    `webdataset.WebDataset(path)` reads as one record per image: `<name>.jpg`,
+    `<name>.mask.png`, `<name>.json`; its metadata.json under `__meta__/`, which WebDataset
+    skips). Every archive carries a `metadata.json`: the class, the service version, the
+    models, and a record per shot (`"source": "shot"`, files named `shot_*`) and per sample
+    (`"source": "synthetic"`, `sample_*`) with its prompt, seed and scores, so the dataset can
+    be traced and regenerated.
 
     Available once the class's synthesis job has succeeded (409 before, and after a failure
     or cancellation). The archive is the same bytes for the same class, so a broken download
