@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +17,8 @@ app = typer.Typer(
     help="AlignDiff: turn a few image+mask shots of a class into a synthetic segmentation dataset.",
     no_args_is_help=True,
     add_completion=False,
+    # click's plain help: re-wrapped to the terminal, option names never cut (service/cli.py)
+    rich_markup_mode=None,
 )
 
 
@@ -41,15 +44,18 @@ def fail(message: str) -> typer.Exit:
 
 
 class _StageBars:
-    """One tqdm bar per stage, shown only on a terminal."""
+    """One tqdm bar per stage (on stderr), or none at all when `shown` is false."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, shown: bool) -> None:
+        self.shown = shown
         self.bars: dict[str, tqdm] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         bar = self.bars.get(stage)
         if bar is None:
-            bar = tqdm(total=total, desc=f"{stage:<10}", unit="it", disable=None, leave=True)
+            bar = tqdm(
+                total=total, desc=f"{stage:<10}", unit="it", disable=not self.shown, leave=True
+            )
             self.bars[stage] = bar
         bar.update(done - bar.n)
 
@@ -62,61 +68,101 @@ class _StageBars:
 def synth(
     shots_dir: Annotated[
         Path,
-        typer.Argument(help="Folder of shots: <stem>.jpg + <stem>.png mask, or images/ + masks/."),
+        typer.Argument(
+            metavar="SHOTS_DIR",
+            help="Folder of shots: <stem>.jpg + <stem>.png mask, or images/ + masks/.",
+        ),
     ],
     class_name: Annotated[
-        str, typer.Option("--class-name", help="The class's name, e.g. 'samarra mosque'.")
+        str,
+        typer.Option(
+            "--class-name", metavar="NAME", help="The class's name, e.g. 'samarra mosque'."
+        ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="Output folder (created; must be empty).")],
-    num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="Samples to draw.")] = 8,
+    out: Annotated[
+        Path,
+        typer.Option("--out", metavar="DIR", help="Output folder (created; must be empty)."),
+    ],
+    num_samples: Annotated[
+        int, typer.Option("--num-samples", min=1, metavar="N", help="Samples to draw.")
+    ] = 8,
     seed: Annotated[
-        int, typer.Option("--seed", help="Class seed: sample i's seed derives from it.")
+        int,
+        typer.Option("--seed", metavar="SEED", help="Class seed: sample i's seed derives from it."),
     ] = 0,
     prompt: Annotated[
         list[str] | None,
-        typer.Option("--prompt", help="A text prompt mentioning the class name (repeatable)."),
+        typer.Option(
+            "--prompt",
+            metavar="TEXT",
+            help="A text prompt mentioning the class name (repeatable).",
+        ),
     ] = None,
     model: Annotated[
         str | None,
         typer.Option(
             "--model",
+            metavar="MODEL",
             help="'tiny', a local diffusers folder or a hub id [env ALIGNDIFF_DIFFUSION_MODEL].",
         ),
     ] = None,
     device: Annotated[
         str | None,
         typer.Option(
-            "--device", help="torch device, e.g. cpu, cuda, cuda:1 [env ALIGNDIFF_DEVICE]."
+            "--device",
+            metavar="DEVICE",
+            help="torch device, e.g. cpu, cuda, cuda:1 [env ALIGNDIFF_DEVICE].",
         ),
     ] = None,
     dtype: Annotated[
         str | None,
-        typer.Option("--dtype", help="float32, float16 or bfloat16 [env ALIGNDIFF_DTYPE]."),
+        typer.Option(
+            "--dtype",
+            metavar="DTYPE",
+            help="float32, float16 or bfloat16 [env ALIGNDIFF_DTYPE].",
+        ),
     ] = None,
     inversion_steps: Annotated[
-        int | None, typer.Option("--inversion-steps", min=1, help="Default 500 (tiny: 20).")
+        int | None,
+        typer.Option("--inversion-steps", min=1, metavar="N", help="Default 500 (tiny: 20)."),
     ] = None,
     bg_lambda: Annotated[
         str | None,
         typer.Option(
             "--bg-lambda",
+            metavar="VALUE",
             help="The inversion's background weight in [0, 2], or 'auto' to choose it by short "
             "trials [env ALIGNDIFF_BG_LAMBDA, default 0.6].",
         ),
     ] = None,
     sampling_steps: Annotated[
-        int | None, typer.Option("--sampling-steps", min=1, help="Default 50 (tiny: 5).")
+        int | None,
+        typer.Option("--sampling-steps", min=1, metavar="N", help="Default 50 (tiny: 5)."),
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", min=1, help="Images per sampling batch.")
+        int | None,
+        typer.Option("--batch-size", min=1, metavar="N", help="Images per sampling batch."),
     ] = None,
     guidance_scale: Annotated[
-        float | None, typer.Option("--guidance-scale", min=1.0, help="Default 7.5.")
+        float | None,
+        typer.Option("--guidance-scale", min=1.0, metavar="SCALE", help="Default 7.5."),
     ] = None,
     resolution: Annotated[
         int | None,
-        typer.Option("--resolution", help="Pixels (multiple of 64); default: the model's."),
+        typer.Option(
+            "--resolution",
+            metavar="PIXELS",
+            help="A multiple of 64; default: the model's.",
+        ),
     ] = None,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="Print nothing but errors. Without it, progress bars show on a terminal.",
+        ),
+    ] = False,
 ) -> None:
     """Run the whole pipeline locally, no service.
 
@@ -163,12 +209,18 @@ def synth(
         raise fail(str(error)) from None
 
     _quiet_libraries()
+    if quiet:
+        warnings.simplefilter("ignore")
+    # Progress goes to stderr, and only to a terminal: piped output stays clean.
+    shown = not quiet and sys.stderr.isatty()
+    if shown:
+        typer.echo(f"loading the models ({settings.diffusion_model}) …", err=True)
     try:
         models = load_models(settings, device=device, dtype=dtype)
     except (OSError, ValueError) as error:
         raise fail(f"cannot load the models: {error}") from None
 
-    bars = _StageBars()
+    bars = _StageBars(shown=shown)
     try:
         result = synthesize(
             models,
@@ -186,7 +238,8 @@ def synth(
     finally:
         bars.close()
     write_synthesis(result, out)
-    typer.echo(f"wrote {len(result.samples)} samples to {out}", err=sys.stderr.isatty())
+    if not quiet:
+        typer.echo(f"wrote {len(result.samples)} samples to {out}", err=sys.stderr.isatty())
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from aligndiff import __version__
+from service.api.docs import install_docs
 from service.api.middleware import AuthenticateAndLimit, BodySizeLimit, RequestMetrics
 from service.api.openapi import install_openapi, operation_id
 from service.api.routes import api_router
@@ -32,6 +33,9 @@ def create_app(
         version=__version__,
         description="Few-shot image+mask shots in, a scored synthetic segmentation dataset out.",
         generate_unique_id_function=operation_id,
+        # Served by `install_docs`, from this app: FastAPI's own pages need a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     engine = make_engine(settings.resolved_database_url, pool_size=settings.database_pool_size)
     app.state.settings = settings
@@ -57,6 +61,7 @@ def create_app(
     install_sign_in_redirect(app)
     app.include_router(api_router)
     install_openapi(app)
+    install_docs(app)
     # The metrics middleware, added last, is the outermost: refused requests are counted too.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     # Outside the body limit: an anonymous client learns nothing, not even the limit.

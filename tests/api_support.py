@@ -109,14 +109,20 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def sqlite_database(folder: Path, template: Path) -> str:
+    """A fresh SQLite database in `folder`, a copy of `template`: for a test module that
+    overrides `database_url` because it needs no run on PostgreSQL."""
+    path = folder / "api.db"
+    shutil.copyfile(template, path)
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database with the models' tables: a fresh SQLite file, or the session's
     PostgreSQL database, emptied after the test."""
     if request.param == "sqlite":
-        path = tmp_path / "api.db"
-        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
-        yield f"sqlite:///{path}"
+        yield sqlite_database(tmp_path, request.getfixturevalue("sqlite_template"))
         return
     engine: Engine = request.getfixturevalue("postgres_engine")
     # NOTE: emptied before as well as after: tests of workers and the live stack share the

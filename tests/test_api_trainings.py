@@ -29,7 +29,14 @@ from service.queue import CeleryQueue
 from service.settings import Settings
 from service.storage import LocalStorage, training_key
 from tests.api_support import Api, ApiFactory, add_class, box_mask, encode, get_job_row, photo
-from tests.worker_support import Service, WorkerProcess, private_redis, worker_env
+from tests.worker_support import (
+    Service,
+    WorkerProcess,
+    private_redis,
+    unreadable_log_lines,
+    wait_for,
+    worker_env,
+)
 from worker.celery_app import JOBS_QUEUE, PREDICT_QUEUE, make_celery
 
 pytest_plugins = ["tests.api_support"]
@@ -783,6 +790,32 @@ def test_a_prediction_only_worker_answers_while_it_leaves_the_jobs_tasks_queued(
     assert broker.llen(JOBS_QUEUE) == 1
     broker.delete(JOBS_QUEUE)
     broker.close()
+
+
+def test_a_worker_logs_a_prediction_without_its_mask(
+    worker_api: Api, predict_worker: PredictWorker, model_cache: Path
+) -> None:
+    # given: a succeeded training
+    api = worker_api
+    training_id = trained(api, model_cache, [finished_class(api)])
+
+    # when: an image is sent to predict, and the worker logs its task's end
+    predicted = api.alice.post(
+        f"/v1/trainings/{training_id}/predict",
+        files={"image": ("a.png", encode(photo()), "image/png")},
+    )
+    assert predicted.status_code == 200, predicted.text
+    log = predict_worker.process.log
+    ended = wait_for(
+        lambda: [line for line in log.read_text().splitlines() if "succeeded in" in line],
+        timeout=10,
+        what="the prediction's end in the worker's log",
+        log=log,
+    )
+
+    # then: the log says which task ended and how fast, never the PNG it returned
+    assert all(line.rstrip().endswith("s") for line in ended), ended
+    assert unreadable_log_lines(log.read_text(errors="replace")) == []
 
 
 def test_a_worker_that_fails_to_predict_answers_a_problem_naming_the_error(

@@ -14,7 +14,7 @@ from service.auth import create_key
 from service.db import session_scope
 from service.settings import Settings
 from tests.conftest import SHOTS_DIR
-from tests.worker_support import Service, WorkerProcess, worker_env
+from tests.worker_support import Service, WorkerProcess, unreadable_log_lines, worker_env
 
 
 @pytest.fixture
@@ -81,3 +81,6 @@ def test_a_class_posted_over_http_is_synthesized_by_a_worker_on_redis(stack) -> 
             assert blob.status_code == 200 and blob.content.startswith(b"\x89PNG")
     job = client.get(f"/v1/jobs/{body['job_id']}").json()
     assert job["status"] == "succeeded" and job["attempts"] == 1
+    # and: the worker, which loaded the models, logged what an operator reads: no progress
+    # bars (the libraries' "Loading weights") and no payloads
+    assert unreadable_log_lines(worker.log.read_text(errors="replace")) == []

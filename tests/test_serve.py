@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,6 +106,57 @@ def wait_for_end(
         time.sleep(0.5)
         body = client.get(path).json()
     return body
+
+
+def test_serve_says_where_it_is_last_once_it_listens(server: Server) -> None:
+    # given: serve answered (the fixture waited for /healthz), and a moment passed for any
+    # late output
+    time.sleep(1)
+    output = [line.rstrip("\n") for line in server.output]
+
+    # then: its URLs and the admin key come last, in one block, after both workers' banners
+    # and their "ready" lines; only the fixture's own requests were logged after it
+    start = next(i for i, line in enumerate(output) if line.startswith("AlignDiff is serving on"))
+    end = output.index(server.admin_key)
+    block = output[start : end + 1]
+    assert block[0] == f"AlignDiff is serving on {server.url}"
+    assert f"  API docs:   {server.url}/docs" in block
+    assert f"  dashboard:  {server.url}/admin" in block
+    assert block[-2] == "First start: an admin API key was created; it is shown only once:"
+    before = "\n".join(output[:start])
+    assert before.count("[queues]") == 2 and before.count(" ready.") == 2, before
+    after = output[end + 1 :]
+    assert all('"GET /healthz HTTP/1.1" 200' in line for line in after), after
+
+
+def test_serve_on_a_taken_port_fails_at_once_naming_it(tmp_path: Path) -> None:
+    # given: something listens on the port already
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        # when: serve is started on it
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            cwd=tmp_path,
+            env={k: v for k, v in os.environ.items() if not k.startswith("ALIGNDIFF_")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    # then: it stops at once with one line naming the port and how to choose another, and
+    # started nothing (no worker, no data folder)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 15
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"error: port {port} on 127.0.0.1 is already in use (another server, or another "
+        f"aligndiff serve?); choose another port with --port, e.g. --port {port + 1}"
+    ]
+    assert not (tmp_path / "aligndiff-data").exists()
 
 
 def test_stopping_serve_stops_its_embedded_workers(server: Server) -> None:

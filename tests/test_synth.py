@@ -1,12 +1,18 @@
-"""The whole pipeline: `aligndiff synth` as a user runs it, and `synthesize` on real shots."""
+"""The whole pipeline: `aligndiff synth` as a user runs it (its progress on a terminal, none
+when piped or --quiet), and `synthesize` on real shots."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +129,88 @@ def test_synth_will_not_write_into_a_folder_with_content(tmp_path: Path, model_c
 
     assert done.returncode == 2 and "not an empty folder" in done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+
+
+QUICK = ("--num-samples", "2", "--inversion-steps", "2", "--sampling-steps", "2")
+STAGES = ("inversion", "sampling", "scoring", "annotation")
+BAR = re.compile(r"\d+%\||it/s\]|s/it\]|\r")
+
+
+def run_cli_on_a_terminal(*args: str, cache: Path) -> tuple[int, str, str]:
+    """The command with its stderr on a terminal (80 columns) and its stdout piped: its exit
+    status, what the terminal showed and stdout."""
+    env = {**os.environ, "ALIGNDIFF_MODEL_CACHE_DIR": str(cache)}
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "aligndiff.cli", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        env=env,
+    )
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the command closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert process.stdout is not None
+    stdout = process.stdout.read().decode()
+    return process.wait(timeout=300), shown.decode(errors="replace"), stdout
+
+
+def test_synth_shows_a_bar_per_stage_on_a_terminal(tmp_path: Path, model_cache: Path) -> None:
+    out = tmp_path / "dog"
+
+    status, shown, _ = run_cli_on_a_terminal(
+        "synth", str(SHOTS_DIR / "dog"), "--class-name", "dog", "--out", str(out), *QUICK,
+        cache=model_cache,
+    )  # fmt: skip
+
+    assert status == 0, shown
+    assert "loading the models" in shown
+    for stage in STAGES:
+        assert re.search(rf"{stage}\s*: 100%\|", shown), (stage, shown)
+    assert "wrote 2 samples" in shown
+
+
+def test_synth_piped_shows_no_bar(tmp_path: Path, model_cache: Path) -> None:
+    out = tmp_path / "dog"
+
+    done = run_cli(
+        "synth", str(SHOTS_DIR / "dog"), "--class-name", "dog", "--out", str(out), *QUICK,
+        cache=model_cache,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    assert not BAR.search(done.stdout + done.stderr), done.stdout + done.stderr
+    assert done.stdout == f"wrote 2 samples to {out}\n"
+
+
+def test_synth_quiet_prints_nothing_but_errors(tmp_path: Path, model_cache: Path) -> None:
+    out = tmp_path / "dog"
+
+    # when: it runs --quiet on a terminal, and --quiet into a folder that is not empty
+    status, shown, stdout = run_cli_on_a_terminal(
+        "synth", str(SHOTS_DIR / "dog"), "--class-name", "dog", "--out", str(out), *QUICK,
+        "--quiet", cache=model_cache,
+    )  # fmt: skip
+    refused = run_cli(
+        "synth", str(SHOTS_DIR / "dog"), "--class-name", "dog", "--out", str(out), "--quiet",
+        cache=model_cache,
+    )  # fmt: skip
+
+    # then: the run shows nothing at all, and the refusal its error alone
+    assert status == 0 and (out / "samples.jsonl").is_file()
+    assert (shown, stdout) == ("", "")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("error: --out") and len(refused.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", ["dog", "albatross"])

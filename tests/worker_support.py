@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -304,6 +305,23 @@ def _pings(client: Any) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+# A run of hex digits longer than any id (a UUID has at most 12 in a row): a payload, such as
+# a PNG that Celery logged as the task's result.
+HEX_PAYLOAD = re.compile(r"[0-9a-fA-F]{64,}")
+# What a progress bar leaves in a log: its percentage and bar, or its rate.
+PROGRESS_BAR = re.compile(r"\d+%\||it/s\]|s/it\]")
+
+
+def unreadable_log_lines(log: str) -> list[str]:
+    """The lines of a worker's log that an operator should not have to read past: payloads
+    and progress bars."""
+    return [
+        line[:160]
+        for line in log.splitlines()
+        if HEX_PAYLOAD.search(line) or PROGRESS_BAR.search(line)
+    ]
 
 
 class WorkerProcess:

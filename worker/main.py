@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 from collections.abc import Sequence
@@ -16,6 +17,38 @@ from worker.recovery import install_sweeper
 
 POOLS = ("solo", "prefork")
 QUEUES = (JOBS_QUEUE, PREDICT_QUEUE)
+
+
+def worker_hostname(pid: int | None = None) -> str:
+    """The Celery node name of the worker process `pid` (this one by default): unique on the
+    machine, and what Celery's log lines name it by (`aligndiff serve` waits for its
+    "<name> ready.")."""
+    return f"aligndiff-{os.getpid() if pid is None else pid}@{socket.gethostname()}"
+
+
+class _WithoutResult(logging.Filter):
+    """Celery logs every task's return value when it succeeds (`celery.app.trace`): a
+    prediction's whole PNG, in hex. The line keeps its task, id and run time."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, dict) and "return_value" in record.args:
+            record.msg = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+        return True
+
+
+def quiet_worker_logs() -> None:
+    """Keep a worker's log to what an operator reads: no task results, and none of the model
+    libraries' progress bars ("Loading weights", "Writing model shards", …), which a worker
+    would log as warnings line by line (Celery logs what the process prints)."""
+    logging.getLogger("celery.app.trace").addFilter(_WithoutResult())
+    # NOTE: the worker imports these anyway, with its task modules.
+    import diffusers
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def run_worker(
@@ -47,13 +80,14 @@ def run_worker(
     app = make_celery(settings)
     install_heartbeat(app)
     install_sweeper(app)
+    quiet_worker_logs()
     app.worker_main(
         [
             "worker",
             f"--pool={pool}",
             f"--concurrency={concurrency}",
             f"--loglevel={loglevel}",
-            f"--hostname=aligndiff-{os.getpid()}@{socket.gethostname()}",
+            f"--hostname={worker_hostname()}",
             # NOTE: gossip, mingle and event heartbeats broadcast between workers; the jobs
             # need none of them, and the embedded SQLite broker cannot broadcast.
             "--without-gossip",

@@ -1,9 +1,13 @@
-"""Operations: liveness, readiness and Prometheus metrics (no API key: probes and scrapers
-call these; the metrics need the metrics token when the settings set one)."""
+"""Operations: the service's index, liveness, readiness and Prometheus metrics (no API key:
+people, probes and scrapers call these; the metrics need the metrics token when the settings
+set one)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import RedirectResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.deps import (
@@ -13,11 +17,40 @@ from service.api.deps import (
     StorageDep,
     require_metrics_token,
 )
+from service.api.docs import DOCS_PATH
 from service.api.responses import problem_responses
 from service.contexts import health
-from service.schemas import Health, Readiness
+from service.schemas import Health, Readiness, ServiceIndex
 
 router = APIRouter(tags=["operations"])
+
+DASHBOARD_PATH = "/admin"
+
+
+@router.get(
+    "/",
+    response_model=ServiceIndex,
+    responses={
+        307: {
+            "description": "To the dashboard, for a browser (its `Accept` names text/html).",
+            "headers": {"Location": {"schema": {"type": "string"}, "example": DASHBOARD_PATH}},
+        }
+    },
+)
+def service_index(request: Request) -> Any:
+    """Where this service's parts are: its docs, its OpenAPI document, the dashboard and the
+    health probe. A browser (whose `Accept` names text/html) is sent to the dashboard."""
+    if "text/html" in request.headers.get("accept", ""):
+        return RedirectResponse(DASHBOARD_PATH, status_code=307)
+    app = request.app
+    return ServiceIndex(
+        name=app.title,
+        version=app.version,
+        docs=DOCS_PATH,
+        openapi=app.openapi_url,
+        dashboard=DASHBOARD_PATH,
+        health="/healthz",
+    )
 
 
 @router.get("/healthz", response_model=Health)
