@@ -1,5 +1,6 @@
-"""Per-owner quotas: queued + running jobs (creates and retries, race-free), samples per
-class and stored upload bytes answer 429 with Retry-After; admins have none."""
+"""Per-owner quotas: queued + running jobs (creates and retries, race-free) answer 429 with
+Retry-After; samples per class and stored upload bytes, which waiting cannot lift, answer 422
+without one; admins have none."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from aligndiff_client import Client, RateLimited
+from aligndiff_client import Client, OverQuota
 from service.contexts.quotas import OVER_LASTING_QUOTA
 from service.models import Job, SegClass, Training
 from tests.api_support import (
@@ -33,11 +34,23 @@ NO_RATE_LIMITS = {"rate_limit_per_second": 0, "job_rate_limit_per_minute": 0}
 
 
 def assert_over_quota(response: httpx.Response, *, retry_after: int = 30) -> dict[str, object]:
+    """A refusal that lifts as jobs finish: 429, with the Retry-After the quota sets."""
     assert response.status_code == 429, response.text
     assert response.headers["content-type"] == "application/problem+json"
     assert response.headers["retry-after"] == str(retry_after)
     body: dict[str, object] = response.json()
     assert body["status"] == 429 and "quota" in str(body["detail"])
+    return body
+
+
+def assert_over_lasting_quota(response: httpx.Response) -> dict[str, object]:
+    """A refusal that waiting cannot lift: 422 without Retry-After (API.md), of its own type."""
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "retry-after" not in response.headers
+    body: dict[str, object] = response.json()
+    assert body["status"] == 422 and "quota" in str(body["detail"])
+    assert body["type"] == OVER_LASTING_QUOTA
     return body
 
 
@@ -134,7 +147,7 @@ def test_a_training_counts_against_the_concurrent_jobs(make_api: ApiFactory) -> 
 # --- samples per class ----------------------------------------------------------------------
 
 
-def test_more_samples_than_the_owners_quota_is_429_and_past_the_server_max_422(
+def test_more_samples_than_the_owners_quota_or_past_the_server_max_is_422(
     make_api: ApiFactory,
 ) -> None:
     api = make_api(quota_samples_per_class=10, max_num_samples=100, **NO_RATE_LIMITS)
@@ -144,8 +157,7 @@ def test_more_samples_than_the_owners_quota_is_429_and_past_the_server_max_422(
     at_quota = api.alice.post("/v1/classes", files=pair(), data=class_form(num_samples=10))
     admin = api.admin.post("/v1/classes", files=pair(), data=class_form(num_samples=50))
 
-    body = assert_over_quota(over_quota)
-    assert body["type"] == OVER_LASTING_QUOTA
+    body = assert_over_lasting_quota(over_quota)
     assert body["errors"] == [
         {"field": "num_samples", "message": "must be at most 10 for your key"}
     ]
@@ -174,7 +186,7 @@ def test_stored_upload_bytes_are_recorded_and_capped_until_classes_are_deleted(
     with api.session() as session:
         seg_class = session.get(SegClass, uuid.UUID(first.json()["id"]))
         assert seg_class is not None and seg_class.upload_bytes == size
-    body = assert_over_quota(second)
+    body = assert_over_lasting_quota(second)
     assert f"keep {size:,} bytes" in str(body["detail"])
     assert count(api, SegClass) == 1
 
@@ -199,7 +211,7 @@ def test_a_trainings_validation_set_counts_as_stored_upload_bytes(make_api: ApiF
     refused = api.alice.post("/v1/trainings", data=request, files=validation)
 
     # then
-    assert_over_quota(refused)
+    assert_over_lasting_quota(refused)
     assert count(api, Training) == 0
     assert api.blobs("trainings/") == []
 
@@ -246,7 +258,7 @@ def test_the_sdk_gives_up_at_once_on_a_quota_that_waiting_cannot_lift(
     image, mask = pair()[0][1][1], pair()[1][1][1]
 
     # when: the SDK asks for 3 samples
-    with sdk_for(api, "alice", sleeps.append) as client, pytest.raises(RateLimited) as refused:
+    with sdk_for(api, "alice", sleeps.append) as client, pytest.raises(OverQuota) as refused:
         client.create_class("dog", [image], [mask], num_samples=3)
 
     # then: it raises without waiting or trying again

@@ -63,8 +63,15 @@ class ValidationFailed(ApiError):
     """422: the request is not valid; `errors` names each field and what is wrong with it."""
 
 
+class OverQuota(ValidationFailed):
+    """422 with the problem type `urn:aligndiff:problem:over-quota`: over a cap that waiting
+    does not lift (samples per class, stored upload bytes); change the request or free space.
+    Never retried."""
+
+
 class RateLimited(ApiError):
-    """429: over quota or rate; `retry_after` is how many seconds the service asked to wait."""
+    """429: over a rate limit, or the jobs quota (it lifts as jobs finish); `retry_after` is how
+    many seconds the service asked to wait."""
 
 
 class ConnectionFailed(AlignDiffError):
@@ -104,6 +111,7 @@ class UnsafeArchive(AlignDiffError):
     path, a `..` component, a link or a device file); nothing was extracted."""
 
 
+OVER_QUOTA = "urn:aligndiff:problem:over-quota"
 _BY_STATUS: dict[int, type[ApiError]] = {
     401: Unauthorized,
     403: Forbidden,
@@ -124,6 +132,8 @@ def error_from_response(response: httpx.Response, *, retry_after: float | None =
     except ValueError:
         body = None
     if isinstance(body, dict) and ("title" in body or "detail" in body):
+        if status == 422 and body.get("type") == OVER_QUOTA:
+            cls = OverQuota
         errors = body.get("errors")
         return cls(
             status,

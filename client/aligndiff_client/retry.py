@@ -17,10 +17,9 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
+from aligndiff_client.errors import OVER_QUOTA
+
 _NOT_RETRIED_5XX = frozenset({501, 505})
-# The service's problem type for a 429 that only a different request can avoid (e.g. more
-# samples than the per-class quota).
-OVER_LASTING_QUOTA = "urn:aligndiff:problem:over-quota"
 
 
 def is_retryable(status: int) -> bool:
@@ -77,7 +76,8 @@ class RetryPolicy:
         if response is not None:
             if not is_retryable(response.status_code):
                 return None
-            if response.status_code == 429 and problem_type(response) == OVER_LASTING_QUOTA:
+            # NOTE: older servers answered a lasting quota 429, not 422: never wait on it.
+            if response.status_code == 429 and problem_type(response) == OVER_QUOTA:
                 return None
             asked = retry_after_seconds(response)
             if asked is not None:

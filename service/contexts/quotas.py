@@ -1,6 +1,7 @@
 """Per-owner quotas on GPU work: queued + running jobs, samples per class, and the bytes of
-the uploads an owner's classes and trainings keep. Over a quota answers 429 with
-`Retry-After`.
+the uploads an owner's classes and trainings keep. Over the jobs quota, which lifts as jobs
+finish, answers 429 with `Retry-After`; over a cap that waiting cannot lift (samples per class,
+stored bytes) answers 422 without one (API.md), with the problem type `OVER_LASTING_QUOTA`.
 
 `enforce` is called in the transaction that queues the job, after it has locked the owner's
 row: one owner's concurrent requests are then counted one after another, so N racing
@@ -42,7 +43,7 @@ def lock_owner(session: Session, owner_id: uuid.UUID) -> None:
 
 
 def check_samples(settings: Settings, *, num_samples: int, exempt: bool) -> None:
-    """429 when a class asks for more samples than an owner's quota per class."""
+    """422 when a class asks for more samples than an owner's quota per class."""
     cap = settings.quota_samples_per_class
     if exempt or cap == 0 or num_samples <= cap:
         return
@@ -64,10 +65,11 @@ class JobDemand:
 
 
 def enforce(session: Session, settings: Settings, demand: JobDemand, *, lock: bool = True) -> None:
-    """429 when one more queued job, keeping `demand.upload_bytes` more of uploads, would take
-    the owner over a quota. With `lock`, the owner's lock is taken first (see `lock_owner`):
-    the caller then adds its job in the same transaction, and the count stays true until it
-    commits. Without, it is an early check that saves a doomed request its work."""
+    """429 when one more queued job would take the owner over the jobs quota; 422 when keeping
+    `demand.upload_bytes` more of uploads would take it over the bytes quota. With `lock`, the
+    owner's lock is taken first (see `lock_owner`): the caller then adds its job in the same
+    transaction, and the count stays true until it commits. Without, it is an early check that
+    saves a doomed request its work."""
     if demand.exempt:
         return
     if lock:
@@ -120,11 +122,9 @@ def _over_quota(
     errors: list[dict[str, str]] | None = None,
     lasting: bool = False,
 ) -> Problem:
+    if lasting:
+        # NOTE: no Retry-After: waiting does not lift it, the request must change.
+        return Problem(422, detail, errors=errors, type_=OVER_LASTING_QUOTA, title="Over quota")
     return Problem(
-        429,
-        detail,
-        errors=errors,
-        headers={"Retry-After": str(settings.quota_retry_after_seconds)},
-        type_=OVER_LASTING_QUOTA if lasting else "about:blank",
-        title="Over quota" if lasting else None,
+        429, detail, errors=errors, headers={"Retry-After": str(settings.quota_retry_after_seconds)}
     )
