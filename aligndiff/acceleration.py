@@ -203,7 +203,9 @@ def measure_image_bytes(model: DiffusionModel, resolution: int, *, guided: bool 
     UNet step's (with capture) and the VAE decode's peak growth from 1 to 2 images."""
     device = model.device
     latent = resolution // model.vae_scale_factor
-    width = model.text_encoder.config.hidden_size
+    from aligndiff.conditioning import added_conditioning
+
+    width = sum(model.embedding_widths)
     length = model.tokenizer.model_max_length
     factor = 2 if guided else 1
     mode = model.acceleration.capture_attention
@@ -212,6 +214,11 @@ def measure_image_bytes(model: DiffusionModel, resolution: int, *, guided: bool 
         rows = factor * images
         latents = torch.zeros((rows, 4, latent, latent), device=device, dtype=model.dtype)
         states = torch.zeros((rows, length, width), device=device, dtype=model.dtype)
+        pooled = None
+        if model.text_encoder_2 is not None:  # SDXL: pooled text and size ids as well
+            pooled_width = int(model.text_encoder_2.config.projection_dim or 0)
+            pooled = torch.zeros((rows, pooled_width), device=device, dtype=model.dtype)
+        added = added_conditioning(pooled, resolution=resolution, dtype=model.dtype)
         capture = AttentionCapture(
             torch.ones(images, length), conditional_offset=rows - images if guided else 0
         )
@@ -219,14 +226,14 @@ def measure_image_bytes(model: DiffusionModel, resolution: int, *, guided: bool 
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         with torch.inference_mode(), capturing_cross_attention(model.unet, capture, mode=mode):
-            model.denoise(latents, torch.tensor(500, device=device), states)
+            model.denoise(latents, torch.tensor(500, device=device), states, added)
         unet = torch.cuda.max_memory_allocated(device) - base
         del latents, states, capture
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         with torch.inference_mode():
             model.vae.decode(
-                torch.zeros((images, 4, latent, latent), device=device, dtype=model.dtype)
+                torch.zeros((images, 4, latent, latent), device=device, dtype=model.vae.dtype)
             )
         vae = torch.cuda.max_memory_allocated(device) - base
         return max(unet, vae)

@@ -103,7 +103,8 @@ def synth(
         typer.Option(
             "--model",
             metavar="MODEL",
-            help="'tiny', a local diffusers folder or a hub id [env ALIGNDIFF_DIFFUSION_MODEL].",
+            help="'tiny', 'tiny-sd2', 'tiny-sdxl', a local diffusers folder (SD 1.x/2.x or "
+            "SDXL) or a hub id [env ALIGNDIFF_DIFFUSION_MODEL].",
         ),
     ] = None,
     device: Annotated[
@@ -145,7 +146,7 @@ def synth(
     ] = None,
     guidance_scale: Annotated[
         float | None,
-        typer.Option("--guidance-scale", min=1.0, metavar="SCALE", help="Default 7.5."),
+        typer.Option("--guidance-scale", min=1.0, metavar="SCALE", help="Default 7.5 (SDXL: 5.0)."),
     ] = None,
     resolution: Annotated[
         int | None,

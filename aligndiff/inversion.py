@@ -20,13 +20,14 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from aligndiff.conditioning import encode_prompts
+from aligndiff.conditioning import added_conditioning, encode_for_model, tokenize_for_model
 from aligndiff.masks import BoolMask
 from aligndiff.models.diffusion import DiffusionModel
 from aligndiff.names import PROMPT_STYLE, PromptStyle, inversion_prompt, inversion_token
-from aligndiff.prompts import INITIALIZER_WORD, tokenize_prompts
+from aligndiff.prompts import INITIALIZER_WORD
 
 Progress = Callable[[int, int], None]
 
@@ -63,8 +64,11 @@ class InversionConfig:
 @dataclass
 class InversionResult:
     token: str
-    embedding: torch.Tensor  # (D,) float32, on the CPU
+    # (D,) float32, on the CPU; SDXL: one vector per text encoder, concatenated (768 + 1280)
+    embedding: torch.Tensor
     losses: list[float] = field(default_factory=list)  # one per optimizer step
+    # Width per text encoder (`save_embedding`'s `widths`); empty: one encoder.
+    widths: list[int] = field(default_factory=list)
 
 
 def masked_diffusion_loss(
@@ -132,7 +136,7 @@ def encode_shots(
     if flip:
         pixels = torch.cat([pixels, pixels.flip(-1)])
         mask_tensor = torch.cat([mask_tensor, mask_tensor.flip(-1)])
-    posterior = model.vae.encode(pixels.to(model.device, model.dtype)).latent_dist
+    posterior = model.vae.encode(pixels.to(model.device, model.vae.dtype)).latent_dist
     latent_size = tuple(posterior.mean.shape[-2:])
     return InversionData(
         latent_mean=posterior.mean.float(),
@@ -175,9 +179,10 @@ class InversionObjective:
         self.model = model
         self.data = data
         self.lambda_bg = lambda_bg
-        self.tokens = tokenize_prompts(
-            model.tokenizer, [inversion_prompt(class_name, prompt_style)], class_name
+        self.tokens = tokenize_for_model(
+            model, [inversion_prompt(class_name, prompt_style)], class_name
         )
+        self.resolution = int(data.latent_mean.shape[-1]) * model.vae_scale_factor
         self.prediction_type = model.scheduler.config.get("prediction_type", "epsilon")
 
     def loss(
@@ -197,9 +202,12 @@ class InversionObjective:
         noise = noise.to(device)
         timesteps = timesteps.to(device)
         noisy = model.scheduler.add_noise(latents, noise, timesteps)
-        states = encode_prompts(model.text_encoder, self.tokens, embedding.to(model.dtype))
+        states, pooled = encode_for_model(model, self.tokens, embedding.to(model.dtype))
         states = states.expand(len(indices), -1, -1)
-        prediction = model.denoise(noisy.to(model.dtype), timesteps, states)
+        if pooled is not None:
+            pooled = pooled.expand(len(indices), -1)
+        added = added_conditioning(pooled, resolution=self.resolution, dtype=model.dtype)
+        prediction = model.denoise(noisy.to(model.dtype), timesteps, states, added)
         if self.prediction_type == "v_prediction":
             target = model.scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -208,11 +216,15 @@ class InversionObjective:
 
 
 def initial_embedding(model: DiffusionModel) -> torch.Tensor:
-    """The initializer word's input embedding (a copy), shape (D,)."""
-    (token_id,) = model.tokenizer(INITIALIZER_WORD, add_special_tokens=False).input_ids
-    weight = model.text_encoder.get_input_embeddings().weight
-    assert isinstance(weight, torch.Tensor)
-    return weight[token_id].detach().float().clone()
+    """The initializer word's input embedding (a copy), shape (D,); SDXL: its row in each text
+    encoder (by each tokenizer's id), concatenated, so both vectors train jointly."""
+    rows = []
+    for tokenizer, encoder in zip(model.tokenizers, model.text_encoders, strict=True):
+        (token_id,) = tokenizer(INITIALIZER_WORD, add_special_tokens=False).input_ids
+        weight = encoder.get_input_embeddings().weight
+        assert isinstance(weight, torch.Tensor)
+        rows.append(weight[token_id].detach().float().clone())
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 class InversionRun:
@@ -307,6 +319,7 @@ class InversionRun:
             token=self.result.token,
             embedding=self.embedding.detach().float().cpu().clone(),
             losses=list(self.result.losses),
+            widths=self.model.embedding_widths if self.model.family == "sdxl" else [],
         )
 
 
@@ -368,14 +381,43 @@ def invert(
     return run.current()
 
 
-def save_embedding(path: Path, token: str, embedding: torch.Tensor) -> None:
-    """Write `{token: (1, D) tensor}` safetensors: diffusers' `load_textual_inversion` format."""
-    save_file({token: embedding.detach().float().cpu().reshape(1, -1).contiguous()}, str(path))
+# SDXL's community embedding format: one (1, D) tensor per text encoder under these keys.
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
+
+
+def save_embedding(
+    path: Path, token: str, embedding: torch.Tensor, *, widths: Sequence[int] = ()
+) -> None:
+    """Write the learned token as safetensors that diffusers' `load_textual_inversion` reads.
+
+    SD (`widths` empty or one width): `{token: (1, D)}`. SDXL (`widths` of its two encoders,
+    `DiffusionModel.embedding_widths`): `{"clip_l": (1, 768), "clip_g": (1, 1280)}`, loaded with
+    one `load_textual_inversion` call per encoder; the token is kept in the file's metadata.
+    """
+    vector = embedding.detach().float().cpu().reshape(-1)
+    if len(widths) < 2:
+        save_file({token: vector.reshape(1, -1).contiguous()}, str(path))
+        return
+    if len(widths) != len(SDXL_EMBEDDING_KEYS) or sum(widths) != len(vector):
+        raise ValueError(f"a {len(vector)}-wide embedding does not split into widths {widths}")
+    parts = vector.split(list(widths))
+    state = {
+        key: part.reshape(1, -1).contiguous()
+        for key, part in zip(SDXL_EMBEDDING_KEYS, parts, strict=True)
+    }
+    save_file(state, str(path), metadata={"token": token})
 
 
 def load_embedding(path: Path) -> tuple[str, torch.Tensor]:
-    """Read an embedding written by `save_embedding`: (token, (D,) tensor)."""
+    """Read an embedding written by `save_embedding`: (token, (D,) tensor); for the SDXL
+    format the two vectors concatenated (clip_l, then clip_g), as inversion learns them."""
     state = load_file(str(path))
+    if set(state) == set(SDXL_EMBEDDING_KEYS):
+        with safe_open(str(path), framework="pt") as handle:
+            token = (handle.metadata() or {}).get("token")
+        if not token:
+            raise ValueError(f"{path} is an SDXL embedding without its token in the metadata")
+        return token, torch.cat([state[key].reshape(-1) for key in SDXL_EMBEDDING_KEYS])
     if len(state) != 1:
         raise ValueError(f"{path} holds {len(state)} tensors; expected one learned token")
     ((token, tensor),) = state.items()

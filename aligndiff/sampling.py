@@ -11,9 +11,14 @@ import torch
 from diffusers import DDIMScheduler
 
 from aligndiff.attention import AttentionCapture, capturing_cross_attention, finest_positions
-from aligndiff.conditioning import encode_prompts
+from aligndiff.conditioning import (
+    added_conditioning,
+    encode_for_model,
+    tokenize_for_model,
+    unconditional_for_model,
+)
 from aligndiff.models.diffusion import DiffusionModel
-from aligndiff.prompts import SampleSpec, tokenize_prompts
+from aligndiff.prompts import SampleSpec
 
 Progress = Callable[[int, int], None]
 
@@ -42,6 +47,11 @@ class SamplingConfig:
     def tiny(cls) -> SamplingConfig:
         """Scaled-down defaults for the tiny random model: exercise every path in seconds."""
         return cls(num_steps=5, batch_size=4)
+
+    @classmethod
+    def sdxl(cls) -> SamplingConfig:
+        """SDXL's defaults: its pipeline's CFG 5.0 (the native 1024 px comes from the model)."""
+        return cls(guidance_scale=5.0)
 
 
 @dataclass(frozen=True)
@@ -76,25 +86,24 @@ class Sampler:
         self.token_embedding = token_embedding
         self.config = config
         self.resolution = config.resolution or model.default_resolution
-        self._text_states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_states: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         with torch.inference_mode():
-            tokens = model.tokenizer(
-                [""],
-                padding="max_length",
-                max_length=model.tokenizer.model_max_length,
-                return_tensors="pt",
-            ).input_ids
-            self._uncond = model.text_encoder(tokens.to(model.device))[0]
+            self._uncond, self._uncond_pooled = unconditional_for_model(model)
 
-    def _prompt_state(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(text states (77, D), name-token weights (77,)) of one prompt, memoized."""
+    def _prompt_state(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(text states (77, D), name-token weights (77,), SDXL's pooled text (P,) or None) of
+        one prompt, memoized."""
         if prompt not in self._text_states:
-            tokens = tokenize_prompts(self.model.tokenizer, [prompt], self.class_name)
+            tokens = tokenize_for_model(self.model, [prompt], self.class_name)
             embedding = self.token_embedding
             if embedding is not None:
                 embedding = embedding.to(self.model.device, self.model.dtype)
-            states = encode_prompts(self.model.text_encoder, tokens, embedding)[0]
-            self._text_states[prompt] = (states, tokens.name_mask[0].float())
+            states, pooled = encode_for_model(self.model, tokens, embedding)
+            self._text_states[prompt] = (
+                states[0],
+                tokens[0].name_mask[0].float(),
+                None if pooled is None else pooled[0],
+            )
         return self._text_states[prompt]
 
     @torch.inference_mode()
@@ -142,11 +151,17 @@ class Sampler:
         latents = torch.cat([initial_noise(spec.seed, shape) for spec in specs])
         latents = latents.to(model.device) * scheduler.init_noise_sigma
         states = [self._prompt_state(spec.prompt) for spec in specs]
-        cond = torch.stack([s for s, _ in states])
-        name_weights = torch.stack([w for _, w in states])
+        cond = torch.stack([s for s, _, _ in states])
+        name_weights = torch.stack([w for _, w, _ in states])
         batch = len(specs)
         guided = config.guidance_scale > 1.0
         text = torch.cat([self._uncond.expand(batch, -1, -1), cond]) if guided else cond
+        pooled = None
+        if self._uncond_pooled is not None:
+            pooled = torch.stack([p for _, _, p in states if p is not None])
+            if guided:
+                pooled = torch.cat([self._uncond_pooled.expand(batch, -1), pooled])
+        added = added_conditioning(pooled, resolution=size, dtype=model.dtype)
         mode = model.acceleration.capture_attention
         capture = AttentionCapture(
             name_weights,
@@ -163,13 +178,14 @@ class Sampler:
             for t in scheduler.timesteps:
                 unet_in = torch.cat([latents, latents]) if guided else latents
                 unet_in = scheduler.scale_model_input(unet_in, t).to(model.dtype)
-                noise = model.denoise(unet_in, t, text).float()
+                noise = model.denoise(unet_in, t, text, added).float()
                 if guided:
                     uncond_noise, cond_noise = noise.chunk(2)
                     noise = uncond_noise + config.guidance_scale * (cond_noise - uncond_noise)
                 latents = scheduler.step(noise, t, latents).prev_sample
 
-        scaled = (latents / model.vae.config.scaling_factor).to(model.dtype)
+        # An SDXL VAE that asks for `force_upcast` was loaded in float32: decode in its dtype.
+        scaled = (latents / model.vae.config.scaling_factor).to(model.vae.dtype)
         decoded = model.vae.decode(scaled).sample
         pixels = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         images = pixels.permute(0, 2, 3, 1).cpu().numpy()

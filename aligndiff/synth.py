@@ -32,6 +32,7 @@ from aligndiff.masks import mask_to_image
 from aligndiff.models.backbone import load_backbone
 from aligndiff.models.clip import load_clip
 from aligndiff.models.diffusion import DiffusionModel, load_diffusion_model, resolve_dtype
+from aligndiff.models.family import TINY_FAMILIES, model_family
 from aligndiff.names import PROMPT_STYLE, PromptStyle
 from aligndiff.ood import OodConfig
 from aligndiff.prompts import prompt_bank
@@ -58,15 +59,21 @@ class SynthConfig:
 
     @classmethod
     def for_model(cls, diffusion_model: str) -> SynthConfig:
-        """Reference defaults, scaled down for the tiny random model (whose random features
-        cannot tell classes apart: its semantic check is off)."""
-        if diffusion_model == "tiny":
+        """Reference defaults per model family (SDXL: CFG 5.0), scaled down for the tiny random
+        models (whose random features cannot tell classes apart: their semantic check is off)."""
+        try:
+            family = model_family(diffusion_model)
+        except (OSError, ValueError):
+            # NOTE: loading the model raises the real error (unreadable, unsupported family).
+            family = "sd"
+        sampling = SamplingConfig.sdxl() if family == "sdxl" else SamplingConfig()
+        if diffusion_model in TINY_FAMILIES:
             return cls(
                 inversion=InversionConfig.tiny(),
-                sampling=SamplingConfig.tiny(),
+                sampling=replace(SamplingConfig.tiny(), guidance_scale=sampling.guidance_scale),
                 acceptance=AcceptanceConfig(enabled=False),
             )
-        return cls()
+        return cls(sampling=sampling)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SynthConfig:
@@ -476,7 +483,10 @@ def write_synthesis(result: SynthesisResult, out: Path) -> None:
         _atomic_png(Image.fromarray(sample.image), out / "images" / f"{stem}.png")
         _atomic_png(mask_to_image(sample.mask), out / "masks" / f"{stem}.png")
     save_embedding(
-        out / "embedding.safetensors", result.inversion.token, result.inversion.embedding
+        out / "embedding.safetensors",
+        result.inversion.token,
+        result.inversion.embedding,
+        widths=result.inversion.widths,
     )
     lines = "".join(json.dumps(s.public()) + "\n" for s in result.samples)
     _atomic_text(out / "samples.jsonl", lines)

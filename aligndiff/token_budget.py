@@ -26,9 +26,9 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from aligndiff.models.family import TINY_FAMILIES
 from aligndiff.models.tokenizer import BOS, CONTEXT_LENGTH, EOS, tiny_vocab_and_merges
 from aligndiff.names import PROMPT_STYLE, PromptStyle, inversion_prompt, prompt_parts, text_prompt
-from aligndiff.settings import TINY
 
 # The prompt's own tokens: the context less the start and end of text.
 PROMPT_TOKEN_LIMIT = CONTEXT_LENGTH - 2
@@ -180,9 +180,9 @@ _unavailable: dict[str, tuple[float, TokenizerUnavailable]] = {}
 
 @functools.lru_cache(maxsize=8)
 def _budget_for_model(spec: str) -> TokenBudget:
-    if spec == TINY:
-        # The tiny vocabulary is built in memory, exactly as the workers save it: the API
-        # needs no model cache of its own.
+    if spec in TINY_FAMILIES:
+        # The tiny vocabulary (every tiny model's tokenizers share it) is built in memory,
+        # exactly as the workers save it: the API needs no model cache of its own.
         vocab, merges = tiny_vocab_and_merges()
         return TokenBudget.from_vocab(vocab, [_merge_pair(rule) for rule in merges])
     local = Path(spec).expanduser()

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from aligndiff.conditioning import encode_prompts
+from aligndiff.inversion import InversionData, InversionObjective, initial_embedding
 from aligndiff.models.diffusion import (
+    TINY_SD2,
+    TINY_SDXL,
     DiffusionModel,
     load_diffusion_model,
     resolve_dtype,
     save_tiny_diffusion,
 )
+from aligndiff.models.family import UnsupportedModelError, model_family
 
 
 def unet_output(model: DiffusionModel) -> torch.Tensor:
@@ -71,3 +77,59 @@ def test_dtype_names_resolve_and_unknown_ones_are_refused() -> None:
     assert resolve_dtype("bfloat16") is torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("float8")
+
+
+def test_a_model_of_an_unsupported_family_fails_at_load_naming_it(tmp_path: Path) -> None:
+    # given: a diffusers folder of another pipeline family (the tiny SD, relabelled)
+    folder = tmp_path / "flux-like"
+    save_tiny_diffusion(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "FluxPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+    # then: loading it says which family it is and which ones are supported
+    with pytest.raises(UnsupportedModelError, match="FluxPipeline") as raised:
+        load_diffusion_model(str(folder), cache_dir=tmp_path / "unused")
+    assert "StableDiffusionPipeline" in str(raised.value)
+    assert "StableDiffusionXLPipeline" in str(raised.value)
+
+
+def test_tiny_models_have_their_family(model_cache: Path, tiny_sd: DiffusionModel) -> None:
+    # then: the family comes from the folder's model_index.json
+    assert tiny_sd.family == "sd" and model_family("tiny") == "sd"
+    sd2 = load_diffusion_model(TINY_SD2, cache_dir=model_cache)
+    assert sd2.family == "sd" and sd2.scheduler.config.prediction_type == "v_prediction"
+    sdxl = load_diffusion_model(TINY_SDXL, cache_dir=model_cache)
+    assert model_family(str(model_cache / "tiny-sdxl-v1")) == "sdxl"
+    assert sdxl.family == "sdxl" and sdxl.embedding_widths == [32, 64]
+    assert sdxl.unet.config.addition_embed_type == "text_time"
+    assert sdxl.vae.config.force_upcast and sdxl.tokenizer_2 is not None
+    assert sdxl.tokenizer_2.pad_token == "!"
+
+
+def test_the_v_prediction_inversion_loss_is_the_velocity_error(model_cache: Path) -> None:
+    # given: the tiny SD 2-style model and one toy latent whose left half is foreground
+    model = load_diffusion_model(TINY_SD2, cache_dir=model_cache)
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.randn((1, 4, 16, 16), generator=generator)
+    foreground = torch.zeros((1, 16, 16), dtype=torch.bool)
+    foreground[:, :, :8] = True
+    data = InversionData(latent_mean=mean, latent_std=torch.zeros_like(mean), foreground=foreground)
+    objective = InversionObjective(model, data, class_name="dog", lambda_bg=0.6)
+    embedding = initial_embedding(model)
+    noise = torch.randn((1, 4, 16, 16), generator=generator)
+    timestep = torch.tensor([700])
+
+    # when: the objective's loss is computed
+    loss = objective.loss(embedding, torch.tensor([0]), noise, timestep, torch.zeros_like(noise))
+
+    # then: it is the masked error against v = alpha_t·noise − sigma_t·x0, by hand
+    x0 = mean * model.vae.config.scaling_factor
+    alpha_bar = model.scheduler.alphas_cumprod[700]
+    alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    states = encode_prompts(model.text_encoder, objective.tokens[0], embedding)
+    with torch.no_grad():
+        prediction = model.unet(alpha * x0 + sigma * noise, timestep, states).sample
+    error = (prediction - (alpha * noise - sigma * x0)).pow(2).mean(dim=1)[0]
+    by_hand = error[:, :8].mean() + 0.6 * error[:, 8:].mean()
+    torch.testing.assert_close(loss.detach(), by_hand, rtol=1e-5, atol=1e-6)

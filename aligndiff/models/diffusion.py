@@ -1,8 +1,10 @@
 """Stable Diffusion components: real weights by local path or hub id, or a tiny random SD.
 
-Both go through one loading path (`from_pretrained` on a diffusers-layout folder or hub id):
-`tiny` is built once from config, saved in that layout under the model cache, then loaded
-like any other checkpoint.
+Two pipeline families are run (`aligndiff.models.family`): "sd" (1.x, and 2.x with its
+v-prediction) and "sdxl" (two text encoders, pooled text and size conditioning). Every model
+goes through one loading path (`from_pretrained` on a diffusers-layout folder or hub id): the
+tiny ones (`tiny`, `tiny-sd2`, `tiny-sdxl`) are built once from config, saved in that layout
+under the model cache, then loaded like any other checkpoint.
 """
 
 from __future__ import annotations
@@ -15,14 +17,22 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from aligndiff.acceleration import Acceleration, prepare
 from aligndiff.models.cache import cached_build
+from aligndiff.models.family import ModelFamily, model_family
 from aligndiff.models.tokenizer import BOS, CONTEXT_LENGTH, EOS, write_tiny_tokenizer
 from aligndiff.settings import TINY
 
 TINY_CACHE_NAME = "tiny-sd-v1"
+TINY_SD2 = "tiny-sd2"
+TINY_SDXL = "tiny-sdxl"
 TINY_SEED = 0
 
 # Stable Diffusion 1.x noise schedule; DDIM (eta 0) makes sampling a deterministic function of
@@ -37,11 +47,17 @@ SD_SCHEDULER_CONFIG = {
     "steps_offset": 1,
     "prediction_type": "epsilon",
 }
+# Stable Diffusion 2.x (768-v): the same schedule, the UNet predicts the velocity.
+SD2_SCHEDULER_CONFIG = {**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
 
 
 @dataclass
 class DiffusionModel:
-    """The frozen parts of a Stable Diffusion checkpoint, on one device and dtype."""
+    """The frozen parts of a Stable Diffusion checkpoint, on one device and dtype.
+
+    SDXL models (`family` "sdxl") also have a second text encoder and tokenizer (OpenCLIP
+    bigG, with a projection); their UNet takes pooled text and size conditioning as well.
+    """
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -56,14 +72,50 @@ class DiffusionModel:
     runner: Callable[[torch.Tensor, torch.Tensor | float, torch.Tensor], torch.Tensor] | None = None
     # Device memory per sampled image, by (resolution, guided): measured once ("auto" batch).
     image_bytes: dict[tuple[int, bool], int] = field(default_factory=dict)
+    family: ModelFamily = "sd"
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
 
     def denoise(
-        self, sample: torch.Tensor, timestep: torch.Tensor | float, states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        states: torch.Tensor,
+        added_cond: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The UNet's noise prediction for `sample` at `timestep` given text `states`."""
+        """The UNet's prediction (noise, or velocity for v-prediction models) for `sample` at
+        `timestep` given text `states` (and, for SDXL, `added_cond`: pooled text and time ids)."""
+        if added_cond is not None:
+            # NOTE: the compiled, bucketed runner is built for SD's signature; SDXL's extra
+            # conditioning goes to the UNet itself.
+            return self.unet(
+                sample, timestep, encoder_hidden_states=states, added_cond_kwargs=added_cond
+            ).sample
         if self.runner is not None:
             return self.runner(sample, timestep, states)
         return self.unet(sample, timestep, encoder_hidden_states=states).sample
+
+    @property
+    def text_encoders(self) -> list[CLIPTextModel]:
+        """The text encoders, in the order their states are concatenated."""
+        encoders: list[CLIPTextModel] = [self.text_encoder]
+        if self.text_encoder_2 is not None:
+            encoders.append(self.text_encoder_2)  # type: ignore[arg-type]
+        return encoders
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        """The tokenizers, one per text encoder."""
+        tokenizers = [self.tokenizer]
+        if self.tokenizer_2 is not None:
+            tokenizers.append(self.tokenizer_2)
+        return tokenizers
+
+    @property
+    def embedding_widths(self) -> list[int]:
+        """Token-embedding width per text encoder: a learned token is one vector per encoder,
+        concatenated in this order ([768] for SD 1.5, [768, 1280] for SDXL)."""
+        return [int(encoder.config.hidden_size) for encoder in self.text_encoders]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -75,7 +127,7 @@ class DiffusionModel:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
 
-def tiny_unet() -> UNet2DConditionModel:
+def tiny_unet(**overrides: Any) -> UNet2DConditionModel:
     """SD-shaped UNet: cross-attention at three resolutions plus the mid block."""
     return UNet2DConditionModel(
         sample_size=16,
@@ -98,10 +150,34 @@ def tiny_unet() -> UNet2DConditionModel:
         cross_attention_dim=64,
         attention_head_dim=2,
         norm_num_groups=32,
+        **overrides,
     )
 
 
-def tiny_vae() -> AutoencoderKL:
+def tiny_sdxl_unet(*, cross_attention_dim: int, pooled_dim: int) -> UNet2DConditionModel:
+    """SDXL-shaped UNet: no attention at the finest level, cross-attention at the next two
+    (64 and 32 latent positions a side at 1024 px) plus the mid block, and "text_time" added
+    conditioning (pooled text + six size ids)."""
+    time_embed_dim = 8
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=2,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
+        norm_num_groups=32,
+    )
+
+
+def tiny_vae(**overrides: Any) -> AutoencoderKL:
     """SD-shaped VAE: four blocks, so the same 8x downscale and 4 latent channels."""
     return AutoencoderKL(
         in_channels=3,
@@ -112,42 +188,58 @@ def tiny_vae() -> AutoencoderKL:
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=32,
-        sample_size=128,
-        scaling_factor=0.18215,
+        **{"sample_size": 128, "scaling_factor": 0.18215, **overrides},
     )
 
 
-def tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+def tiny_text_config(tokenizer: CLIPTokenizer, **overrides: Any) -> CLIPTextConfig:
     bos, eos = (int(tokenizer.convert_tokens_to_ids(t)) for t in (BOS, EOS))  # type: ignore[arg-type]
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=CONTEXT_LENGTH,
-        projection_dim=64,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    return CLIPTextModel(config)
+    settings: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": CONTEXT_LENGTH,
+        "projection_dim": 64,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": eos,
+    }
+    return CLIPTextConfig(**{**settings, **overrides})
+
+
+def tiny_text_encoder(tokenizer: CLIPTokenizer, **overrides: Any) -> CLIPTextModel:
+    return CLIPTextModel(tiny_text_config(tokenizer, **overrides))
 
 
 def save_tiny_diffusion(directory: Path) -> None:
     """Build the tiny random SD (deterministically) and save it in the diffusers layout."""
+    _save_tiny_sd(directory, v_prediction=False)
+
+
+def save_tiny_sd2(directory: Path) -> None:
+    """The tiny random SD 2.x-style model: v-prediction, linear attention projections and an
+    OpenCLIP-style (GELU) text encoder, saved in the diffusers layout."""
+    _save_tiny_sd(directory, v_prediction=True)
+
+
+def _save_tiny_sd(directory: Path, *, v_prediction: bool) -> None:
     write_tiny_tokenizer(directory / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(str(directory / "tokenizer"))
+    unet_options: dict[str, Any] = {"use_linear_projection": True} if v_prediction else {}
+    text_options: dict[str, Any] = {"hidden_act": "gelu"} if v_prediction else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         parts: dict[str, Any] = {
-            "unet": tiny_unet(),
+            "unet": tiny_unet(**unet_options),
             "vae": tiny_vae(),
-            "text_encoder": tiny_text_encoder(tokenizer),
+            "text_encoder": tiny_text_encoder(tokenizer, **text_options),
         }
     for name, part in parts.items():
         part.save_pretrained(str(directory / name))
-    DDIMScheduler(**SD_SCHEDULER_CONFIG).save_pretrained(str(directory / "scheduler"))
+    scheduler_config = SD2_SCHEDULER_CONFIG if v_prediction else SD_SCHEDULER_CONFIG
+    DDIMScheduler(**scheduler_config).save_pretrained(str(directory / "scheduler"))
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.35.0",
@@ -161,6 +253,58 @@ def save_tiny_diffusion(directory: Path) -> None:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (directory / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def save_tiny_sdxl(directory: Path) -> None:
+    """Build the tiny random SDXL (deterministically) and save it in the diffusers layout: two
+    CLIP text encoders (the second with a projection, its tokenizer padding with "!"), a
+    "text_time" UNet, a VAE that asks for float32 decoding, and DDIM (deterministic sampling)."""
+    write_tiny_tokenizer(directory / "tokenizer")
+    write_tiny_tokenizer(directory / "tokenizer_2", pad_token="!")
+    tokenizer = CLIPTokenizer.from_pretrained(str(directory / "tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(directory / "tokenizer_2"))
+    pad_2 = int(tokenizer_2.pad_token_id)  # type: ignore[arg-type]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        text_encoder = tiny_text_encoder(tokenizer, hidden_size=32, intermediate_size=64)
+        text_encoder_2 = CLIPTextModelWithProjection(
+            tiny_text_config(tokenizer_2, hidden_act="gelu", pad_token_id=pad_2)
+        )
+        parts: dict[str, Any] = {
+            "unet": tiny_sdxl_unet(
+                cross_attention_dim=32 + 64,
+                pooled_dim=int(text_encoder_2.config.projection_dim or 0),
+            ),
+            "vae": tiny_vae(force_upcast=True, scaling_factor=0.13025),
+            "text_encoder": text_encoder,
+            "text_encoder_2": text_encoder_2,
+        }
+    for name, part in parts.items():
+        part.save_pretrained(str(directory / name))
+    DDIMScheduler(**SD_SCHEDULER_CONFIG).save_pretrained(str(directory / "scheduler"))
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.35.0",
+        "feature_extractor": [None, None],
+        "force_zeros_for_empty_prompt": True,
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+# The tiny models by name: (cache folder, builder).
+TINY_BUILDS: dict[str, tuple[str, Callable[[Path], None]]] = {
+    TINY: (TINY_CACHE_NAME, save_tiny_diffusion),
+    TINY_SD2: ("tiny-sd2-v1", save_tiny_sd2),
+    TINY_SDXL: ("tiny-sdxl-v1", save_tiny_sdxl),
+}
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -189,26 +333,47 @@ def load_diffusion_model(
     cache_dir: Path,
     acceleration: Acceleration | None = None,
 ) -> DiffusionModel:
-    """Load a Stable Diffusion checkpoint (`tiny`, a local diffusers folder or a hub id).
+    """Load a Stable Diffusion or SDXL checkpoint (`tiny`, `tiny-sd2`, `tiny-sdxl`, a local
+    diffusers folder or a hub id).
 
-    Every module is frozen (eval mode, no gradients) and placed on `device` in `dtype`;
-    `acceleration` (default: none) is applied last.
+    Every module is frozen (eval mode, no gradients) and placed on `device` in `dtype` (an SDXL
+    VAE whose config asks for `force_upcast` stays float32); `acceleration` (default: none) is
+    applied last. Raises `aligndiff.models.family.UnsupportedModelError` (a ValueError) for a
+    pipeline family other than SD and SDXL, naming it and the supported ones.
     """
-    source = (
-        str(cached_build(cache_dir, TINY_CACHE_NAME, save_tiny_diffusion)) if spec == TINY else spec
-    )
+    if spec in TINY_BUILDS:
+        name, build = TINY_BUILDS[spec]
+        source = str(cached_build(cache_dir, name, build))
+    else:
+        source = spec
+    family = model_family(source)
     torch_dtype = resolve_dtype(dtype)
     torch_device = torch.device(device)
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype)
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype)
+    vae_dtype = torch_dtype
+    if family == "sdxl" and AutoencoderKL.load_config(source, subfolder="vae").get(
+        "force_upcast", False
+    ):
+        # NOTE: SDXL's VAE overflows in float16; its pipeline decodes in float32, and so do we.
+        vae_dtype = torch.float32
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype)
     text_encoder = CLIPTextModel.from_pretrained(
         source, subfolder="text_encoder", torch_dtype=torch_dtype
     )
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    text_encoder_2 = tokenizer_2 = None
+    if family == "sdxl":
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            source, subfolder="text_encoder_2", torch_dtype=torch_dtype
+        )
+        tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")
     # NOTE: whatever scheduler the checkpoint ships (PNDM for SD 1.5), sampling uses DDIM with
     # the checkpoint's noise schedule: deterministic, and the reference's sampler.
     scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")
-    for module in (unet, vae, text_encoder):
+    modules: list[torch.nn.Module] = [unet, vae, text_encoder]
+    if text_encoder_2 is not None:
+        modules.append(text_encoder_2)
+    for module in modules:
         module.requires_grad_(False)
         module.eval()
         module.to(torch_device)  # type: ignore[arg-type]
@@ -221,5 +386,8 @@ def load_diffusion_model(
         model_id=spec,
         device=torch_device,
         dtype=torch_dtype,
+        family=family,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
     )
     return prepare(model, acceleration or Acceleration())

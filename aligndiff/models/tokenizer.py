@@ -90,8 +90,9 @@ def tiny_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-def write_tiny_tokenizer(directory: Path) -> None:
-    """Write the tiny tokenizer in the standard `save_pretrained` layout."""
+def write_tiny_tokenizer(directory: Path, *, pad_token: str = EOS) -> None:
+    """Write the tiny tokenizer in the standard `save_pretrained` layout. `pad_token`: EOS as
+    in SD's tokenizer, or "!" as in SDXL's second (OpenCLIP) tokenizer."""
     from transformers import CLIPTokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -104,5 +105,6 @@ def write_tiny_tokenizer(directory: Path) -> None:
         vocab=str(directory / "vocab.json"),
         merges=str(directory / "merges.txt"),
         model_max_length=CONTEXT_LENGTH,
+        pad_token=pad_token,
     )
     tokenizer.save_pretrained(str(directory))
