@@ -170,16 +170,25 @@ def worker(
         typer.Option(
             "--queues",
             metavar="QUEUES",
-            help="Comma-separated: aligndiff (jobs), aligndiff.predict (predictions). "
-            "Default: both.",
+            help="Comma-separated: aligndiff (jobs: training, and the synthesis of its "
+            "model's classes), aligndiff.predict (predictions). Default: both.",
         ),
     ] = "",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            metavar="NAME",
+            help="The model it loads and synthesizes classes of: a name in ALIGNDIFF_MODELS. "
+            "Default: the first [env ALIGNDIFF_WORKER_MODEL].",
+        ),
+    ] = None,
 ) -> None:
-    """Run a Celery worker (GPU work), one per GPU."""
+    """Run a Celery worker (GPU work), one per GPU, serving one of the deployment's models."""
     from worker.main import run_worker
 
     run_worker(
-        Settings(),
+        Settings() if model is None else Settings(worker_model=model),
         concurrency=concurrency,
         pool=pool,
         loglevel=loglevel,

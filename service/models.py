@@ -156,6 +156,9 @@ class SegClass(Base):
     embedding_key: Mapped[str | None] = mapped_column(String(512), default=None)
     prototypes_key: Mapped[str | None] = mapped_column(String(512), default=None)
     model_ids: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The deployment model (a name in ALIGNDIFF_MODELS) whose workers synthesize it; null for
+    # classes from before models were named: the deployment's default model.
+    model: Mapped[str | None] = mapped_column(String(64), default=None)
     # The background weight of the inversion loss: the value used (None while `auto` has not
     # chosen yet), and whether it is chosen per class by trial inversions (`tuning` holds them).
     bg_lambda: Mapped[float | None] = mapped_column(Float, default=None)
@@ -288,3 +291,5 @@ class WorkerHeartbeat(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     current_job_id: Mapped[uuid.UUID | None] = mapped_column(default=None)
+    # The model it serves (`Settings.served_model`); null for rows from before models were named.
+    model: Mapped[str | None] = mapped_column(String(64), default=None)

@@ -6,6 +6,16 @@ from __future__ import annotations
 from contextlib import suppress
 from typing import Any, Protocol
 
+# A class's synthesis tasks go to its model's queue, which only the workers serving that model
+# consume (`aligndiff worker --model NAME`); training and predictions need no diffusion model
+# and keep the shared queues (`worker.celery_app`).
+SYNTHESIS_QUEUE_PREFIX = "aligndiff.synthesis."
+
+
+def synthesis_queue(model: str) -> str:
+    """The queue of the synthesis tasks of the classes of deployment model `model`."""
+    return SYNTHESIS_QUEUE_PREFIX + model
+
 
 class TaskTimeout(Exception):
     """No worker answered in time (none free, or none consuming the task's queue)."""
@@ -20,7 +30,7 @@ class TaskFailed(Exception):
 
 
 class TaskQueue(Protocol):
-    def enqueue(self, task_name: str, *args: Any) -> None: ...
+    def enqueue(self, task_name: str, *args: Any, queue: str | None = None) -> None: ...
 
     def call(self, task_name: str, *args: Any, timeout: float) -> Any: ...
 
@@ -31,11 +41,13 @@ class CeleryQueue:
     def __init__(self, celery_app: Any) -> None:
         self.celery_app = celery_app
 
-    def enqueue(self, task_name: str, *args: Any) -> None:
+    def enqueue(self, task_name: str, *args: Any, queue: str | None = None) -> None:
+        """Send a task to `queue`, or to its route's (`worker.celery_app`) when None."""
+        options: dict[str, Any] = {} if queue is None else {"queue": queue}
         # NOTE: nobody waits for a job task's result. Without `ignore_result`, every send also
         # subscribes to the result backend for its answer: one subscription per task, and, with
         # the broker's Redis down, a send held ~20 s by the backend's reconnects.
-        self.celery_app.send_task(task_name, args=list(args), ignore_result=True)
+        self.celery_app.send_task(task_name, args=list(args), ignore_result=True, **options)
 
     def call(self, task_name: str, *args: Any, timeout: float) -> Any:
         """Send a task and return its result, waiting `timeout` seconds at most.
@@ -89,12 +101,16 @@ class RecordingQueue:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, tuple[Any, ...]]] = []
+        # The queue each sent task was sent to (None: its route's), in the order of `sent`.
+        self.queues: list[str | None] = []
 
-    def enqueue(self, task_name: str, *args: Any) -> None:
+    def enqueue(self, task_name: str, *args: Any, queue: str | None = None) -> None:
         self.sent.append((task_name, args))
+        self.queues.append(queue)
 
     def call(self, task_name: str, *args: Any, timeout: float) -> Any:
         self.sent.append((task_name, args))
+        self.queues.append(None)
         raise TaskTimeout("no worker runs this queue's tasks")
 
     def ping(self) -> None:

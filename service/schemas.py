@@ -47,6 +47,9 @@ class ClassPublic(BaseModel):
     num_samples_done: int
     num_accepted: int
     clip_score_mean: float | None
+    model: str = Field(
+        description="The deployment model (`GET /v1/models`) that synthesizes the class."
+    )
     bg_lambda: float | None = Field(
         description="The inversion's background weight the class uses (null while `auto` "
         "has not chosen yet)."
@@ -148,12 +151,31 @@ class ClassCreate(BaseModel):
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, description="The class seed; random when absent."
     )
+    model: str | None = Field(
+        default=None,
+        max_length=64,
+        description="One of the deployment's models (`GET /v1/models`). Default: the first.",
+    )
     bg_lambda: BgLambda | None = Field(
         default=None,
         description="The inversion's background weight in [0, 2], or `auto`: short trial "
         "inversions at several values, the best kept by the acceptance signals of a few trial "
         "samples. Default: the server's (0.6).",
     )
+
+
+class ModelPublic(BaseModel):
+    """One of the deployment's diffusion models."""
+
+    name: str = Field(description="What a class's `model` field names it by.")
+    family: Literal["sd", "sdxl"] = Field(description="Stable Diffusion 1.x/2.x, or SDXL.")
+    default_resolution: int = Field(description="The side its UNet was trained at, in pixels.")
+
+
+class ModelsPublic(BaseModel):
+    """`GET /v1/models`: the deployment's models, the default first."""
+
+    items: list[ModelPublic]
 
 
 class ServiceIndex(BaseModel):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 
 from aligndiff.settings import Settings as CoreSettings
+
+# The one model's name in a deployment that does not set ALIGNDIFF_MODELS.
+DEFAULT_MODEL = "default"
+MODEL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _data_dir() -> Path:
@@ -89,6 +94,14 @@ class Settings(CoreSettings):
     # leave-one-shot-out folds, each one more training of the segmenter.
     eval_max_folds: int = Field(default=5, ge=2)
 
+    # The deployment's diffusion models, name → spec (`tiny`, a local folder or a hub id), as
+    # JSON: `{"sd15": "tiny", "sdxl": "tiny-sdxl"}`; the first is the default for new classes.
+    # Unset: one model, "default", whose spec is ALIGNDIFF_DIFFUSION_MODEL.
+    models: dict[str, str] | None = None
+    # The model a worker process serves (a name in `models`; unset: the default): it loads that
+    # model only and draws only its classes' synthesis tasks (`aligndiff worker --model`).
+    worker_model: str | None = None
+
     # Workers
     sample_chunk_size: int = 8
     annotation_chunk_size: int = 32
@@ -114,6 +127,39 @@ class Settings(CoreSettings):
                 "a live worker's late beat would have its job taken over"
             )
         return self
+
+    @model_validator(mode="after")
+    def _worker_loads_the_model_it_serves(self) -> Settings:
+        if self.models is not None and not self.models:
+            raise ValueError("ALIGNDIFF_MODELS must name at least one model")
+        # A model's name is part of its queue's name and of URLs' query strings.
+        bad = [name for name in self.models or () if not MODEL_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"model names must match {MODEL_NAME.pattern}, got {bad}")
+        served = self.served_models
+        if self.worker_model is not None and self.worker_model not in served:
+            raise ValueError(
+                f"unknown model {self.worker_model!r}: this deployment serves {', '.join(served)}"
+            )
+        # NOTE: the worker's model is what `diffusion_model` names everywhere else (model
+        # loading, tokenizer, defaults), so one process loads one model.
+        self.diffusion_model = served[self.served_model]
+        return self
+
+    @property
+    def served_models(self) -> dict[str, str]:
+        """The deployment's models, name → spec, the default first."""
+        return dict(self.models) if self.models else {DEFAULT_MODEL: self.diffusion_model}
+
+    @property
+    def default_model(self) -> str:
+        """The name of the model a class gets when it names none."""
+        return next(iter(self.served_models))
+
+    @property
+    def served_model(self) -> str:
+        """The name of the model this process serves as a worker."""
+        return self.worker_model or self.default_model
 
     @property
     def resolved_database_url(self) -> str:

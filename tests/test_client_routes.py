@@ -78,6 +78,7 @@ SDK_ROUTES: dict[tuple[str, str], tuple[str, Call]] = {
     ("POST", "/v1/keys"): ("create_key", lambda c, _: c.create_key("ci")),
     ("GET", "/v1/keys"): ("list_keys", lambda c, _: next(c.list_keys())),
     ("DELETE", "/v1/keys/{key_id}"): ("revoke_key", lambda c, _: c.revoke_key(ID)),
+    ("GET", "/v1/models"): ("models", lambda c, _: c.models()),
 }
 # Routes of the contract (API.md) that the SDK may call before this service serves them.
 AHEAD_OF_THE_SERVICE: frozenset[tuple[str, str]] = frozenset()

@@ -486,7 +486,7 @@ def test_a_starting_worker_takes_over_orphaned_jobs_only(tmp_path: Path) -> None
 class UnreachableBroker:
     """A task queue whose broker does not answer."""
 
-    def enqueue(self, task_name: str, *args: object) -> None:
+    def enqueue(self, task_name: str, *args: object, queue: str | None = None) -> None:
         raise BrokerError(f"Error 111 connecting to the broker: cannot send {task_name}")
 
 

@@ -159,7 +159,7 @@ class InProcessQueue:
     pending: deque[tuple[str, tuple[Any, ...]]] = field(default_factory=deque)
     sent: Counter[str] = field(default_factory=Counter)
 
-    def enqueue(self, task_name: str, *args: Any) -> None:
+    def enqueue(self, task_name: str, *args: Any, queue: str | None = None) -> None:
         self.sent[task_name] += 1
         self.pending.append((task_name, args))
 
@@ -198,10 +198,10 @@ def in_process_app(
     *,
     sample_chunk_size: int,
     deliveries: int = 1,
-    **settings: Any,
+    **overrides: Any,
 ) -> tuple[AlignDiffCelery, InProcessQueue, Service]:
-    """The worker's Celery app on SQLite and a local blob folder (and any other `settings`),
-    its tasks run in process."""
+    """The worker's Celery app on SQLite and a local blob folder (and any other settings in
+    `overrides`), its tasks run in process."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     settings = Settings(
         data_dir=tmp_path,
@@ -210,7 +210,7 @@ def in_process_app(
         storage_url=f"file://{tmp_path / 'blobs'}",
         sample_chunk_size=sample_chunk_size,
         annotation_chunk_size=2,
-        **settings,
+        **overrides,
     )
     queue = InProcessQueue(deliveries=deliveries)
     app = make_celery(settings, queue=queue, models=models)
@@ -325,16 +325,25 @@ def unreadable_log_lines(log: str) -> list[str]:
 
 
 class WorkerProcess:
-    """`python -m worker.main` in its own process group, logging to a file."""
+    """`python -m worker.main` in its own process group, logging to a file (serving `model`,
+    a name in ALIGNDIFF_MODELS, when given)."""
 
     def __init__(
-        self, env: dict[str, str], log: Path, *, pool: str, concurrency: int, queues: str = ""
+        self,
+        env: dict[str, str],
+        log: Path,
+        *,
+        pool: str,
+        concurrency: int,
+        queues: str = "",
+        model: str = "",
     ) -> None:
         self.log = log
         self._log_handle = log.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "worker.main", f"--pool={pool}",
-             f"--concurrency={concurrency}", "--loglevel=INFO", f"--queues={queues}"],
+             f"--concurrency={concurrency}", "--loglevel=INFO", f"--queues={queues}",
+             *([f"--model={model}"] if model else [])],
             env=env,
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,

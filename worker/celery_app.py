@@ -7,14 +7,16 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
+from service.queue import synthesis_queue
 from service.settings import Settings
 from worker.context import WorkerContext
 
 TASK_MODULES = ["worker.tasks"]
 
-# The queues every worker consumes: the jobs' tasks, and the predictions the API waits on,
-# which get a queue of their own so that they are not served after every sampling chunk
-# already queued.
+# The queues every worker consumes: the jobs' tasks (training), and the predictions the API
+# waits on, which get a queue of their own so that they are not served after every sampling
+# chunk already queued. A worker also consumes its model's synthesis queue
+# (`service.queue.synthesis_queue`): the senders name it, from the class's model.
 JOBS_QUEUE = "aligndiff"
 PREDICT_QUEUE = "aligndiff.predict"
 PREDICT_TASK = "aligndiff.training.predict"
@@ -61,7 +63,11 @@ def make_celery(settings: Settings, **context: Any) -> AlignDiffCelery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=JOBS_QUEUE,
-        task_queues=[Queue(JOBS_QUEUE), Queue(PREDICT_QUEUE)],
+        task_queues=[
+            Queue(JOBS_QUEUE),
+            Queue(PREDICT_QUEUE),
+            Queue(synthesis_queue(settings.served_model)),
+        ],
         task_routes={PREDICT_TASK: {"queue": PREDICT_QUEUE}},
         result_expires=RESULT_EXPIRES_SECONDS,
         broker_transport_options=transport_options,

@@ -81,7 +81,11 @@ class Heartbeat:
             updated = session.execute(
                 update(WorkerHeartbeat)
                 .where(WorkerHeartbeat.name == self.name)
-                .values(last_seen_at=now, current_job_id=self._job_id)
+                .values(
+                    last_seen_at=now,
+                    current_job_id=self._job_id,
+                    model=self.ctx.settings.served_model,
+                )
             )
             if updated.rowcount:  # type: ignore[attr-defined]
                 return
@@ -95,6 +99,7 @@ class Heartbeat:
                         started_at=self.started_at,
                         last_seen_at=now,
                         current_job_id=self._job_id,
+                        model=self.ctx.settings.served_model,
                     )
                 )
         except IntegrityError:

@@ -10,12 +10,15 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from service.queue import synthesis_queue
 from service.settings import Settings, describe_invalid_settings
 from worker.celery_app import JOBS_QUEUE, PREDICT_QUEUE, make_celery
 from worker.heartbeat import install_heartbeat
 from worker.recovery import install_sweeper
 
 POOLS = ("solo", "prefork")
+# What `--queues` may name: the jobs (training, and the synthesis of this worker's model's
+# classes) and the predictions.
 QUEUES = (JOBS_QUEUE, PREDICT_QUEUE)
 
 
@@ -68,7 +71,9 @@ def run_worker(
     (`worker.recovery`). Every process that runs tasks writes a heartbeat (`worker.heartbeat`).
 
     It consumes every queue in `QUEUES`, or only `queues`: `["aligndiff.predict"]` makes a
-    worker that serves predictions only, so that they never wait for a job's task.
+    worker that serves predictions only, so that they never wait for a job's task. The jobs'
+    queue comes with the synthesis queue of the model it serves (`settings.served_model`,
+    the model it loads), so that it draws only that model's classes.
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -77,6 +82,10 @@ def run_worker(
     unknown = sorted(set(queues) - set(QUEUES))
     if unknown:
         raise ValueError(f"unknown queues {unknown}: choose among {list(QUEUES)}")
+    consumed = [
+        *queues,
+        *([synthesis_queue(settings.served_model)] if JOBS_QUEUE in queues else []),
+    ]
     app = make_celery(settings)
     install_heartbeat(app)
     install_sweeper(app)
@@ -93,7 +102,7 @@ def run_worker(
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
-            *([f"--queues={','.join(queues)}"] if queues else []),
+            *([f"--queues={','.join(consumed)}"] if consumed else []),
         ]
     )
 
@@ -106,12 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--pool", choices=POOLS, default="solo")
     parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument("--model", default=None, help="the model it serves; default the first")
     parser.add_argument(
         "--queues", default="", help=f"comma-separated, among {', '.join(QUEUES)}; default all"
     )
     args = parser.parse_args(argv)
     try:
-        settings = Settings()
+        settings = Settings() if args.model is None else Settings(worker_model=args.model)
     except ValidationError as error:
         parser.exit(2, f"error: {describe_invalid_settings(error)}\n")
     run_worker(

@@ -67,6 +67,7 @@ from service.contexts.jobs import (
 )
 from service.models import Job, Sample, SegClass, utcnow
 from service.models import Shot as ShotRow
+from service.queue import synthesis_queue
 from service.storage import class_key, png_bytes, sample_key
 from worker import recovery
 from worker.context import ThrottledProgress, WorkerContext
@@ -111,6 +112,8 @@ class ClassInfo:
     bg_lambda: float | None
     bg_lambda_auto: bool
     acceptance: dict[str, Any] | None
+    # The deployment model whose queue its tasks go to (`service.queue.synthesis_queue`).
+    model: str
 
 
 # Steps: one per task.
@@ -321,6 +324,28 @@ def dispatch(ctx: WorkerContext, info: ClassInfo) -> None:
     _fan_out(ctx, info, stage)
 
 
+def send_to_its_model(ctx: WorkerContext, task_name: str, args: Sequence[Any]) -> bool:
+    """Send a task of another model's class on to that model's queue (True), or leave it to
+    this worker (False): one that serves the class's model.
+
+    NOTE: senders route every synthesis task to its model's queue, so this only meets tasks
+    sent before the deployment named its models (to the shared jobs queue, which every worker
+    consumes): they are passed on rather than run on this worker's weights, or failed by the
+    `model_ids` check.
+    """
+    job_id = uuid.UUID(str(args[0]))
+    with ctx.session() as session:
+        model = session.scalar(
+            select(SegClass.model).join(Job, Job.target_id == SegClass.id).where(Job.id == job_id)
+        )
+    model = model or ctx.settings.default_model
+    if model == ctx.settings.served_model:
+        return False
+    log.info("job %s is of model %s: task %s sent to its queue", job_id, model, task_name)
+    ctx.queue.enqueue(task_name, *args, queue=synthesis_queue(model))
+    return True
+
+
 def record_failure(ctx: WorkerContext, job_id: uuid.UUID, error: BaseException, trace: str) -> None:
     """Fail the job (if it is still active) with a one-line error and, for admins, the
     formatted traceback. A job asked to stop ends `cancelled` instead (say, its class was
@@ -360,11 +385,12 @@ def _fan_out(ctx: WorkerContext, info: ClassInfo, stage: str) -> None:
             _finish(ctx, info)
         return
     if stage == "scoring" and prototypes_key is None:
-        ctx.queue.enqueue(RECALIBRATE, str(info.job_id))
+        ctx.queue.enqueue(RECALIBRATE, str(info.job_id), queue=synthesis_queue(info.model))
         return
     task, size = tasks[stage]
     for first in range(0, len(pending), size):
-        ctx.queue.enqueue(task, str(info.job_id), pending[first : first + size])
+        chunk = pending[first : first + size]
+        ctx.queue.enqueue(task, str(info.job_id), chunk, queue=synthesis_queue(info.model))
 
 
 def _advance_when_done(
@@ -476,7 +502,11 @@ def _invert(ctx: WorkerContext, info: ClassInfo) -> bool:
         return False
     result = learned.inversion
     key = class_key(info.id, EMBEDDING)
-    ctx.storage.put(key, _embedding_to_bytes(result.token, result.embedding), content_type=BINARY)
+    ctx.storage.put(
+        key,
+        _embedding_to_bytes(result.token, result.embedding, widths=result.widths),
+        content_type=BINARY,
+    )
     with ctx.session() as session:
         # NOTE: only where none is set: an embedding, once stored, is never re-trained, and
         # the λ_bg and trials it was learned with are stored with it.
@@ -529,6 +559,7 @@ def _load_class(ctx: WorkerContext, job_id: uuid.UUID, *, record_models: bool = 
             bg_lambda=row.bg_lambda,
             bg_lambda_auto=row.bg_lambda_auto,
             acceptance=row.acceptance,
+            model=row.model or ctx.settings.default_model,
         )
 
 
@@ -791,10 +822,10 @@ def _decode_npy(data: bytes) -> npt.NDArray[np.float32]:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def _embedding_to_bytes(token: str, embedding: torch.Tensor) -> bytes:
+def _embedding_to_bytes(token: str, embedding: torch.Tensor, *, widths: Sequence[int]) -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / EMBEDDING
-        save_embedding(path, token, embedding)
+        save_embedding(path, token, embedding, widths=widths)
         return path.read_bytes()
 
 

@@ -40,7 +40,13 @@ class JobTask(ContextTask):
                 self.request.id,
             )
             return None
+        if self.sent_elsewhere(*args):
+            return None
         return super().__call__(*args, **kwargs)
+
+    def sent_elsewhere(self, *args: Any) -> bool:
+        """Whether the task was sent on to the workers that must run it, instead of here."""
+        return False
 
     def on_failure(
         self,
@@ -68,32 +74,39 @@ class JobTask(ContextTask):
             log.exception("could not record the failure of job %s", job_id)
 
 
-@shared_task(bind=True, base=JobTask, name=synthesis.START)
+class SynthesisTask(JobTask):
+    """A task of a class's synthesis: run only by a worker serving the class's model."""
+
+    def sent_elsewhere(self, *args: Any) -> bool:
+        return synthesis.send_to_its_model(self.context, self.name, args)
+
+
+@shared_task(bind=True, base=SynthesisTask, name=synthesis.START)
 def start_synthesis(self: JobTask, job_id: str) -> None:
     synthesis.start(self.context, uuid.UUID(job_id))
 
 
-@shared_task(bind=True, base=JobTask, name=synthesis.RESUME)
+@shared_task(bind=True, base=SynthesisTask, name=synthesis.RESUME)
 def resume_synthesis(self: JobTask, job_id: str) -> None:
     synthesis.resume(self.context, uuid.UUID(job_id))
 
 
-@shared_task(bind=True, base=JobTask, name=synthesis.SAMPLE_CHUNK)
+@shared_task(bind=True, base=SynthesisTask, name=synthesis.SAMPLE_CHUNK)
 def sample_chunk(self: JobTask, job_id: str, indices: list[int]) -> None:
     synthesis.sample_chunk(self.context, uuid.UUID(job_id), indices)
 
 
-@shared_task(bind=True, base=JobTask, name=synthesis.ANNOTATE_CHUNK)
+@shared_task(bind=True, base=SynthesisTask, name=synthesis.ANNOTATE_CHUNK)
 def annotate_chunk(self: JobTask, job_id: str, indices: list[int]) -> None:
     synthesis.annotate_chunk(self.context, uuid.UUID(job_id), indices)
 
 
-@shared_task(bind=True, base=JobTask, name=synthesis.RECALIBRATE)
+@shared_task(bind=True, base=SynthesisTask, name=synthesis.RECALIBRATE)
 def recalibrate(self: JobTask, job_id: str) -> None:
     synthesis.recalibrate_class(self.context, uuid.UUID(job_id))
 
 
-@shared_task(bind=True, base=JobTask, name=synthesis.FINALIZE_CHUNK)
+@shared_task(bind=True, base=SynthesisTask, name=synthesis.FINALIZE_CHUNK)
 def finalize_chunk(self: JobTask, job_id: str, indices: list[int]) -> None:
     synthesis.finalize_chunk(self.context, uuid.UUID(job_id), indices)
 

@@ -91,6 +91,7 @@ def _create(client: Client, args: argparse.Namespace) -> None:
         num_samples=args.num_samples,
         seed=args.seed,
         bg_lambda=args.bg_lambda,
+        model=args.model,
     )
     if args.wait:
         created = client.wait(created.id, timeout=args.timeout, progress=not _quiet(args))
@@ -468,6 +469,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="L",
         help="the inversion's background weight in [0, 2], or 'auto' to choose it by trials "
         "(default: the server's, 0.6)",
+    )
+    create.add_argument(
+        "--model",
+        metavar="NAME",
+        help="one of the deployment's models (GET /v1/models; default: its first)",
     )
     create.add_argument(
         "--prompt",

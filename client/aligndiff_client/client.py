@@ -35,6 +35,7 @@ from aligndiff_client.models import (
     Job,
     KeyCreated,
     KeyInfo,
+    ModelInfo,
     Page,
     Sample,
     Training,
@@ -111,11 +112,13 @@ class Client:
         num_samples: int = DEFAULT_NUM_SAMPLES,
         seed: int | None = None,
         bg_lambda: float | str | None = None,
+        model: str | None = None,
         idempotency_key: str | None = None,
     ) -> ClassInfo:
         """Upload shots (paths or bytes; `masks[i]` is the mask of `images[i]`) and queue the
         class's synthesis; return the class, `queued`. `bg_lambda`: the inversion's background
         weight in [0, 2], or "auto" to choose it by trial inversions (default: the server's).
+        `model`: one of the deployment's models (`models()`; default: its first).
         The service checks the files: a bad one raises `ValidationFailed` (or `ApiError` 415)
         naming it."""
         files = [("images", _upload(f, i, "image")) for i, f in enumerate(images)]
@@ -127,6 +130,8 @@ class Client:
             data["seed"] = str(seed)
         if bg_lambda is not None:
             data["bg_lambda"] = str(bg_lambda)
+        if model is not None:
+            data["model"] = model
         response = self._request(
             "POST", "/v1/classes", data=data, files=files, idempotency_key=idempotency_key
         )
@@ -401,6 +406,14 @@ class Client:
         """Revoke a key: within the service's auth cache time (seconds) every request with it
         answers 401, and its dashboard sessions end."""
         self._request("DELETE", f"/v1/keys/{key_id}")
+
+    # --- models ------------------------------------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        """The deployment's diffusion models, the default (a class's when it names none)
+        first."""
+        body = self._request("GET", "/v1/models").json()
+        return [ModelInfo.model_validate(item) for item in body["items"]]
 
     # --- plumbing ----------------------------------------------------------------------------
 

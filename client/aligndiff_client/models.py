@@ -48,6 +48,8 @@ class ClassInfo(Resource):
     num_samples_done: int = 0
     num_accepted: int = 0
     clip_score_mean: float | None = None
+    # The deployment model that synthesizes it (`Client.models()`); None from older servers.
+    model: str | None = None
     bg_lambda: float | None = None
     tuning: list[TuningTrial] | None = None
     job_id: uuid.UUID | None = None
@@ -106,6 +108,16 @@ class Job(Resource):
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+
+class ModelInfo(Resource):
+    """One of the deployment's diffusion models: `name` is what `create_class(model=...)`
+    takes; `family`: "sd" (Stable Diffusion 1.x/2.x) or "sdxl"; `default_resolution` in
+    pixels."""
+
+    name: str
+    family: str
+    default_resolution: int
 
 
 class KeyInfo(Resource):

@@ -28,6 +28,7 @@ from service.models import Job, SegClass, Training
 from service.models import Shot as ShotRow
 from service.pagination import newest_first, newest_first_cursor, split_page
 from service.problems import Problem, not_found
+from service.queue import synthesis_queue
 from service.schemas import MAX_SEED, ClassCreate, ClassPublic, Page
 from service.settings import Settings
 from service.storage import Storage, class_prefix, delete_prefix_quietly, png_bytes, shot_key
@@ -67,6 +68,7 @@ def create_class(
         return Accepted(replay, start=None)
 
     name = class_in.name.strip()
+    model = class_in.model or settings.default_model
     _check_fields(class_in, name=name, images=images, masks=masks, settings=settings)
     quotas.check_samples(settings, num_samples=class_in.num_samples, exempt=quota_exempt)
     upload_bytes = sum(len(upload.data) for upload in (*images, *masks))
@@ -96,11 +98,12 @@ def create_class(
             num_samples_requested=class_in.num_samples,
             job_id=job.id,
             upload_bytes=upload_bytes,
+            model=model,
         )
         session.add(seg_class)
         session.add_all(shot_rows)
         session.flush()
-        body = class_public(seg_class, job).model_dump_json()
+        body = class_public(seg_class, job, default_model=model).model_dump_json()
         answer = commit_with_answer(session, claim, Answer(202, body, location_of(class_id)))
     except BaseException:
         session.rollback()
@@ -111,11 +114,16 @@ def create_class(
         # back, and its blobs go too.
         delete_prefix_quietly(storage, class_prefix(class_id))
         return Accepted(answer, start=None)
-    return Accepted(answer, start=StartTask(SYNTHESIS, job.id))
+    return Accepted(answer, start=StartTask(SYNTHESIS, job.id, queue=synthesis_queue(model)))
 
 
 def list_classes(
-    *, session: Session, principal: Principal, limit: int, cursor: str | None
+    *,
+    session: Session,
+    principal: Principal,
+    limit: int,
+    cursor: str | None,
+    default_model: str,
 ) -> Page[ClassPublic]:
     """The classes `principal` may see, newest first."""
     statement = newest_first(
@@ -131,12 +139,17 @@ def list_classes(
         cursor_after=lambda row: newest_first_cursor(row[0].created_at, row[0].id),
     )
     return Page[ClassPublic](
-        items=[class_public(seg_class, job) for seg_class, job in rows], next_cursor=next_cursor
+        items=[
+            class_public(seg_class, job, default_model=default_model) for seg_class, job in rows
+        ],
+        next_cursor=next_cursor,
     )
 
 
-def get_class(*, session: Session, principal: Principal, class_id: uuid.UUID) -> ClassPublic:
-    return class_public(*visible_class(session, principal, class_id))
+def get_class(
+    *, session: Session, principal: Principal, class_id: uuid.UUID, default_model: str
+) -> ClassPublic:
+    return class_public(*visible_class(session, principal, class_id), default_model=default_model)
 
 
 def delete_class(
@@ -194,8 +207,9 @@ def embedding_blob(
     return seg_class.embedding_key, f"{inversion_token(seg_class.name).strip('<>')}.safetensors"
 
 
-def class_public(seg_class: SegClass, job: Job | None) -> ClassPublic:
-    """A class as the API shows it: its state comes from its job."""
+def class_public(seg_class: SegClass, job: Job | None, *, default_model: str) -> ClassPublic:
+    """A class as the API shows it: its state comes from its job; a class stored before models
+    were named shows the deployment's `default_model`."""
     return ClassPublic(
         id=seg_class.id,
         name=seg_class.name,
@@ -207,6 +221,7 @@ def class_public(seg_class: SegClass, job: Job | None) -> ClassPublic:
         num_samples_done=seg_class.num_samples_done,
         num_accepted=seg_class.num_accepted,
         clip_score_mean=seg_class.clip_score_mean,
+        model=seg_class.model or default_model,
         bg_lambda=seg_class.bg_lambda,
         tuning=seg_class.tuning,  # type: ignore[arg-type]
         job_id=seg_class.job_id,
@@ -255,8 +270,10 @@ def visible_class(
 
 
 def _fingerprint(class_in: ClassCreate, images: Sequence[Upload], masks: Sequence[Upload]) -> str:
+    # NOTE: a request naming no model keeps the fingerprint it had before classes had one, so
+    # a retry across the upgrade still replays its first answer.
     fields = {
-        **class_in.model_dump(),
+        **class_in.model_dump(exclude={"model"} if class_in.model is None else None),
         "images": file_digests(images),
         "masks": file_digests(masks),
     }
@@ -276,6 +293,15 @@ def _check_fields(
     errors = []
     if not name:
         errors.append({"field": "name", "message": "must not be blank"})
+    served = settings.served_models
+    if class_in.model is not None and class_in.model not in served:
+        errors.append(
+            {
+                "field": "model",
+                "message": f"unknown model {class_in.model!r}: this deployment serves "
+                f"{', '.join(served)}",
+            }
+        )
     if class_in.num_samples > settings.max_num_samples:
         errors.append(
             {
@@ -310,18 +336,20 @@ def _check_fields(
                         "is read from the attention to those words",
                     }
                 )
-        errors += _token_errors(name, class_in.prompts, settings=settings)
+        spec = served.get(class_in.model or settings.default_model)
+        if spec is not None:
+            errors += _token_errors(name, class_in.prompts, model_spec=spec)
     if errors:
         raise Problem(422, "the request is not valid", errors=errors)
 
 
-def _token_errors(name: str, prompts: Sequence[str], *, settings: Settings) -> list[dict[str, str]]:
+def _token_errors(name: str, prompts: Sequence[str], *, model_spec: str) -> list[dict[str, str]]:
     """A `name` error when the class's template prompts, and a `prompts[i]` error for each
     user prompt, take more tokens than the text encoder reads: counted as the workers will
     tokenize them, with the deployment's tokenizer (`aligndiff.token_budget`), so that a job
     never fails on them after its inversion was spent."""
     try:
-        budget = TokenBudget.for_model(settings.diffusion_model)
+        budget = TokenBudget.for_model(model_spec)
     except TokenizerUnavailable as error:
         # NOTE: not counted, rather than every upload refused: an API that cannot read the
         # model's tokenizer (a folder only the workers mount, a hub it cannot reach) must not

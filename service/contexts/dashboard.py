@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from service.contexts.trainings import training_public
 from service.models import Job, Owner, Sample, SegClass, Shot, Training, WorkerHeartbeat, utcnow
 from service.problems import not_found
 from service.schemas import ClassReport, ReportTraining, TrainingMetrics, TuningTrial
+from service.settings import DEFAULT_MODEL
 
 # A worker is online while its heartbeat is at most this many intervals old.
 ONLINE_INTERVALS = 3
@@ -91,6 +93,24 @@ class WorkerRow:
     started_at: str
     last_seen: str
     current_job_id: str | None
+    model: str
+
+
+@dataclass(frozen=True)
+class ModelBacklog:
+    """A deployment model's synthesis work: its classes' queued and running jobs, and the live
+    workers that serve it (none while it has work: that work waits for one)."""
+
+    name: str
+    queued: int
+    running: int
+    workers: int
+    # False for a model a class names but ALIGNDIFF_MODELS no longer does.
+    served: bool
+
+    @property
+    def waits_for_a_worker(self) -> bool:
+        return self.workers == 0 and self.queued + self.running > 0
 
 
 @dataclass(frozen=True)
@@ -102,10 +122,15 @@ class JobsOverview:
     workers: list[WorkerRow]
     jobs: list[JobRow]
     total: int
+    models: list[ModelBacklog] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "queue": {"queued": self.queued, "running": self.running},
+            "models": [
+                {**asdict(model), "waits_for_a_worker": model.waits_for_a_worker}
+                for model in self.models
+            ],
             "workers": [asdict(worker) for worker in self.workers],
             "jobs": [job.to_json() for job in self.jobs],
             "total": self.total,
@@ -119,9 +144,12 @@ def jobs_overview(
     kind: str | None,
     limit: int,
     heartbeat_seconds: float,
+    served_models: Sequence[str] = (DEFAULT_MODEL,),
     now: datetime | None = None,
 ) -> JobsOverview:
-    """Everyone's jobs (newest first, at most `limit`) with the queue and the workers."""
+    """Everyone's jobs (newest first, at most `limit`) with the queue, the workers, and the
+    synthesis backlog of each model (`served_models`, the default first, and any other a
+    class with active work names)."""
     now = now or utcnow()
     counts = dict(
         session.execute(
@@ -143,13 +171,47 @@ def jobs_overview(
         .order_by(Job.created_at.desc(), Job.id.desc())
         .limit(limit)
     ).all()
+    workers = workers_online(
+        session=session,
+        heartbeat_seconds=heartbeat_seconds,
+        now=now,
+        default_model=served_models[0],
+    )
     return JobsOverview(
         queued=counts.get("queued", 0),
         running=counts.get("running", 0),
-        workers=workers_online(session=session, heartbeat_seconds=heartbeat_seconds, now=now),
+        workers=workers,
         jobs=[_job_row(job, owner, now) for job, owner in rows],
         total=total,
+        models=model_backlogs(session=session, served_models=served_models, workers=workers),
     )
+
+
+def model_backlogs(
+    *, session: Session, served_models: Sequence[str], workers: Sequence[WorkerRow]
+) -> list[ModelBacklog]:
+    """The active synthesis jobs per model (a class stored before models were named counts
+    for the default, `served_models[0]`) beside the live workers serving it."""
+    active = session.execute(
+        select(SegClass.model, Job.status, func.count())
+        .join(SegClass, SegClass.id == Job.target_id)
+        .where(Job.kind == "synthesis", Job.status.in_(ACTIVE))
+        .group_by(SegClass.model, Job.status)
+    ).all()
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for name, status, count in active:
+        counts[name or served_models[0]][status] += count
+    names = [*served_models, *sorted(set(counts) - set(served_models))]
+    return [
+        ModelBacklog(
+            name=name,
+            queued=counts[name].get("queued", 0),
+            running=counts[name].get("running", 0),
+            workers=sum(worker.model == name for worker in workers),
+            served=name in served_models,
+        )
+        for name in names
+    ]
 
 
 def _job_row(job: Job, owner: str, now: datetime) -> JobRow:
@@ -189,9 +251,14 @@ def _target_url(job: Job) -> str | None:
 
 
 def workers_online(
-    *, session: Session, heartbeat_seconds: float, now: datetime | None = None
+    *,
+    session: Session,
+    heartbeat_seconds: float,
+    now: datetime | None = None,
+    default_model: str = DEFAULT_MODEL,
 ) -> list[WorkerRow]:
-    """The worker processes whose heartbeat is recent, by name."""
+    """The worker processes whose heartbeat is recent, by name, with the model each serves
+    (`default_model` for a worker from before models were named)."""
     since = (now or utcnow()) - timedelta(seconds=ONLINE_INTERVALS * heartbeat_seconds)
     beats = session.scalars(
         select(WorkerHeartbeat)
@@ -206,6 +273,7 @@ def workers_online(
             started_at=format_time(beat.started_at),
             last_seen=format_time(beat.last_seen_at),
             current_job_id=str(beat.current_job_id) if beat.current_job_id else None,
+            model=beat.model or default_model,
         )
         for beat in beats
     ]
@@ -227,7 +295,7 @@ class ClassRow:
     created_at: str
 
 
-def class_rows(*, session: Session, limit: int) -> list[ClassRow]:
+def class_rows(*, session: Session, limit: int, default_model: str) -> list[ClassRow]:
     """Everyone's classes, newest first, with their job's state."""
     rows = session.execute(
         select(SegClass, Owner.name, Job)
@@ -236,12 +304,12 @@ def class_rows(*, session: Session, limit: int) -> list[ClassRow]:
         .order_by(SegClass.created_at.desc(), SegClass.id.desc())
         .limit(limit)
     ).all()
-    return [_class_row(seg_class, owner, job) for seg_class, owner, job in rows]
+    return [_class_row(seg_class, owner, job, default_model) for seg_class, owner, job in rows]
 
 
-def _class_row(seg_class: SegClass, owner: str, job: Job | None) -> ClassRow:
+def _class_row(seg_class: SegClass, owner: str, job: Job | None, default_model: str) -> ClassRow:
     # The class as the API shows it (its state is its job's), plus who owns it.
-    public = class_public(seg_class, job)
+    public = class_public(seg_class, job, default_model=default_model)
     return ClassRow(
         id=str(public.id),
         name=public.name,
@@ -321,7 +389,9 @@ class Gallery:
     histogram: Histogram
 
 
-def gallery(*, session: Session, class_id: uuid.UUID, filters: GalleryFilters) -> Gallery:
+def gallery(
+    *, session: Session, class_id: uuid.UUID, filters: GalleryFilters, default_model: str
+) -> Gallery:
     """A class's shots, one page of its finished samples (filtered and sorted), and the
     histogram of all its samples' CLIP scores. 404 for an unknown class."""
     found = session.execute(
@@ -366,7 +436,7 @@ def gallery(*, session: Session, class_id: uuid.UUID, filters: GalleryFilters) -
         )
     ).all()
     return Gallery(
-        seg_class=_class_row(seg_class, owner, job),
+        seg_class=_class_row(seg_class, owner, job, default_model),
         prompts=list(seg_class.prompts or []),
         shots=[
             ShotTile(

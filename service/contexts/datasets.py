@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 # Bump when a writer's output changes for the same inputs: every ETag changes with it.
 # 2: webdataset is one tar of records (it was a tar of shard tars).
-EXPORT_REVISION = 2
+# 3: metadata.json names the class's deployment model (`class.model`).
+EXPORT_REVISION = 3
 # Samples read per query: the rows held in memory at once.
 SAMPLE_BATCH = 256
 
@@ -155,7 +156,7 @@ def prepare_download(
     ]
     digest = hashlib.sha256(json.dumps(state).encode()).hexdigest()[:32]
     source = ExportSource(
-        seg_class=_export_class(seg_class),
+        seg_class=_export_class(seg_class, default_model=settings.default_model),
         accepted_only=accepted_only,
         num_shots=len(shots),
         num_samples=num_samples,
@@ -222,7 +223,7 @@ def _items(
         raise ExportChanged(f"expected {expected} samples, found {seen}")
 
 
-def _export_class(seg_class: SegClass) -> ExportClass:
+def _export_class(seg_class: SegClass, *, default_model: str) -> ExportClass:
     return ExportClass(
         id=str(seg_class.id),
         name=seg_class.name,
@@ -231,6 +232,7 @@ def _export_class(seg_class: SegClass) -> ExportClass:
         prompts=list(seg_class.prompts),
         model_ids=dict(seg_class.model_ids),
         created_at=seg_class.created_at,
+        model=seg_class.model or default_model,
     )
 
 

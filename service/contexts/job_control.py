@@ -24,7 +24,7 @@ from service.contexts.idempotency import (
 from service.models import Job, SegClass, Training
 from service.pagination import newest_first, newest_first_cursor, split_page
 from service.problems import Problem, not_found
-from service.queue import TaskQueue
+from service.queue import TaskQueue, synthesis_queue
 from service.schemas import JobPublic, JobStatus, Page
 from service.settings import Settings
 
@@ -43,6 +43,8 @@ class StartTask:
 
     kind: str
     job_id: uuid.UUID
+    # The queue to send it to (a synthesis job's model's); None: the task's own route.
+    queue: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,18 @@ class Accepted:
 
     answer: Answer
     start: StartTask | None
+
+
+def job_queue(
+    session: Session, *, kind: str, target_id: uuid.UUID, default_model: str
+) -> str | None:
+    """The queue a job's tasks are sent to: a synthesis job's go to its class's model's queue
+    (a class stored before models were named: `default_model`'s), so that only workers holding
+    that model draw them; other kinds' go where their task routes them (None)."""
+    if kind != "synthesis":
+        return None
+    model = session.scalar(select(SegClass.model).where(SegClass.id == target_id))
+    return synthesis_queue(model or default_model)
 
 
 def start_job(*, queue: TaskQueue, start: StartTask | None) -> None:
@@ -64,7 +78,7 @@ def start_job(*, queue: TaskQueue, start: StartTask | None) -> None:
     if start is None:
         return
     try:
-        queue.enqueue(START_TASKS[start.kind], str(start.job_id))
+        queue.enqueue(START_TASKS[start.kind], str(start.job_id), queue=start.queue)
     except Exception:
         log.exception("could not send the start of job %s; it stays queued", start.job_id)
 
@@ -134,8 +148,12 @@ def retry_job(
         _require_training_classes(session, job.target_id)
     quotas.enforce(session, settings, quotas.JobDemand(job.owner_id, exempt=principal.is_admin))
     jobs.retry(session, job)
+    routed_to = job_queue(
+        session, kind=job.kind, target_id=job.target_id, default_model=settings.default_model
+    )
     answer = _commit_job_answer(session, claim, job)
-    return Accepted(answer, start=None if answer.replayed else StartTask(job.kind, job.id))
+    start = StartTask(job.kind, job.id, queue=routed_to)
+    return Accepted(answer, start=None if answer.replayed else start)
 
 
 def _require_training_classes(session: Session, training_id: uuid.UUID) -> None:

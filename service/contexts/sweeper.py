@@ -47,7 +47,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from service.contexts import jobs
-from service.contexts.job_control import START_TASKS
+from service.contexts.job_control import START_TASKS, job_queue
 from service.contexts.thumbnails import thumbnail_sample_index
 from service.models import (
     IdempotencyRecord,
@@ -231,12 +231,12 @@ def recover_jobs(
     kinds = list(tasks)
     with sessions() as session:
         lost = session.execute(
-            select(Job.id, Job.kind, Job.cancel_requested, Job.attempts)
+            select(Job.id, Job.kind, Job.cancel_requested, Job.attempts, Job.target_id)
             .where(Job.status == "running", Job.lease_expires_at < now, Job.kind.in_(kinds))
             .order_by(Job.created_at)
         ).all()
         unclaimed = session.execute(
-            select(Job.id, Job.kind)
+            select(Job.id, Job.kind, Job.target_id)
             .where(
                 Job.status == "queued",
                 Job.cancel_requested.is_(False),
@@ -245,7 +245,7 @@ def recover_jobs(
             )
             .order_by(Job.created_at)
         ).all()
-    for job_id, kind, cancel_requested, attempts in lost:
+    for job_id, kind, cancel_requested, attempts, target_id in lost:
         if dry_run:
             if cancel_requested:
                 recovery.cancelled.append(job_id)
@@ -269,15 +269,21 @@ def recover_jobs(
                 outcome = recovery.resumed
             else:
                 continue  # another sweeper (or a redelivered start) got there first
+            routed_to = job_queue(
+                session, kind=kind, target_id=target_id, default_model=settings.default_model
+            )
         outcome.append(job_id)
         if outcome is recovery.resumed:
             log.warning("job %s lost its worker: taken over, resuming it", job_id)
-            queue.enqueue(tasks[kind][1], str(job_id))
+            queue.enqueue(tasks[kind][1], str(job_id), queue=routed_to)
         else:
             log.warning("job %s lost its worker: ended", job_id)
-    for job_id, kind in unclaimed:
+    for job_id, kind, target_id in unclaimed:
         if not dry_run:
             with sessions() as session:
+                routed_to = job_queue(
+                    session, kind=kind, target_id=target_id, default_model=settings.default_model
+                )
                 # NOTE: touching `updated_at` is the compare-and-set that makes one sweeper
                 # send the start, once per lease period however many sweep.
                 touched = session.execute(
@@ -294,7 +300,7 @@ def recover_jobs(
             if not touched.rowcount:  # type: ignore[attr-defined]
                 continue
             log.warning("job %s was never claimed: sending its start again", job_id)
-            queue.enqueue(tasks[kind][0], str(job_id))
+            queue.enqueue(tasks[kind][0], str(job_id), queue=routed_to)
         recovery.restarted.append(job_id)
     return recovery
 

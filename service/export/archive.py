@@ -45,6 +45,8 @@ class ExportClass:
     prompts: list[str]
     model_ids: dict[str, Any]
     created_at: datetime
+    # The deployment model (a name in ALIGNDIFF_MODELS) that synthesized it.
+    model: str | None = None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -154,6 +156,7 @@ def metadata_pieces(
             "seed": seg_class.seed,
             "prompts": seg_class.prompts,
             "created_at": seg_class.created_at.isoformat(),
+            "model": seg_class.model,
         },
         "models": seg_class.model_ids,
         "labels": seg_class.labels,

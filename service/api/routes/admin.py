@@ -157,6 +157,7 @@ def _overview(
         kind=kind or None,
         limit=limit,
         heartbeat_seconds=settings.worker_heartbeat_seconds,
+        served_models=list(settings.served_models),
     )
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from fastapi import Query, Request, Response
 from fastapi.responses import HTMLResponse
 
-from service.api.deps import SessionDep, StorageDep
+from service.api.deps import SessionDep, SettingsDep, StorageDep
 from service.api.routes.admin_access import PageAdmin, admin_router, render
 from service.contexts import dashboard, reports, thumbnails
 from service.problems import Problem
@@ -29,10 +29,11 @@ def admin_classes(
     request: Request,
     access: PageAdmin,
     session: SessionDep,
+    settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> HTMLResponse:
     """Every owner's classes, newest first, each linking to its gallery."""
-    rows = dashboard.class_rows(session=session, limit=limit)
+    rows = dashboard.class_rows(session=session, limit=limit, default_model=settings.default_model)
     return render(request, "classes.html", {"classes": rows, "limit": limit}, access=access)
 
 
@@ -41,6 +42,7 @@ def admin_class_gallery(
     request: Request,
     access: PageAdmin,
     session: SessionDep,
+    settings: SettingsDep,
     class_id: uuid.UUID,
     sort: Annotated[Literal["index", "clip_score", "ood_iou", "consensus_iou"], Query()] = "index",
     order: Annotated[Literal["asc", "desc"] | None, Query()] = None,
@@ -59,7 +61,9 @@ def admin_class_gallery(
         prompt_kind=prompt_kind or None,
         page=page,
     )
-    found = dashboard.gallery(session=session, class_id=class_id, filters=filters)
+    found = dashboard.gallery(
+        session=session, class_id=class_id, filters=filters, default_model=settings.default_model
+    )
     report = reports.class_report(session=session, principal=access.principal, class_id=class_id)
     return render(
         request,

@@ -87,18 +87,32 @@ def create_class(
 @router.get("", response_model=Page[ClassPublic], responses=problem_responses(400, 401, 422))
 def list_classes(
     session: SessionDep,
+    settings: SettingsDep,
     principal: CurrentPrincipal,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> Page[ClassPublic]:
     """The caller's classes, newest first."""
-    return classes.list_classes(session=session, principal=principal, limit=limit, cursor=cursor)
+    return classes.list_classes(
+        session=session,
+        principal=principal,
+        limit=limit,
+        cursor=cursor,
+        default_model=settings.default_model,
+    )
 
 
 @router.get("/{class_id}", response_model=ClassPublic, responses=problem_responses(401, 404, 422))
-def get_class(session: SessionDep, principal: CurrentPrincipal, class_id: uuid.UUID) -> ClassPublic:
+def get_class(
+    session: SessionDep, settings: SettingsDep, principal: CurrentPrincipal, class_id: uuid.UUID
+) -> ClassPublic:
     """A class, with the state of its synthesis job."""
-    return classes.get_class(session=session, principal=principal, class_id=class_id)
+    return classes.get_class(
+        session=session,
+        principal=principal,
+        class_id=class_id,
+        default_model=settings.default_model,
+    )
 
 
 @router.delete(
