@@ -38,9 +38,14 @@ from aligndiff.sampling import GeneratedSample, Sampler, SamplingConfig
 from aligndiff.settings import Settings as CoreSettings
 from aligndiff.shots import load_shots
 from aligndiff.synth import Models, SynthConfig, load_models
-from service.settings import Settings
 from tests.conftest import SHOTS_DIR
-from tests.worker_support import InProcessQueue, Service, create_class, give_embedding
+from tests.worker_support import (
+    InProcessQueue,
+    Service,
+    create_class,
+    give_embedding,
+    local_settings,
+)
 from worker import synthesis
 from worker.celery_app import make_celery
 
@@ -338,13 +343,7 @@ def test_a_worker_serving_five_classes_keeps_its_vocabulary_and_draws_each_class
     tmp_path: Path, tiny_models: Models, model_cache: Path
 ) -> None:
     # given: one worker's models and app, and five classes with their own learned tokens
-    settings = Settings(
-        data_dir=tmp_path,
-        database_url=f"sqlite:///{tmp_path / 'aligndiff.db'}",
-        broker_url="memory://",
-        storage_url=f"file://{tmp_path / 'blobs'}",
-        sample_chunk_size=2,
-    )
+    settings = local_settings(tmp_path, sample_chunk_size=2)
     queue = InProcessQueue()
     app = make_celery(settings, queue=queue, models=tiny_models)
     app.loader.import_default_modules()

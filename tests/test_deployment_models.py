@@ -28,7 +28,14 @@ from tests.api_support import Api, ApiFactory, add_class, class_form, pair
 from tests.client_support import API_KEY, BASE_URL
 from tests.conftest import SHOTS_DIR
 from tests.test_dashboard import HTML, sign_in
-from tests.worker_support import Service, WorkerProcess, create_class, private_redis, worker_env
+from tests.worker_support import (
+    Service,
+    WorkerProcess,
+    create_class,
+    local_settings,
+    private_redis,
+    worker_env,
+)
 from worker import synthesis
 from worker.celery_app import make_celery
 
@@ -241,14 +248,7 @@ def test_a_task_taken_by_a_worker_of_another_model_is_sent_on_to_its_models_queu
 ) -> None:
     # given: a worker serving `a`, and a queued class of model `b` whose start reached it (as a
     # start sent to the shared jobs queue before the deployment named its models would)
-    settings = Settings(
-        data_dir=tmp_path,
-        database_url=f"sqlite:///{tmp_path / 'aligndiff.db'}",
-        broker_url="memory://",
-        storage_url=f"file://{tmp_path / 'blobs'}",
-        models={"a": "tiny", "b": "tiny"},
-        worker_model="a",
-    )
+    settings = local_settings(tmp_path, models={"a": "tiny", "b": "tiny"}, worker_model="a")
     service = Service.create(settings)
     created = create_class(service, SHOTS_DIR / "dog", name="dog", num_samples=2)
     with service.session() as session:

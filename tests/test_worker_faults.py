@@ -35,6 +35,7 @@ from tests.worker_support import (
     WorkerProcess,
     create_class,
     give_embedding,
+    local_settings,
     token_embedding,
     wait_for,
     worker_env,
@@ -502,12 +503,7 @@ def test_a_task_that_meets_an_outage_leaves_its_job_running_for_the_sweep(
     tmp_path: Path, tiny_models: Models, outage: str
 ) -> None:
     # given: a class ready to sample, and a worker whose broker or blob store is down
-    settings = Settings(
-        data_dir=tmp_path,
-        database_url=f"sqlite:///{tmp_path / 'aligndiff.db'}",
-        broker_url="memory://",
-        storage_url=f"file://{tmp_path / 'blobs'}",
-    )
+    settings = local_settings(tmp_path)
     service = Service.create(settings)
     created = create_class(service, DOG, name="dog", num_samples=2)
     give_embedding(service, created.class_id, token_embedding(tiny_models, "<dog>"), "<dog>")

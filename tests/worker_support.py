@@ -192,6 +192,18 @@ class InProcessQueue:
         raise AssertionError(f"the queue did not drain in {limit} tasks")
 
 
+def local_settings(folder: Path, **overrides: Any) -> Settings:
+    """A worker's settings on SQLite, a local blob folder and the in-memory broker, all under
+    `folder` (and any other settings in `overrides`)."""
+    return Settings(
+        data_dir=folder,
+        database_url=f"sqlite:///{folder / 'aligndiff.db'}",
+        broker_url="memory://",
+        storage_url=f"file://{folder / 'blobs'}",
+        **overrides,
+    )
+
+
 def in_process_app(
     tmp_path: Path,
     models: Models,
@@ -203,14 +215,8 @@ def in_process_app(
     """The worker's Celery app on SQLite and a local blob folder (and any other settings in
     `overrides`), its tasks run in process."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    settings = Settings(
-        data_dir=tmp_path,
-        database_url=f"sqlite:///{tmp_path / 'aligndiff.db'}",
-        broker_url="memory://",
-        storage_url=f"file://{tmp_path / 'blobs'}",
-        sample_chunk_size=sample_chunk_size,
-        annotation_chunk_size=2,
-        **overrides,
+    settings = local_settings(
+        tmp_path, sample_chunk_size=sample_chunk_size, annotation_chunk_size=2, **overrides
     )
     queue = InProcessQueue(deliveries=deliveries)
     app = make_celery(settings, queue=queue, models=models)
