@@ -18,6 +18,7 @@ OPERATION_IDS = {
     "delete_class",
     "get_class_embedding",
     "get_class_report",
+    "list_models",
     "list_samples",
     "get_sample_image",
     "get_sample_mask",
