@@ -12,7 +12,7 @@ from service.schemas import ModelsPublic
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.get("", response_model=ModelsPublic, responses=problem_responses(401, 503))
+@router.get("", response_model=ModelsPublic, responses=problem_responses(401, 422, 503))
 def list_models(settings: SettingsDep, principal: CurrentPrincipal) -> ModelsPublic:
     """The deployment's models, the default (a class's when it names none) first."""
     return models.list_models(settings=settings)
