@@ -1,4 +1,4 @@
-"""GPU throughput: SD 1.5 shapes at 512², 50 steps, with the fast path's switches.
+"""GPU throughput: SD 1.5 at 512² or SDXL base at 1024², 50 steps, with the fast path's switches.
 
 Measures, on the device and dtype given (default: CUDA in float16 when there is one):
 
@@ -17,9 +17,16 @@ The models are SD 1.5's UNet, VAE and CLIP ViT-L/14 text encoder, DINOv2-small a
 ViT-L/14 with random weights (`bench.sd15`, `bench.stage_share`): FLOPs and memory traffic do
 not depend on weight values. `--tiny` runs the tiny models instead: a CPU smoke run in seconds.
 
+`--family sdxl`: SDXL base shapes (`bench.sdxl`: UNet, VAE decoding in float32 as its
+`force_upcast` asks, CLIP ViT-L + OpenCLIP bigG) at 1024² with its pooled-text and size
+conditioning; `--tiny` then means tiny-sdxl. The VAE decode's FLOPs count at the float32 peak.
+
 Run on a GPU:  python -m bench.gpu --dtype float16 --channels-last --write
                python -m bench.gpu --dtype float16 --channels-last --compile --write
+               python -m bench.gpu --family sdxl --dtype float16 --channels-last --steps 30 --write
 On a CPU:      python -m bench.gpu --tiny --write
+               python -m bench.gpu --family sdxl --tiny --write
+FLOPs only:    python -m bench.gpu --family sdxl --flops-only --device cpu --dtype float16 --write
 """
 
 from __future__ import annotations
@@ -37,9 +44,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from aligndiff.acceleration import Acceleration, prepare, resolve_batch_size
 from aligndiff.annotation import AnnotationConfig, annotate
 from aligndiff.attention import AttentionCapture, capturing_cross_attention, finest_positions
+from aligndiff.conditioning import added_conditioning
 from aligndiff.fss import PrototypeSegmenter
 from aligndiff.inversion import InversionConfig, initial_embedding, invert
-from aligndiff.models.diffusion import DiffusionModel, resolve_dtype
+from aligndiff.models.diffusion import TINY_SDXL, DiffusionModel, resolve_dtype
 from aligndiff.ood import OodConfig, ood_ious
 from aligndiff.prompts import SampleSpec, prompt_bank
 from aligndiff.sampling import Sampler, SamplingConfig, initial_noise
@@ -62,6 +70,7 @@ from bench.common import (
     timed,
 )
 from bench.sd15 import build_sd15
+from bench.sdxl import build_sdxl
 from bench.stage_share import clip_vit_l14, dinov2_small
 
 # H100 peaks per dtype, `--peak-tflops` overrides: half precision at the ~800 TFLOP/s dense
@@ -78,6 +87,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
     parser.add_argument("--tiny", action="store_true", help="tiny models: a fast smoke run")
+    parser.add_argument(
+        "--family", choices=("sd", "sdxl"), default="sd", help="SD 1.5 (512²) or SDXL base (1024²)"
+    )
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, else float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
@@ -86,19 +98,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--vae-slicing", action="store_true")
     parser.add_argument("--batch", default="8", help='images per batch, or "auto"')
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (50; tiny: 5)")
-    parser.add_argument("--size", type=int, default=None, help="pixels (512; tiny: 128)")
+    parser.add_argument("--size", type=int, default=None, help="pixels (512, SDXL 1024; tiny: 128)")
     parser.add_argument("--batches", type=int, default=2, help="timed batches per run")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
     parser.add_argument("--inversion-steps", type=int, default=20, help="timed inversion steps")
     parser.add_argument("--peak-tflops", type=float, default=None, help="default: H100's")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default 1)")
     parser.add_argument("--shots", type=Path, default=SHOTS_DIR)
+    parser.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="only count FLOPs (models on the meta device: no weights, no GPU) at 30, 50 and "
+        "--steps steps, and the ceilings",
+    )
     parser.add_argument("--write", action="store_true", help=f"record in {RESULTS_PATH.name}")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH)
     args = parser.parse_args(argv)
     args.dtype = resolve_dtype(args.dtype or ("float16" if args.device == "cuda" else "float32"))
     args.steps = args.steps or (5 if args.tiny else 50)
-    args.size = args.size or (128 if args.tiny else 512)
+    args.size = args.size or (128 if args.tiny else 1024 if args.family == "sdxl" else 512)
     args.peak_tflops = args.peak_tflops or H100_PEAK_TFLOPS[args.dtype]
     return args
 
@@ -114,13 +132,18 @@ def build(args: argparse.Namespace) -> Models:
         vae_slicing=args.vae_slicing,
     )
     if args.tiny:
-        settings = Settings(diffusion_model=TINY, clip_model=TINY, fss_backbone=TINY)
+        settings = Settings(
+            diffusion_model=TINY_SDXL if args.family == "sdxl" else TINY,
+            clip_model=TINY,
+            fss_backbone=TINY,
+        )
         models = load_models(settings, device=args.device, dtype=str(args.dtype)[6:])
         models.diffusion = prepare(models.diffusion, acceleration)
         return models
     device = torch.device(args.device)
+    build_full = build_sdxl if args.family == "sdxl" else build_sd15
     return Models(
-        diffusion=prepare(build_sd15(device=device, dtype=args.dtype), acceleration),
+        diffusion=prepare(build_full(device=device, dtype=args.dtype), acceleration),
         segmenter=PrototypeSegmenter(dinov2_small(device, args.dtype)),
         scorer=ClipScorer(clip_vit_l14(device, args.dtype)),
     )
@@ -133,16 +156,27 @@ def image_flops(model: DiffusionModel, *, size: int, steps: int) -> tuple[int, i
     """(FLOPs of one image, of one UNet call on its CFG pair, of its VAE decode), counted on
     meta-device copies of the UNet and VAE: shapes only, no arithmetic."""
     latent = size // model.vae_scale_factor
-    width = model.text_encoder.config.hidden_size
+    width = sum(model.embedding_widths)  # SDXL: both encoders' states, concatenated
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(model.unet.config)
         vae = AutoencoderKL.from_config(model.vae.config)
         sample = torch.zeros((2, 4, latent, latent))
         states = torch.zeros((2, model.tokenizer.model_max_length, width))
         latents = torch.zeros((1, 4, latent, latent))
+        added = None
+        if model.text_encoder_2 is not None:
+            pooled_width = int(model.text_encoder_2.config.projection_dim or 0)
+            added = added_conditioning(
+                torch.zeros((2, pooled_width)), resolution=size, dtype=torch.float32
+            )
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter:
-            unet(sample, torch.tensor(500, device="meta"), encoder_hidden_states=states)
+            unet(
+                sample,
+                torch.tensor(500, device="meta"),
+                encoder_hidden_states=states,
+                added_cond_kwargs=added,
+            )
         unet_flops = counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
             vae.decode(latents)
@@ -168,8 +202,12 @@ def denoise(model: DiffusionModel, specs: Sequence[SampleSpec], states, *, steps
     scheduler.set_timesteps(steps, device=model.device)
     latents = torch.cat([initial_noise(s.seed, (1, 4, latent, latent)) for s in specs])
     latents = latents.to(model.device)
-    uncond, cond, weights = states
+    uncond, cond, weights, uncond_pooled, pooled = states
     text = torch.cat([uncond.expand(len(specs), -1, -1), cond])
+    added = None
+    if pooled is not None:
+        pooled = torch.cat([uncond_pooled.expand(len(specs), -1), pooled])
+        added = added_conditioning(pooled, resolution=size, dtype=model.dtype)
     record = AttentionCapture(
         weights,
         conditional_offset=len(specs),
@@ -182,11 +220,12 @@ def denoise(model: DiffusionModel, specs: Sequence[SampleSpec], states, *, steps
         nonlocal latents
         for t in scheduler.timesteps:
             unet_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            noise = model.denoise(unet_in.to(model.dtype), t, text).float()
+            noise = model.denoise(unet_in.to(model.dtype), t, text, added).float()
             uncond_noise, cond_noise = noise.chunk(2)
             noise = uncond_noise + GUIDANCE_SCALE * (cond_noise - uncond_noise)
             latents = scheduler.step(noise, t, latents).prev_sample
-        return model.vae.decode((latents / model.vae.config.scaling_factor).to(model.dtype)).sample
+        scaled = (latents / model.vae.config.scaling_factor).to(model.vae.dtype)
+        return model.vae.decode(scaled).sample
 
     with torch.inference_mode():
         if not capture:
@@ -250,8 +289,51 @@ def peak_bytes(device: torch.device, fn: Callable[[], object]) -> int | None:
     return int(torch.cuda.max_memory_allocated(device))
 
 
+def ceiling_of(
+    args: argparse.Namespace, model: DiffusionModel, total: int, vae_decode: int
+) -> tuple[float, float]:
+    """(images/s at the FLOP ceiling, the VAE decode's peak TFLOP/s): the UNet at the dtype's
+    peak, the VAE decode at its own dtype's (float32 for SDXL's `force_upcast`)."""
+    vae_peak = args.peak_tflops
+    if model.vae.dtype != args.dtype and default_peak(args):
+        vae_peak = H100_PEAK_TFLOPS[model.vae.dtype]
+    seconds = (total - vae_decode) / (args.peak_tflops * 1e12) + vae_decode / (vae_peak * 1e12)
+    return 1 / seconds, vae_peak
+
+
+def flops_only(args: argparse.Namespace) -> None:
+    """The FLOP ceiling alone: full-size models on the meta device (shapes, no weights)."""
+    build_full = build_sdxl if args.family == "sdxl" else build_sd15
+    model = build_full(device="meta", dtype=args.dtype)
+    rows = []
+    for steps in sorted({30, 50, args.steps}):
+        total, unet_call, vae_decode = image_flops(model, size=args.size, steps=steps)
+        ceiling, vae_peak = ceiling_of(args, model, total, vae_decode)
+        rows.append([steps, flops(unet_call), flops(vae_decode), flops(total), f"{ceiling:.3f}"])
+    name = "SDXL base" if args.family == "sdxl" else "SD 1.5"
+    vae_dtype = str(model.vae.dtype).removeprefix("torch.")
+    table = markdown_table(
+        ["steps", "UNet, one call on the CFG pair", "VAE decode", "per image",
+         "ceiling, images/s"],
+        rows,
+    )  # fmt: skip
+    notes = (
+        f"{name} shapes at {args.size}², counted by FlopCounterMode on meta-device models (no "
+        f"weights, no GPU needed). Ceiling: the UNet at {args.peak_tflops:g} TFLOP/s "
+        f"({str(args.dtype)[6:]}), the VAE decode ({vae_dtype}) at {vae_peak:g} TFLOP/s "
+        "(H100 defaults; `--peak-tflops` changes the first)."
+    )
+    section = f"gpu: FLOP ceiling — {name} shapes, {args.size}², {str(args.dtype)[6:]}"
+    print(f"\n## {section}\n\n{table}\n\n{notes}\n")
+    if args.write:
+        record_results(section, command_line(), table, device="cpu", notes=notes, path=args.results)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.flops_only:
+        flops_only(args)
+        return
     began = time.perf_counter()
     models = build(args)
     diffusion = models.diffusion
@@ -268,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_steps=args.steps, guidance_scale=GUIDANCE_SCALE, batch_size=batch, resolution=args.size
     )
     total, unet_call, vae_decode = image_flops(diffusion, size=args.size, steps=args.steps)
-    ceiling = args.peak_tflops * 1e12 / total
+    ceiling, vae_peak = ceiling_of(args, diffusion, total, vae_decode)
 
     specs = prompt_bank(CLASS_NAME, num_samples=batch * args.batches, class_seed=0)
     batches = [specs[i : i + batch] for i in range(0, len(specs), batch)]
@@ -345,8 +427,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         ["peak device memory, one sampling batch",
          format_bytes(memory) if memory is not None else "n/a (CPU)", "—", "—"],
     ]  # fmt: skip
-    default_peak = args.peak_tflops == H100_PEAK_TFLOPS[args.dtype]
-    peak_source = "H100 default for the dtype" if default_peak else "given"
+    peak_source = "H100 default for the dtype" if default_peak(args) else "given"
+    if vae_peak != args.peak_tflops:
+        peak_source += f"; the VAE decode in {str(diffusion.vae.dtype)[6:]} at {vae_peak:g}"
     if device.type != "cuda":
         peak_source += f"; this run is on {device.type}: the ceiling is a GPU's, not this device's"
     table = markdown_table(["measure", "value", "FLOP ceiling / target", "of ceiling"], rows)
@@ -355,11 +438,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"FLOPs per image: {flops(total)} = {args.steps} steps × {flops(unet_call)} (UNet on "
             f"the CFG pair) + {flops(vae_decode)} (VAE decode), counted by FlopCounterMode; "
             f"ceiling at {args.peak_tflops:g} TFLOP/s "
-            f"({peak_source}).",
+            f"({peak_source}): {ceiling:.2f} images/s.",
             f"{images} images per run ({args.batches} batches of {batch}), median of "
             f"{args.repeats} runs after a warm-up batch; sampling {sampling:.2f} s, FSS "
             f"annotation + OOD {fss:.2f} s, CLIP {clip:.2f} s. Models built in {built:.1f} s.",
-            TARGETS,
+            TARGETS if args.family == "sd" else "No SDXL targets in DESIGN.md; " + TARGETS,
         ]
     )
     section = f"gpu: fast path — {label}"
@@ -370,6 +453,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
 
+def default_peak(args: argparse.Namespace) -> bool:
+    return bool(args.peak_tflops == H100_PEAK_TFLOPS[args.dtype])
+
+
 def flops(count: float) -> str:
     return f"{count / 1e12:.2f} TFLOP" if count >= 1e11 else f"{count / 1e9:.2f} GFLOP"
 
@@ -377,11 +464,16 @@ def flops(count: float) -> str:
 def _states(sampler: Sampler, specs: Sequence[SampleSpec]):  # type: ignore[no-untyped-def]
     with torch.inference_mode():
         pairs = [sampler._prompt_state(s.prompt) for s in specs]
-    return sampler._uncond, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    pooled = None if pairs[0][2] is None else torch.stack([p[2] for p in pairs])  # type: ignore[misc]
+    cond, weights = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    return sampler._uncond, cond, weights, sampler._uncond_pooled, pooled
 
 
 def _label(args: argparse.Namespace, device: torch.device, batch: int) -> str:
-    models = "tiny" if args.tiny else "SD 1.5 shapes, random weights"
+    if args.family == "sdxl":
+        models = "tiny-sdxl" if args.tiny else "SDXL base shapes, random weights"
+    else:
+        models = "tiny" if args.tiny else "SD 1.5 shapes, random weights"
     switches = [str(args.dtype).removeprefix("torch."), f"capture {args.capture}"]
     switches += [name for name, on in (("channels_last", args.channels_last),
                                        ("compile", args.compile),

@@ -73,9 +73,9 @@ def special_token_ids(tokenizer: CLIPTokenizer) -> dict[str, Any]:
     return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
+def tiny_tokenizer(*, pad_token: str = EOS) -> CLIPTokenizer:
     with tempfile.TemporaryDirectory() as folder:
-        write_tiny_tokenizer(Path(folder))
+        write_tiny_tokenizer(Path(folder), pad_token=pad_token)
         return CLIPTokenizer.from_pretrained(folder)
 
 
