@@ -41,6 +41,7 @@ from bench.common import (
     run_interleaved,
     setup_label,
     verdict,
+    with_run_options,
 )
 
 AUTO_BUDGET = 1.6
@@ -68,16 +69,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.fss_backbone != TINY:
         label += ", real FSS backbone"
     base = SynthConfig.from_settings(settings)
-    config = replace(
-        base,
-        inversion=replace(base.inversion, steps=args.inversion_steps, resolution=args.resolution),
-        sampling=replace(
-            base.sampling,
-            num_steps=args.steps or base.sampling.num_steps,
-            resolution=args.resolution,
-        ),
-        acceptance=replace(base.acceptance, enabled=True),
-    )
+    config = with_run_options(base, args)
+    config = replace(config, acceptance=replace(config.acceptance, enabled=True))
     annotation_share(models, config, args, label)
     auto_cost(models, config, args, label)
 

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
@@ -27,6 +27,7 @@ import torch
 
 from aligndiff.models.diffusion import DiffusionModel, load_diffusion_model
 from aligndiff.settings import TINY, Settings
+from aligndiff.synth import SynthConfig
 from bench.sd15 import build_sd15
 
 # The class the benchmarks synthesize, and its real shots (the project's shared fixtures).
@@ -93,6 +94,19 @@ def benchmark_parser(
         help="markdown file the results section is written to",
     )
     return parser
+
+
+def with_run_options(config: SynthConfig, args: argparse.Namespace) -> SynthConfig:
+    """`config` with the run's `--inversion-steps`, `--steps` (sampling) and `--resolution`."""
+    return replace(
+        config,
+        inversion=replace(config.inversion, steps=args.inversion_steps, resolution=args.resolution),
+        sampling=replace(
+            config.sampling,
+            num_steps=args.steps or config.sampling.num_steps,
+            resolution=args.resolution,
+        ),
+    )
 
 
 def set_threads(args: argparse.Namespace) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from bench.common import (
     set_threads,
     setup_label,
     verdict,
+    with_run_options,
 )
 from bench.sd15 import (
     CLIP_VIT_L14_TEXT_CONFIG,
@@ -151,15 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     label = setup_label(args, diffusion)
 
     base = SynthConfig.for_model("sd15" if args.full else TINY)
-    config = replace(
-        base,
-        inversion=replace(base.inversion, steps=args.inversion_steps, resolution=args.resolution),
-        sampling=replace(
-            base.sampling,
-            num_steps=args.steps or base.sampling.num_steps,
-            resolution=args.resolution,
-        ),
-    )
+    config = with_run_options(base, args)
     shots = load_shots(args.shots)
 
     runs = []
