@@ -259,6 +259,34 @@ def multipart(files: Files, data: dict[str, Any]) -> tuple[bytes, str]:
 # --- rows standing in for a worker's results -----------------------------------------------
 
 
+def insert_class(
+    session: Session,
+    *,
+    owner_id: uuid.UUID,
+    name: str,
+    status: str,
+    job_fields: dict[str, Any] | None = None,
+    **class_fields: Any,
+) -> tuple[uuid.UUID, uuid.UUID]:
+    """A class (seed 7, and `class_fields`) and its synthesis job in `status` (and
+    `job_fields`), flushed in `session`; returns (class id, job id)."""
+    class_id = uuid.uuid4()
+    job = Job(
+        kind="synthesis",
+        owner_id=owner_id,
+        target_id=class_id,
+        status=status,
+        **(job_fields or {}),
+    )
+    session.add(job)
+    session.flush()
+    session.add(
+        SegClass(id=class_id, owner_id=owner_id, name=name, seed=7, job_id=job.id, **class_fields)
+    )
+    session.flush()
+    return class_id, job.id
+
+
 def add_class(
     api: Api,
     *,
@@ -270,32 +298,19 @@ def add_class(
 ) -> tuple[uuid.UUID, uuid.UUID]:
     """A class and its synthesis job, inserted directly; returns (class id, job id)."""
     created = utcnow() - age
-    class_id = uuid.uuid4()
     with api.session() as session:
-        job = Job(
-            kind="synthesis",
+        ids = insert_class(
+            session,
             owner_id=owner_id,
-            target_id=class_id,
+            name=name,
             status=status,
+            job_fields={"created_at": created, **job_fields},
+            num_shots=1,
+            num_samples_requested=8,
             created_at=created,
-            **job_fields,
-        )
-        session.add(job)
-        session.flush()
-        session.add(
-            SegClass(
-                id=class_id,
-                owner_id=owner_id,
-                name=name,
-                seed=7,
-                num_shots=1,
-                num_samples_requested=8,
-                job_id=job.id,
-                created_at=created,
-            )
         )
         session.commit()
-        return class_id, job.id
+        return ids
 
 
 def add_sample(

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from service.models import Job, Sample, SegClass, Shot, Training, utcnow
 from service.storage import Storage, sample_key, shot_key
+from tests.api_support import insert_class
 
 ACCEPTANCE = {
     "prototype_similarity": 0.42,
@@ -90,26 +91,19 @@ def add_report_class(
     bg_lambda: float | None = TUNED_BG_LAMBDA,
 ) -> uuid.UUID:
     """A class and its synthesis job; `tuning` makes it a `bg_lambda: auto` class."""
-    class_id = uuid.uuid4()
-    job = Job(kind="synthesis", owner_id=owner_id, target_id=class_id, status=status, progress=1.0)
-    session.add(job)
-    session.flush()
-    session.add(
-        SegClass(
-            id=class_id,
-            owner_id=owner_id,
-            name=name,
-            seed=7,
-            num_shots=num_shots,
-            num_samples_requested=len(MIXED_SAMPLES),
-            bg_lambda=bg_lambda,
-            bg_lambda_auto=tuning is not None,
-            tuning=tuning,
-            acceptance=acceptance,
-            job_id=job.id,
-        )
+    class_id, _ = insert_class(
+        session,
+        owner_id=owner_id,
+        name=name,
+        status=status,
+        job_fields={"progress": 1.0},
+        num_shots=num_shots,
+        num_samples_requested=len(MIXED_SAMPLES),
+        bg_lambda=bg_lambda,
+        bg_lambda_auto=tuning is not None,
+        tuning=tuning,
+        acceptance=acceptance,
     )
-    session.flush()
     return class_id
 
 
