@@ -25,7 +25,8 @@ from tests.client_support import (
 )
 
 COMMANDS = [
-    "create", "show", "status", "list", "samples", "delete", "embedding", "download", "report",
+    "create", "show", "status", "list", "models", "samples", "delete", "embedding", "download",
+    "report",
     "train", "predict", "weights", "jobs", "cancel", "retry",
     "keys", "keys create", "keys list", "keys revoke",
 ]  # fmt: skip
@@ -351,6 +352,25 @@ def test_list_prints_the_classes_as_a_table_or_json_lines(
     # and: --json prints one class a line
     status, out, _, _ = run(capsys, handler, "list", "--json")
     assert [json.loads(line)["name"] for line in out.splitlines()] == ["dog", "cat"]
+
+
+def test_models_lists_the_deployment_s_models_default_first(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    served = {
+        "items": [
+            {"name": "sd15", "family": "sd", "default_resolution": 512},
+            {"name": "xl", "family": "sdxl", "default_resolution": 1024},
+        ]
+    }
+
+    status, out, err, seen = run(capsys, lambda request: httpx.Response(200, json=served), "models")
+
+    assert status == 0 and err == ""
+    assert [line.split() for line in out.splitlines()] == [
+        ["NAME", "FAMILY", "RESOLUTION"], ["sd15", "sd", "512"], ["xl", "sdxl", "1024"],
+    ]  # fmt: skip
+    assert [r.url.path for r in seen] == ["/v1/models"]
 
 
 def test_samples_filters_by_verdict_and_clip_score(capsys: pytest.CaptureFixture[str]) -> None:

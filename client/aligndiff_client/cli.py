@@ -31,6 +31,7 @@ from aligndiff_client.models import (
     Histogram,
     Job,
     KeyInfo,
+    ModelInfo,
     Sample,
     TrainingMetrics,
 )
@@ -106,6 +107,10 @@ def _list(client: Client, args: argparse.Namespace) -> None:
     _print_list(client.list_classes(), args, _class_row, CLASS_COLUMNS)
 
 
+def _models(client: Client, args: argparse.Namespace) -> None:
+    _print_list(client.models(), args, _model_row, MODEL_COLUMNS)
+
+
 def _samples(client: Client, args: argparse.Namespace) -> None:
     samples = client.samples(
         args.class_id,
@@ -174,6 +179,7 @@ CLASS_COLUMNS = ("ID", "NAME", "STATUS", "STAGE", "PROGRESS", "SAMPLES", "ACCEPT
 SAMPLE_COLUMNS = ("INDEX", "ID", "KIND", "CLIP", "SHOT_SIM", "ACCEPTED", "MASK", "PROMPT")
 JOB_COLUMNS = ("ID", "KIND", "STATUS", "STAGE", "PROGRESS", "ATTEMPTS", "TARGET", "CREATED")
 KEY_COLUMNS = ("ID", "NAME", "ADMIN", "OWNER", "CREATED", "LAST_USED", "REVOKED")
+MODEL_COLUMNS = ("NAME", "FAMILY", "RESOLUTION")
 
 
 def _class_row(item: ClassInfo) -> list[str]:
@@ -201,6 +207,10 @@ def _sample_row(item: Sample) -> list[str]:
         item.mask_source,
         item.prompt,
     ]
+
+
+def _model_row(item: ModelInfo) -> list[str]:
+    return [item.name, item.family, str(item.default_resolution)]
 
 
 def _job_row(item: Job) -> list[str]:
@@ -503,6 +513,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     _json_option(listing)
     listing.set_defaults(run=_list)
+
+    models = commands.add_parser(
+        "models",
+        parents=[common],
+        help="list the models a class may use",
+        description="List the deployment's diffusion models, the default first, with their "
+        "family and default resolution: the names `create --model` takes.",
+    )
+    _json_option(models)
+    models.set_defaults(run=_models)
 
     samples = commands.add_parser(
         "samples",
