@@ -7,10 +7,10 @@ class-name tokens, averaged over heads, into one running sum per resolution, so 
 storing every map of every step.
 
 Two ways to compute a captured layer: "explicit" materializes the probabilities (softmax of
-QKᵀ·scale) and reads the class-name columns; "sdpa" keeps the fused kernel and appends the
-token weights to the values as one more channel, so that channel of the output is the weighted
-attention mass itself: Σₜ softmax(·)ₜ·wₜ, no probability tensor at all. "sdpa" also skips the
-capture in layers whose resolution the coarse mask does not read.
+QKᵀ·scale), a few MB of query positions at a time, and reads the class-name columns; "sdpa"
+keeps the fused kernel and appends the token weights to the values as one more channel, so that
+channel of the output is the weighted attention mass itself: Σₜ softmax(·)ₜ·wₜ, no probability tensor at all. Either mode skips the
+capture in layers whose resolution the coarse mask does not read (`AttentionCapture.positions`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 CaptureMode = Literal["explicit", "sdpa"]
 CAPTURE_MODES: tuple[CaptureMode, ...] = ("explicit", "sdpa")
+# Probabilities per chunk of the explicit mode: 4 MiB of float32, inside the allocator's cache.
+EXPLICIT_CHUNK_ELEMENTS = 1 << 20
 
 
 class AttentionCapture:
@@ -226,17 +228,7 @@ class CapturingCrossAttnProcessor:
             mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
 
         if self.mode == "explicit":
-            scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
-            if mask is not None:
-                scores = scores + mask
-            probs = scores.softmax(dim=-1)
-            if weights is None:
-                assert self.capture is not None
-                self.capture.add(probs)
-            else:
-                mass = torch.einsum("bhnt,bt->bn", probs.float(), weights.float())
-                self._add_mass(mass / probs.shape[1])
-            hidden_states = torch.matmul(probs, value)
+            hidden_states = self._explicit_with_mass(query, key, value, mask, weights, attn.scale)
         else:
             assert weights is not None
             hidden_states = self._sdpa_with_mass(query, key, value, mask, weights, attn.scale)
@@ -248,6 +240,55 @@ class CapturingCrossAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _explicit_with_mass(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        weights: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """softmax(QKᵀ·scale)·V, with the class-name mass of the probabilities captured.
+
+        Computed in chunks of query positions whose probabilities hold at most
+        `EXPLICIT_CHUNK_ELEMENTS` floats, each chunk's output and mass written into
+        preallocated tensors: one (2B, heads, 4096, 77) float32 tensor at 512 px is tens of
+        MB, above the allocator's mmap threshold, so unchunked every layer call page-faults
+        fresh memory in and out, which cost more than the arithmetic (bench/capture_layers.py).
+        Each query row's softmax and product are computed as whole; chunks of tens of positions
+        give the unchunked computation's very bits (a test), smaller ones may round differently.
+        `weights` (rows, T) weight every row of the batch (shared capture); None: the
+        capture's own weights on its conditional rows.
+        """
+        batch, heads, positions, head_dim = query.shape
+        tokens = key.shape[2]
+        if weights is None:
+            assert self.capture is not None
+            start, rows = self.capture.conditional_offset, len(self.capture.token_weights)
+            weights = self.capture.token_weights.to(query.device)
+        else:
+            start, rows = 0, batch
+            weights = weights.float()
+        key_t = key.transpose(-1, -2)
+        out = query.new_empty((batch, positions, heads, head_dim))
+        mass = query.new_empty((rows, positions), dtype=torch.float32)
+        step = max(1, EXPLICIT_CHUNK_ELEMENTS // (batch * heads * tokens))
+        for i in range(0, positions, step):
+            scores = torch.matmul(query[:, :, i : i + step], key_t) * scale
+            if mask is not None:
+                scores = scores + (mask if mask.shape[-2] == 1 else mask[..., i : i + step, :])
+            probs = scores.softmax(dim=-1)
+            rows_probs = probs[start : start + rows].float()
+            mass[:, i : i + step] = torch.einsum("bhnt,bt->bn", rows_probs, weights) / heads
+            out[:, i : i + step] = torch.matmul(probs, value).transpose(1, 2)
+        if self.shared is not None:
+            self.shared.masses.append(mass)
+        else:
+            assert self.capture is not None
+            self.capture._accumulate(mass)
+        return out.transpose(1, 2)
 
     def _sdpa_with_mass(
         self,

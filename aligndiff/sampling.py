@@ -166,12 +166,8 @@ class Sampler:
         capture = AttentionCapture(
             name_weights,
             conditional_offset=batch if guided else 0,
-            # The fused mode captures only the maps `coarse_masks` reads.
-            positions=(
-                finest_positions(model.unet, latent_size, config.mask_resolutions)
-                if mode == "sdpa"
-                else None
-            ),
+            # Only the maps `coarse_masks` reads are captured.
+            positions=finest_positions(model.unet, latent_size, config.mask_resolutions),
         )
 
         with capturing_cross_attention(model.unet, capture, mode=mode):

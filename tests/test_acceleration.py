@@ -328,12 +328,16 @@ def test_half_precision_inversion_learns_the_float32_token(model_cache: Path) ->
         assert result.embedding.dtype == torch.float32
         learned[dtype] = result.embedding
 
-    # the row moved, and the half-precision runs moved it where float32 did (within 10% of
-    # the float32 update: their gradients differ by rounding, not by vanishing)
-    update = (learned["float32"] - start).norm()
-    assert update > 0
+    # the row moved, and the half-precision runs moved it as float32 did: the same direction
+    # and length of update (their gradients differ by rounding, bfloat16's 8-bit mantissa
+    # most, not by vanishing or overflowing)
+    update = learned["float32"] - start
+    assert update.norm() > 0
     for dtype in ("bfloat16", "float16"):
-        assert (learned[dtype] - learned["float32"]).norm() <= 0.1 * update, dtype
+        moved = learned[dtype] - start
+        direction = torch.nn.functional.cosine_similarity(moved, update, dim=0)
+        assert direction >= 0.95, dtype
+        assert 0.9 <= moved.norm() / update.norm() <= 1.1, dtype
 
 
 # A worker serving many classes

@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from aligndiff import attention
 from aligndiff.attention import (
     AttentionCapture,
     CapturingCrossAttnProcessor,
@@ -59,6 +60,44 @@ def test_capturing_does_not_change_the_attention_output(cross_attention) -> None
         )
 
     torch.testing.assert_close(captured, stock, rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_capture_in_query_chunks_changes_no_bit(cross_attention, monkeypatch) -> None:
+    # given: the same layer call computed whole, then in chunks of a few query positions
+    hidden, text, weights = random_inputs(batch=4)
+    results = []
+    for chunk in (attention.EXPLICIT_CHUNK_ELEMENTS, 4 * cross_attention.heads * 77 * 64):
+        monkeypatch.setattr(attention, "EXPLICIT_CHUNK_ELEMENTS", chunk)
+        capture = AttentionCapture(weights, conditional_offset=2)
+        with torch.inference_mode():
+            output = CapturingCrossAttnProcessor(capture)(cross_attention, hidden, text)
+        results.append((output, capture.sums[256]))
+
+    # then: 4 chunks of 64 positions give the very bits of one chunk of 256
+    (whole_out, whole_sum), (chunked_out, chunked_sum) = results
+    assert torch.equal(chunked_out, whole_out)
+    assert torch.equal(chunked_sum, whole_sum)
+
+
+def test_explicit_capture_honours_an_attention_mask(cross_attention) -> None:
+    # given: a text mask hiding the last 40 tokens
+    hidden, text, weights = random_inputs(batch=4)
+    text_mask = torch.ones((4, 77))
+    text_mask[:, 37:] = 0
+    bias = (1 - text_mask) * -10000.0
+
+    with torch.inference_mode():
+        stock = AttnProcessor2_0()(cross_attention, hidden, text, attention_mask=bias)
+        capture = AttentionCapture(weights, conditional_offset=2)
+        captured = CapturingCrossAttnProcessor(capture)(
+            cross_attention, hidden, text, attention_mask=bias
+        )
+        only_visible = AttentionCapture(weights[:, :37], conditional_offset=2)
+        CapturingCrossAttnProcessor(only_visible)(cross_attention, hidden, text[:, :37])
+
+    # then: the output is the stock masked attention's, and the hidden tokens get no mass
+    torch.testing.assert_close(captured, stock, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(capture.sums[256], only_visible.sums[256], rtol=1e-5, atol=1e-6)
 
 
 def test_only_cross_attention_captures_and_processors_come_back(tiny_sd: DiffusionModel) -> None:
