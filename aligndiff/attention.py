@@ -9,8 +9,9 @@ storing every map of every step.
 Two ways to compute a captured layer: "explicit" materializes the probabilities (softmax of
 QKᵀ·scale), a few MB of query positions at a time, and reads the class-name columns; "sdpa"
 keeps the fused kernel and appends the token weights to the values as one more channel, so that
-channel of the output is the weighted attention mass itself: Σₜ softmax(·)ₜ·wₜ, no probability tensor at all. Either mode skips the
-capture in layers whose resolution the coarse mask does not read (`AttentionCapture.positions`).
+channel of the output is the weighted attention mass itself: Σₜ softmax(·)ₜ·wₜ, no probability
+tensor at all. Either mode skips the capture in layers whose resolution the coarse mask does not
+read (`AttentionCapture.positions`).
 """
 
 from __future__ import annotations

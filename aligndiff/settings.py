@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     accept_min_prototype_similarity: float | None = Field(default=None, ge=-1, le=1)
     accept_min_shot_similarity: float | None = Field(default=None, ge=-1, le=1)
 
+    # Instances (aligndiff.instances): a final mask's connected objects (8-connected) of at
+    # least this many pixels; smaller specks are no object of their own. Counted on every
+    # sample and written one per annotation (COCO) or label line (YOLO) in datasets.
+    instance_min_area: int = Field(default=16, ge=1)
+
     # The inversion's background weight λ_bg for classes that do not choose one, and what
     # `bg_lambda=auto` tries (aligndiff.tuning): the grid, the share of the inversion's steps
     # each trial runs, and the trial samples drawn per value.

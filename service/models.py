@@ -220,6 +220,13 @@ class Sample(Base):
     accepted: Mapped[bool | None] = mapped_column(Boolean, default=None)
     # Why a sample is not accepted: "ood", "similarity" (or "user", a reviewer's verdict).
     rejected_by: Mapped[str | None] = mapped_column(String(16), default=None)
+    # Who decided `accepted`: "filter" (the acceptance filters) or "user" (a reviewer).
+    accepted_by: Mapped[str | None] = mapped_column(String(16), default=None)
+    # When a reviewer last changed the verdict or the mask.
+    reviewed_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Connected objects in the final mask (aligndiff.instances); NULL if finalized before they
+    # were counted.
+    instances: Mapped[int | None] = mapped_column(Integer, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finalized_at: Mapped[datetime | None] = mapped_column(default=None)
 

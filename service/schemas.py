@@ -86,7 +86,22 @@ class SamplePublic(BaseModel):
         description="Why the sample is not accepted: the OOD filter (`ood`), the semantic "
         "check against the shots (`similarity`) or a reviewer (`user`); null when accepted."
     )
-    mask_source: Literal["consensus", "pseudo_label"]
+    accepted_by: Literal["filter", "user"] | None = Field(
+        description="Who decided `accepted`: the acceptance filters or a reviewer "
+        "(`PATCH /v1/samples/{id}`)."
+    )
+    mask_source: Literal["consensus", "pseudo_label", "human"] = Field(
+        description="Where the final mask came from: consensus of the coarse masks, a "
+        "pseudo-label of the few-shot segmenter, or a reviewer (`PUT /v1/samples/{id}/mask`)."
+    )
+    instances: int | None = Field(
+        description="Connected objects in the final mask of at least "
+        "`ALIGNDIFF_INSTANCE_MIN_AREA` pixels (one annotation each in COCO and YOLO "
+        "datasets); null for samples finalized before instances were counted."
+    )
+    reviewed_at: datetime | None = Field(
+        description="When a reviewer last changed the verdict or the mask; null if never."
+    )
     image_url: str
     mask_url: str
     created_at: datetime

@@ -49,6 +49,7 @@ from aligndiff.acceptance import (
 )
 from aligndiff.annotation import consensus_pass, pseudo_label_pass, recalibrate
 from aligndiff.fss import Prototypes
+from aligndiff.instances import count_instances
 from aligndiff.inversion import load_embedding, save_embedding
 from aligndiff.masks import BoolMask, mask_to_image
 from aligndiff.names import PROMPT_STYLES, PromptStyle
@@ -709,7 +710,11 @@ def _finalize(ctx: WorkerContext, info: ClassInfo, rows: list[Sample]) -> None:
                     "shot_similarity": scores[i].shot_similarity,
                     "prototype_similarity": similarities[i],
                     "accepted": verdicts[i][0],
+                    "accepted_by": "filter",
                     "rejected_by": verdicts[i][1],
+                    "instances": count_instances(
+                        final_masks[i], min_area=ctx.settings.instance_min_area
+                    ),
                     "finalized_at": now,
                 },
             )

@@ -64,9 +64,10 @@ class ClassInfo(Resource):
 
 class Sample(Resource):
     """A synthetic sample. `prompt_kind`: inversion | text; `mask_source`: consensus |
-    pseudo_label; `accepted` is False when a check refused it, and `rejected_by` says which:
-    ood (the OOD filter, text samples), similarity (the semantic check against the shots) or
-    user."""
+    pseudo_label | human (a reviewer replaced it); `accepted` is False when a check refused it,
+    and `rejected_by` says which: ood (the OOD filter, text samples), similarity (the semantic
+    check against the shots) or user; `accepted_by`: filter | user. `instances`: the objects
+    (connected components) in its mask."""
 
     id: uuid.UUID
     class_id: uuid.UUID
@@ -83,7 +84,10 @@ class Sample(Resource):
     ood_iou: float | None = None
     accepted: bool
     rejected_by: str | None = None
+    accepted_by: str | None = None
     mask_source: str
+    instances: int | None = None
+    reviewed_at: datetime | None = None
     image_url: str
     mask_url: str
     created_at: datetime

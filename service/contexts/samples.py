@@ -27,7 +27,8 @@ _LISTED = (
     Sample.id, Sample.class_id, Sample.index, Sample.prompt, Sample.prompt_kind, Sample.seed,
     Sample.width, Sample.height, Sample.clip_score, Sample.shot_similarity,
     Sample.prototype_similarity, Sample.consensus_iou, Sample.ood_iou, Sample.accepted,
-    Sample.rejected_by, Sample.mask_source, Sample.created_at,
+    Sample.rejected_by, Sample.accepted_by, Sample.mask_source, Sample.instances,
+    Sample.reviewed_at, Sample.created_at,
 )  # fmt: skip
 
 
