@@ -1,103 +1,92 @@
-"""Capture overhead per cross-attention layer at SD 1.5's 512 px shapes, and a proposed fix.
+"""Capture overhead per cross-attention layer at full shapes: SD 1.5 at 512 px, SDXL at 1024 px.
 
-One `Attention` layer per resolution SD 1.5 has at 512 px (4096, 1024, 256 query positions;
-320/640/1280 channels, 8 heads, 77 text tokens of 768), random weights, timed side by side in
-interleaved rounds: stock `AttnProcessor2_0`, aligndiff's capturing processor in both modes, and
-`ChunkedExplicit`: the explicit mode computed in query chunks whose probabilities hold at most
-`CHUNK_ELEMENTS` floats. The chunked processor lives here, as an experiment: nothing in
-`aligndiff/` changes. Its outputs and captured masses are compared with the explicit mode's.
+One `Attention` layer per resolution the model captures at (SD 1.5: 4096, 1024, 256 query
+positions, 8 heads, 77 text tokens of 768; SDXL: 4096 positions with 10 heads and 1024 with 20,
+text of 2048), random weights, timed side by side in interleaved rounds: stock
+`AttnProcessor2_0`, aligndiff's capturing processor in both modes, and the explicit mode as it
+was before it was chunked (one probabilities tensor for all query positions; here by raising
+`EXPLICIT_CHUNK_ELEMENTS` past the layer's size). The chunked output and captured mass are
+compared with the unchunked ones bit for bit.
 
-Why chunks: at batch B the explicit mode materializes (2B, 8, 4096, 77) float32 scores and
-probabilities, 10 MB per UNet row each. Above glibc's mmap threshold (at most 32 MiB) every such
-tensor is a fresh mmap, page-faulted in and unmapped again on every layer call, which costs more
-than the arithmetic. Chunks of a few MB stay in the allocator's cache.
+Why chunks: at batch B the unchunked explicit mode materialized (2B, heads, 4096, 77) float32
+scores and probabilities, 10 MB per UNet row each. Above glibc's mmap threshold (at most 32 MiB)
+every such tensor is a fresh mmap, page-faulted in and unmapped again on every layer call,
+which cost more than the arithmetic. Chunks of 4 MiB stay in the allocator's cache.
 
-Run: `python -m bench.capture_layers` (CPU, one thread, about a minute).
+Run: `python -m bench.capture_layers [--family sdxl]` (CPU, one thread, a minute or a few).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from aligndiff import attention
 from aligndiff.attention import AttentionCapture, CapturingCrossAttnProcessor
 from bench.common import Ratio, benchmark_parser, report, run_interleaved, set_threads, timed
 
-CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 probabilities per chunk
-# (channels, query positions) of SD 1.5's cross-attention layers at 512 px (8 heads each).
-SD15_LAYERS = ((320, 4096), (640, 1024), (1280, 256))
+
+class Layer(NamedTuple):
+    channels: int
+    positions: int
+    heads: int
 
 
-class ChunkedExplicit(CapturingCrossAttnProcessor):
-    """The explicit capture mode, computed `CHUNK_ELEMENTS` probabilities at a time (the
-    proposed change to `CapturingCrossAttnProcessor`; no attention mask, no group/spatial norm,
-    as in SD's cross-attention)."""
+# The cross-attention layers each family captures at its native resolution.
+LAYERS = {
+    "sd": (Layer(320, 4096, 8), Layer(640, 1024, 8), Layer(1280, 256, 8)),
+    "sdxl": (Layer(640, 4096, 10), Layer(1280, 1024, 20)),
+}
+TEXT_WIDTH = {"sd": 768, "sdxl": 2048}
+RESOLUTION = {"sd": 512, "sdxl": 1024}
+VARIANTS = ("stock", "explicit", "sdpa", "unchunked explicit")
 
-    def __call__(  # type: ignore[override]
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args: object,
-        **kwargs: object,
-    ) -> torch.Tensor:
-        capture = self.capture
-        if encoder_hidden_states is None or capture is None or attention_mask is not None:
-            return super().__call__(
-                attn, hidden_states, encoder_hidden_states, attention_mask, temb
-            )
-        batch = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        q = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        k_t = key.view(batch, -1, attn.heads, head_dim).permute(0, 2, 3, 1)
-        v = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        positions, tokens = q.shape[2], k_t.shape[-1]
-        step = max(1, CHUNK_ELEMENTS // (batch * attn.heads * tokens))
-        start, rows = capture.conditional_offset, len(capture.token_weights)
-        weights = capture.token_weights.to(q.device)
-        out = q.new_empty((batch, positions, attn.heads, head_dim))
-        mass = q.new_empty((rows, positions), dtype=torch.float32)
-        for i in range(0, positions, step):
-            probs = (torch.matmul(q[:, :, i : i + step], k_t) * attn.scale).softmax(dim=-1)
-            conditional = probs[start : start + rows].float()
-            mass[:, i : i + step] = torch.einsum("bhnt,bt->bn", conditional, weights) / attn.heads
-            out[:, i : i + step] = torch.matmul(probs, v).transpose(1, 2)
-        capture._accumulate(mass)
-        hidden = out.reshape(batch, positions, attn.heads * head_dim)
-        return attn.to_out[1](attn.to_out[0](hidden)) / attn.rescale_output_factor
+
+def unchunked(processor: CapturingCrossAttnProcessor) -> Callable[..., torch.Tensor]:
+    """The processor with one chunk for every query position (the explicit mode before)."""
+
+    def call(*args: object) -> torch.Tensor:
+        before = attention.EXPLICIT_CHUNK_ELEMENTS
+        attention.EXPLICIT_CHUNK_ELEMENTS = 1 << 62
+        try:
+            return processor(*args)  # type: ignore[arg-type]
+        finally:
+            attention.EXPLICIT_CHUNK_ELEMENTS = before
+
+    return call
 
 
 def measure_layer(
     images: int,
-    channels: int,
-    positions: int,
+    layer: Layer,
     weights: torch.Tensor,
     *,
+    text_width: int,
     device: torch.device,
     repeats: int,
 ) -> tuple[dict[str, list[float]], bool]:
-    """Seconds per round of each processor on one layer, and whether the chunked explicit
-    mode's output and captured mass equal the explicit mode's bit for bit."""
-    attn = Attention(channels, cross_attention_dim=768, heads=8, dim_head=channels // 8)
+    """Seconds per round of each variant on one layer, and whether the chunked explicit mode's
+    output and captured mass equal the unchunked mode's bit for bit."""
+    attn = Attention(
+        layer.channels,
+        cross_attention_dim=text_width,
+        heads=layer.heads,
+        dim_head=layer.channels // layer.heads,
+    )
     attn = attn.eval().to(device)
-    x = torch.randn(2 * images, positions, channels, device=device)
-    context = torch.randn(2 * images, 77, 768, device=device)
-    captures = {
-        name: AttentionCapture(weights, conditional_offset=images)
-        for name in ("explicit", "sdpa", "chunked")
-    }
-    processors = {
+    x = torch.randn(2 * images, layer.positions, layer.channels, device=device)
+    context = torch.randn(2 * images, 77, text_width, device=device)
+    captures = {name: AttentionCapture(weights, conditional_offset=images) for name in VARIANTS}
+    processors: dict[str, Callable[..., torch.Tensor]] = {
         "stock": AttnProcessor2_0(),
         "explicit": CapturingCrossAttnProcessor(captures["explicit"], mode="explicit"),
         "sdpa": CapturingCrossAttnProcessor(captures["sdpa"], mode="sdpa"),
-        "chunked": ChunkedExplicit(captures["chunked"]),
+        "unchunked explicit": unchunked(
+            CapturingCrossAttnProcessor(captures["unchunked explicit"], mode="explicit")
+        ),
     }
     outputs: dict[str, torch.Tensor] = {}
 
@@ -109,9 +98,9 @@ def measure_layer(
         {name: timed(lambda name=name: call(name), device) for name in processors},  # type: ignore[misc]
         repeats=repeats,
     )
-    same = torch.equal(outputs["chunked"], outputs["explicit"]) and all(
-        torch.equal(captures["chunked"].sums[n], captures["explicit"].sums[n])
-        for n in captures["explicit"].sums
+    before, after = captures["unchunked explicit"], captures["explicit"]
+    same = torch.equal(outputs["explicit"], outputs["unchunked explicit"]) and all(
+        torch.equal(after.sums[n], before.sums[n]) for n in before.sums
     )
     return seconds, same
 
@@ -119,6 +108,7 @@ def measure_layer(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = benchmark_parser(__doc__.splitlines()[0], steps=1, repeats=12)
     parser.add_argument("--batch-sizes", default="1,4", help="images per batch (CFG doubles)")
+    parser.add_argument("--family", choices=sorted(LAYERS), default="sd")
     args = parser.parse_args(argv)
     set_threads(args)
     device = torch.device(args.device)
@@ -127,38 +117,41 @@ def main(argv: Sequence[str] | None = None) -> None:
     for images in (int(b) for b in args.batch_sizes.split(",")):
         weights = torch.zeros(images, 77)
         weights[:, 5:7] = 1
-        for channels, positions in SD15_LAYERS:
+        for layer in LAYERS[args.family]:
             seconds, same = measure_layer(
-                images, channels, positions, weights, device=device, repeats=args.repeats
+                images,
+                layer,
+                weights,
+                text_width=TEXT_WIDTH[args.family],
+                device=device,
+                repeats=args.repeats,
             )
-            probs_mb = 2 * images * 8 * positions * 77 * 4 / 2**20
+            probs_mb = 2 * images * layer.heads * layer.positions * 77 * 4 / 2**20
+            stock = sorted(seconds["stock"])[len(seconds["stock"]) // 2]
             rows.append(
                 [
                     images,
-                    f"{positions} ({channels} ch)",
+                    f"{layer.positions} ({layer.channels} ch, {layer.heads} heads)",
                     f"{probs_mb:.0f} MiB",
-                    f"{sorted(seconds['stock'])[len(seconds['stock']) // 2] * 1e3:.1f} ms",
-                    *(
-                        str(Ratio.paired(seconds[n], seconds["stock"]))
-                        for n in seconds
-                        if n != "stock"
-                    ),
+                    f"{stock * 1e3:.1f} ms",
+                    *(str(Ratio.paired(seconds[n], seconds["stock"])) for n in VARIANTS[1:]),
                     "yes" if same else "NO",
                 ]
             )
             print(rows[-1], flush=True)
+    family = "SD 1.5" if args.family == "sd" else "SDXL"
     report(
-        f"capture_layers: capture overhead per cross-attention layer — SD 1.5 shapes, 512 px, "
-        f"{device.type}",
+        f"capture_layers: capture overhead per cross-attention layer — {family} shapes, "
+        f"{RESOLUTION[args.family]} px, {device.type}",
         [
             "images (UNet rows ×2)",
             "query positions",
-            "probabilities tensor",
+            "probabilities tensor (unchunked)",
             "stock layer time",
-            "explicit / stock",
+            "explicit (chunked) / stock",
             "sdpa / stock",
-            "chunked explicit / stock (proposed)",
-            "chunked bit-identical to explicit",
+            "unchunked explicit / stock (before)",
+            "chunked bit-identical to unchunked",
         ],
         rows,
         args=args,
@@ -166,8 +159,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         notes=(
             f"{args.repeats} interleaved rounds per layer; ratios are medians of per-round ratios "
             "(IQR). A layer call includes the projections (to_q/k/v/out), as in the UNet. "
-            f"Chunked: {CHUNK_ELEMENTS:,} probabilities per chunk; its output and captured mass "
-            "are compared bit for bit with the explicit mode's."
+            f"Chunks of {attention.EXPLICIT_CHUNK_ELEMENTS:,} probabilities; the chunked output "
+            "and captured mass are compared bit for bit with one chunk for all positions."
         ),
     )
 
