@@ -5,24 +5,21 @@ the SDK)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
-import socket
 import subprocess
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
+from sqlalchemy import select
 
 from aligndiff_client import Client
 from service.export import FORMATS
+from service.models import Sample, utcnow
 from tests.api_support import Api, add_class, set_job
-from tests.dataset_support import DatasetClass, download
+from tests.dataset_support import DatasetClass, download, serving
 
 pytest_plugins = ["tests.api_support", "tests.dataset_support"]
 
@@ -70,6 +67,12 @@ def test_the_dataset_is_available_once_the_job_has_succeeded(api: Api) -> None:
         ({"format": "pascal"}, "format"),
         ({}, "format"),
         ({"format": "voc", "accepted_only": "maybe"}, "accepted_only"),
+        ({"format": "voc", "val": "test"}, "val"),
+        ({"format": "voc", "val": "fraction:0"}, "val"),
+        ({"format": "voc", "val": "fraction:1"}, "val"),
+        ({"format": "voc", "val": "fraction:1.5"}, "val"),
+        ({"format": "voc", "val": "fraction:-0.2"}, "val"),
+        ({"format": "voc", "val": "fraction:"}, "val"),
     ],
 )
 def test_a_bad_format_or_flag_is_refused(
@@ -78,7 +81,10 @@ def test_a_bad_format_or_flag_is_refused(
     response = api.alice.get(dataset_class.url, params=params)
 
     assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
     assert [error["field"] for error in response.json()["errors"]] == [field]
+    if field == "val":
+        assert "none, shots or fraction:<f>" in response.json()["detail"]
 
 
 def test_anonymous_callers_are_refused(api: Api, dataset_class: DatasetClass) -> None:
@@ -95,6 +101,7 @@ def test_anonymous_callers_are_refused(api: Api, dataset_class: DatasetClass) ->
         ("coco", "application/zip", "dog-coco.zip"),
         ("hf", "application/zip", "dog-hf.zip"),
         ("webdataset", "application/x-tar", "dog-webdataset.tar"),
+        ("yolo", "application/zip", "dog-yolo.zip"),
     ],
 )
 def test_the_archive_is_an_attachment_with_a_strong_etag(
@@ -117,6 +124,45 @@ def test_the_etag_names_one_archive(api: Api, dataset_class: DatasetClass) -> No
     assert etag(format="voc") == etag(format="voc")
     assert len({etag(format=f) for f in FORMATS}) == len(FORMATS)
     assert etag(format="voc") != etag(format="voc", accepted_only="false")
+    splits = {etag(format="voc", val=v) for v in ("none", "shots", "fraction:0.2", "fraction:.3")}
+    assert len(splits) == 4
+    assert etag(format="voc") == etag(format="voc", val="none")
+
+
+@pytest.mark.parametrize(
+    ("change", "accepted_only"),
+    [
+        ({"accepted": False, "accepted_by": "user", "rejected_by": "user"}, "true"),
+        ({"accepted": True, "accepted_by": "user", "rejected_by": None}, "false"),
+        ({"mask_source": "human"}, "true"),
+    ],
+)
+def test_a_reviewer_s_change_gives_a_new_archive_and_etag(
+    api: Api, dataset_class: DatasetClass, change: dict[str, object], accepted_only: str
+) -> None:
+    # given: a downloaded archive
+    params = {"format": "coco", "accepted_only": accepted_only}
+    before = api.alice.get(dataset_class.url, params=params)
+
+    # when: a reviewer changes a sample's verdict, or its mask, as review does (the sample's
+    # `reviewed_at` stamped)
+    with api.session() as session:
+        sample = session.execute(
+            select(Sample).where(Sample.class_id == dataset_class.id, Sample.index == 0)
+        ).scalar_one()
+        for name, value in {**change, "reviewed_at": utcnow()}.items():
+            setattr(sample, name, value)
+        session.commit()
+
+    # then: a new ETag, and resuming the old download gets the whole new archive
+    response = api.alice.get(
+        dataset_class.url,
+        params=params,
+        headers={"Range": "bytes=100-", "If-Range": before.headers["etag"]},
+    )
+    assert response.status_code == 200
+    assert response.headers["etag"] != before.headers["etag"]
+    assert response.content != before.content
 
 
 def test_the_length_is_sent_once_the_archive_has_been_generated(
@@ -138,6 +184,11 @@ def test_the_openapi_schema_documents_the_route(api: Api) -> None:
     (format_param,) = (p for p in operation["parameters"] if p["name"] == "format")
     assert format_param["required"] is True
     assert format_param["schema"]["enum"] == list(FORMATS)
+    assert "yolo" in format_param["schema"]["enum"]
+    (val_param,) = (p for p in operation["parameters"] if p["name"] == "val")
+    assert val_param["schema"]["default"] == "none"
+    assert re.fullmatch(val_param["schema"]["pattern"], "fraction:0.25")
+    assert not re.fullmatch(val_param["schema"]["pattern"], "fraction:1")
     assert {"200", "206", "404", "409", "416", "422"} <= set(operation["responses"])
     assert "succeeded" in operation["description"]
 
@@ -260,28 +311,6 @@ def test_a_range_past_the_end_answers_416_with_the_length(
 
 
 # --- over a real connection ---------------------------------------------------------------
-
-
-@contextmanager
-def serving(api: Api) -> Iterator[str]:
-    """The app behind uvicorn on a free loopback port, in a thread."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_a_download_cut_off_mid_stream_resumes_to_the_same_bytes(

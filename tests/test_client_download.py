@@ -1,5 +1,6 @@
 """The SDK's dataset download against a mock service that honours Range and If-Range:
-streamed to `.incomplete`, resumed after a cut, restarted when the archive changed."""
+streamed to `.incomplete`, resumed after a cut, restarted when the archive changed; one class's
+or several classes' as one archive, from the SDK and the command line."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from aligndiff_client import NotFound
+from aligndiff_client.cli import main
 from tests.client_support import Handler, mock_client, problem
 
 ETAG = '"dataset-v1"'
@@ -204,3 +206,52 @@ def test_an_error_answer_raises_and_leaves_no_file(tmp_path: Path) -> None:
         client.download_dataset("c1", "voc", dest, progress=False)
 
     assert list(tmp_path.iterdir()) == [] and recorder.sleeps == []
+
+
+def test_several_classes_download_as_one_archive_resumed_like_one(
+    body: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given: two classes, and a connection that drops after 70 000 bytes
+    monkeypatch.chdir(tmp_path)
+    ids = [uuid.uuid4(), uuid.uuid4()]
+    with mock_client(archive_server(body, cut_first_at=70_000)) as (client, recorder):
+        # when
+        path = client.download_dataset(ids, "yolo", progress=False, val="shots")
+
+    # then: both requests ask /v1/datasets for the classes in order, the second for the rest
+    assert path.read_bytes() == body
+    assert path.name == f"{ids[0]}-and-1-more-yolo.zip"
+    first, second = recorder.requests
+    for request in (first, second):
+        assert request.url.path == "/v1/datasets"
+        assert request.url.params["class_ids"] == f"{ids[0]},{ids[1]}"
+        assert request.url.params["format"] == "yolo" and request.url.params["val"] == "shots"
+    assert second.headers["Range"] == "bytes=70000-" and second.headers["If-Range"] == ETAG
+
+
+@pytest.mark.parametrize(
+    ("ids", "path"),
+    [(["c1"], "/v1/classes/c1/dataset"), (["c1", "c2"], "/v1/datasets")],
+    ids=["one class", "several classes"],
+)
+def test_the_cli_downloads_one_class_or_several_with_a_split(
+    ids: list[str], path: str, body: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recorder: list[httpx.Request] = []
+    handler = archive_server(body)
+
+    def record(request: httpx.Request) -> httpx.Response:
+        recorder.append(request)
+        return handler(request)
+
+    dest = tmp_path / "both.zip"
+    options = ["--format", "yolo", "--val", "fraction:0.2", "--out", str(dest)]
+    status = main(
+        ["download", *ids, *options, "--api-key", "k", "-q"], transport=httpx.MockTransport(record)
+    )
+
+    assert status == 0 and capsys.readouterr().out == f"{dest}\n"
+    assert dest.read_bytes() == body
+    (request,) = recorder
+    assert request.url.path == path and request.url.params["val"] == "fraction:0.2"
+    assert request.url.params.get("class_ids") == (",".join(ids) if len(ids) > 1 else None)

@@ -1,5 +1,7 @@
 """Dataset exports: each format read back by the tools its users read it with, the real shots
-and the samples in it as stored, its metadata, and the memory a large export takes."""
+and the samples in it as stored, one COCO annotation per object, the train and validation
+splits, the metadata, and the memory a large export takes. (YOLO: `test_export_yolo.py`;
+several classes: `test_datasets_multi.py`.)"""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import json
 import shutil
 import subprocess
 import tarfile
-import tracemalloc
 import zipfile
 from datetime import UTC, datetime
 from io import BytesIO
@@ -18,11 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import insert
 
 from aligndiff import __version__
-from service.auth import authenticate
-from service.contexts import datasets
 from service.export import (
     FORMATS,
     ExportClass,
@@ -32,24 +30,25 @@ from service.export import (
     archive,
     write_archive,
 )
-from service.models import Sample, utcnow
-from service.storage import BlobNotFound, LocalStorage, sample_key
-from tests.api_support import Api, ApiFactory, add_class, encode
+from tests.api_support import Api, ApiFactory, encode
 from tests.dataset_support import (
     CLASS_SEED,
     MODEL_IDS,
     PROMPTS,
+    WEBDATASET_METADATA,
     DatasetClass,
+    MemoryStorage,
+    disk,
     download,
+    export_peak,
     extract,
     labels_of,
+    many_samples,
+    metadata_of,
     random_sample,
 )
 
 pytest_plugins = ["tests.api_support", "tests.dataset_support"]
-
-WEBDATASET_METADATA = "__meta__/metadata.json"
-
 
 # --- the formats, read back ---------------------------------------------------------------
 
@@ -102,6 +101,82 @@ def test_coco_annotations_decode_to_the_stored_masks(
     assert [image["source"] for image in images] == ["shot", "shot"] + ["synthetic"] * 4
 
 
+def test_coco_has_one_annotation_per_object_the_shots_included(
+    api: Api, objects_class: DatasetClass, tmp_path: Path
+) -> None:
+    from pycocotools.coco import COCO
+
+    # when
+    folder = extract(download(api, objects_class, "coco"), tmp_path)
+    coco = COCO(str(folder / "annotations" / "instances.json"))
+    metadata = metadata_of(folder, "coco")
+
+    # then: per image, an annotation per object of its mask (a 4-pixel speck is none), each
+    # decoding to one connected object, together the mask but for the speck
+    images = coco.loadImgs(sorted(coco.getImgIds()))
+    expected = {
+        "shot_00": 2,  # two separate objects in the uploaded mask
+        "sample_00000": 1,  # a ring: one object with a hole
+        "sample_00001": 2,
+        "sample_00002": 1,  # one object and a speck
+        "sample_00003": 1,  # cut off by the image's edges
+    }
+    assert [image["file_name"] for image in images] == [f"{name}.png" for name in expected]
+    stored = {item.name: item.mask for item in objects_class.exported()}
+    stored["sample_00002"] = disk(30, 30, 12)  # without the speck
+    for image in images:
+        name = image["file_name"].removesuffix(".png")
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))
+        assert len(annotations) == expected[name], name
+        masks = [coco.annToMask(a).astype(bool) for a in annotations]
+        for annotation, mask in zip(annotations, masks, strict=True):
+            assert annotation["iscrowd"] == 0 and annotation["category_id"] == 1
+            assert annotation["area"] == mask.sum()
+            rows, columns = np.nonzero(mask)
+            x, y = columns.min(), rows.min()
+            width, height = columns.max() - x + 1, rows.max() - y + 1
+            assert annotation["bbox"] == [x, y, width, height]
+        assert np.array_equal(np.logical_or.reduce(masks), stored[name]), name
+        assert sum(m.sum() for m in masks) == stored[name].sum()  # no pixel in two
+    # and: the metadata counts the same objects
+    records = metadata["shots"] + metadata["samples"]
+    assert {r["name"]: r["instances"] for r in records} == expected
+    ids = [a["id"] for a in coco.dataset["annotations"]]
+    assert ids == list(range(1, sum(expected.values()) + 1))
+
+
+def test_coco_annotations_score_ap_1_against_themselves(
+    api: Api, objects_class: DatasetClass, tmp_path: Path
+) -> None:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    # given: the export's annotations, and the same objects as detections of score 1
+    folder = extract(download(api, objects_class, "coco"), tmp_path)
+    truth = COCO(str(folder / "annotations" / "instances.json"))
+    detections = truth.loadRes(
+        [
+            {
+                "image_id": a["image_id"],
+                "category_id": a["category_id"],
+                "segmentation": a["segmentation"],
+                "score": 1.0,
+            }
+            for a in truth.dataset["annotations"]
+        ]
+    )
+
+    # when: COCO's own mask evaluation runs
+    evaluation = COCOeval(truth, detections, "segm")
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+
+    # then: every object is found, exactly (AP and AR over IoU .50:.95)
+    assert evaluation.stats[0] == 1.0
+    assert evaluation.stats[8] == 1.0
+
+
 def test_hf_loads_with_datasets_as_image_columns(
     api: Api, dataset_class: DatasetClass, tmp_path: Path
 ) -> None:
@@ -124,6 +199,9 @@ def test_hf_loads_with_datasets_as_image_columns(
     assert loaded["accepted"] == [None, None, True, True, True, True]
     assert set(loaded[2]["scores"]) == {"clip_score", "shot_similarity", "consensus_iou", "ood_iou"}
     assert {"prompt", "prompt_kind", "seed", "mask_source"} <= set(loaded.column_names)
+    assert loaded["label"] == [1] * 6 and loaded["split"] == ["train"] * 6
+    assert loaded["accepted_by"] == [None, None] + ["filter"] * 4
+    assert loaded["instances"] == [1] * 6
     assert json.loads((folder / "id2label.json").read_text()) == {"0": "background", "1": "dog"}
 
 
@@ -178,7 +256,7 @@ def test_metadata_records_the_class_the_shots_and_the_samples(
 ) -> None:
     # when
     folder = extract(download(api, dataset_class, export_format), tmp_path)
-    metadata = _metadata(folder, export_format)
+    metadata = metadata_of(folder, export_format)
 
     # then: enough to trace and regenerate the dataset
     assert metadata["format"] == export_format
@@ -198,6 +276,12 @@ def test_metadata_records_the_class_the_shots_and_the_samples(
     assert sample["index"] == 0 and sample["seed"] == 1000 and sample["accepted"] is True
     assert sample["prompt"] == "a photo of a dog" and sample["prompt_kind"] == "inversion"
     assert sample["mask_source"] == "consensus" and sample["scores"]["clip_score"] == 30.0
+    assert sample["accepted_by"] == "filter" and sample["instances"] == 1
+    assert sample["split"] == "train" and sample["label"] == 1 and sample["id"]
+    assert [s["instances"] for s in shots] == [1, 1]  # counted from the shots' masks
+    assert metadata["val"] == "none" and metadata["instance_min_area"] == 16
+    (seg_class,) = metadata["classes"]
+    assert seg_class["label"] == 1 and seg_class["id"] == str(dataset_class.id)
     # and: the files each record names are in the archive
     for record in shots + metadata["samples"]:
         for role, name in record["files"].items():
@@ -213,7 +297,7 @@ def test_accepted_only_by_default_and_every_sample_on_request(
     def sample_indices(**params: Any) -> list[int]:
         data = download(api, dataset_class, export_format, **params)
         folder = extract(data, tmp_path / str(params))
-        metadata = _metadata(folder, export_format)
+        metadata = metadata_of(folder, export_format)
         assert [s["name"] for s in metadata["shots"]] == ["shot_00", "shot_01"]
         return [sample["index"] for sample in metadata["samples"]]
 
@@ -235,11 +319,110 @@ def test_zip_archives_pass_the_unzip_integrity_check(
 ) -> None:
     if shutil.which("unzip") is None:
         pytest.skip("no unzip here")
-    for export_format in ("voc", "coco", "hf"):
+    for export_format in ("voc", "coco", "hf", "yolo"):
         path = tmp_path / f"{export_format}.zip"
         path.write_bytes(download(api, dataset_class, export_format))
         result = subprocess.run(["unzip", "-tq", str(path)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- train and validation splits ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("val", ["none", "shots", "fraction:0.5"])
+@pytest.mark.parametrize("export_format", FORMATS)
+def test_each_format_lays_its_splits_out_its_own_way(
+    api: Api, dataset_class: DatasetClass, export_format: str, val: str, tmp_path: Path
+) -> None:
+    # when
+    data = download(api, dataset_class, export_format, val=val, accepted_only="false")
+    folder = extract(data, tmp_path / "archive")
+
+    # then: the metadata gives each record the split the option puts it in
+    metadata = metadata_of(folder, export_format)
+    assert metadata["val"] == val
+    shots, samples = metadata["shots"], metadata["samples"]
+    assert {s["split"] for s in shots} == {"val" if val == "shots" else "train"}
+    if val != "fraction:0.5":
+        assert {s["split"] for s in samples} == {"train"}
+    # and: the format's own split layout holds the same items
+    records = shots + samples
+    expected = {
+        split: [r["name"] for r in records if r["split"] == split]
+        for split in ("train", "val")
+        if split == "train" or val != "none"
+    }
+    assert _split_names(folder, export_format, tmp_path) == expected
+
+
+def _split_names(folder: Path, export_format: str, tmp_path: Path) -> dict[str, list[str]]:
+    """The names of each split, as the format's readers see them."""
+    if export_format == "voc":
+        sets = folder / "ImageSets" / "Segmentation"
+        return {p.stem: p.read_text().split() for p in sorted(sets.glob("*.txt"))}
+    if export_format == "coco":
+        files = sorted((folder / "annotations").glob("instances*.json"))
+        return {
+            "train" if p.stem == "instances" else p.stem.removeprefix("instances_"): [
+                image["file_name"].removesuffix(".png")
+                for image in json.loads(p.read_text())["images"]
+            ]
+            for p in files
+        }
+    if export_format == "hf":
+        import datasets as hf
+
+        loaded = hf.load_dataset(
+            "parquet", data_dir=str(folder / "data"), cache_dir=str(tmp_path / "cache")
+        )
+        names = {"train": "train", "validation": "val"}
+        return {names[split]: loaded[split]["name"] for split in loaded}
+    metadata = metadata_of(folder, export_format)
+    order = [r["name"] for r in metadata["shots"] + metadata["samples"]]
+    result: dict[str, list[str]] = {"train": []}
+    if metadata["val"] != "none":
+        result["val"] = []
+    if export_format == "webdataset":
+        for name in order:  # each record's own JSON, as WebDataset hands it over
+            record = json.loads((folder / f"{name}.json").read_text())
+            result[record["split"]].append(name)
+        return result
+    assert export_format == "yolo"
+    for split in result:
+        stems = [p.stem for p in (folder / "images" / split).glob("*.png")]
+        labels = [p.stem for p in (folder / "labels" / split).glob("*.txt")]
+        assert sorted(stems) == sorted(labels)
+        result[split] = sorted(stems, key=order.index)
+    return result
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_fraction_of_samples_by_id_is_validation_the_same_each_time(
+    make_api: ApiFactory,
+) -> None:
+    # given: a class of 200 samples
+    api = make_api()
+    class_id = many_samples(api, 200)
+    url = f"/v1/classes/{class_id}/dataset"
+
+    def validation(fraction: str) -> set[str]:
+        response = api.alice.get(url, params={"format": "coco", "val": f"fraction:{fraction}"})
+        assert response.status_code == 200, response.text
+        with zipfile.ZipFile(io.BytesIO(response.content)) as opened:
+            names = json.loads(opened.read("annotations/instances_val.json"))["images"]
+            metadata = json.loads(opened.read("metadata.json"))
+        assert {s["split"] for s in metadata["shots"]} <= {"train"}
+        by_name = {s["name"]: s["id"] for s in metadata["samples"]}
+        return {by_name[image["file_name"].removesuffix(".png")] for image in names}
+
+    # when
+    fifth, half = validation("0.2"), validation("0.5")
+
+    # then: about that share of the samples, the same ones on every download, and a larger
+    # fraction only adds to them
+    assert 10 <= len(fifth) <= 70 and 60 <= len(half) <= 140
+    assert validation("0.2") == fifth
+    assert fifth < half
 
 
 # --- the writers alone --------------------------------------------------------------------
@@ -315,98 +498,17 @@ def test_memory_does_not_grow_with_the_number_of_samples(
     # NOTE: blobs in memory: a local store's path handling churns the interpreter's table of
     # interned strings, whose occasional rebuild (megabytes, for a moment) would be measured.
     api = make_api(storage=MemoryStorage())
-    small, large = _many_samples(api, 200), _many_samples(api, 2000)
+    small, large = many_samples(api, 200), many_samples(api, 2000)
 
     # when: each archive is streamed through (after an untraced pass to warm caches)
-    small_peak = _export_peak(api, small, export_format)
-    large_peak = _export_peak(api, large, export_format)
+    small_peak = export_peak(api, [small], export_format)
+    large_peak = export_peak(api, [large], export_format)
 
     # then: ten times the samples take nowhere near ten times the memory
     assert large_peak < 3 * small_peak, (small_peak, large_peak)
 
 
-def _many_samples(api: Api, count: int) -> Any:
-    """A succeeded class of `count` finalized samples sharing one tiny image and mask."""
-    class_id, _ = add_class(api, owner_id=api.alice_id, status="succeeded")
-    image, mask = random_sample(np.random.default_rng(count))
-    image_key, mask_key = sample_key(class_id, 0, "image.png"), sample_key(class_id, 0, "mask.png")
-    api.storage.put(image_key, encode(image), content_type="image/png")
-    api.storage.put(mask_key, encode(mask), content_type="image/png")
-    rows = [
-        {
-            "class_id": class_id,
-            "index": index,
-            "prompt": "a photo of a dog",
-            "prompt_kind": "text",
-            "seed": index,
-            "width": 32,
-            "height": 32,
-            "image_key": image_key,
-            "coarse_mask_key": mask_key,
-            "mask_key": mask_key,
-            "mask_source": "consensus",
-            "clip_score": 30.0,
-            "accepted": True,
-            "finalized_at": utcnow(),
-        }
-        for index in range(count)
-    ]
-    with api.session() as session:
-        session.execute(insert(Sample), rows)
-        session.commit()
-    return class_id
-
-
-def _export_peak(api: Api, class_id: Any, export_format: Any) -> int:
-    """The most memory Python held at once while the archive was streamed (after a pass
-    to warm up)."""
-    with api.session() as session:
-        principal = authenticate(session, f"Bearer {api.keys['alice']}")
-        download_ = datasets.prepare_download(
-            session=session,
-            session_factory=api.app.state.session_factory,
-            storage=api.storage,
-            settings=api.settings,
-            principal=principal,
-            class_id=class_id,
-            export_format=export_format,
-            accepted_only=True,
-        )
-        for _ in download_.stream():
-            pass
-        tracemalloc.start()
-        try:
-            size = sum(len(chunk) for chunk in download_.stream())
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-    assert size > 0
-    return peak
-
-
 # --- helpers ------------------------------------------------------------------------------
-
-
-class MemoryStorage(LocalStorage):
-    """Blobs in a dict (a local store's other operations are never called here)."""
-
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-
-    def put(self, key: str, data: bytes, *, content_type: str) -> None:
-        self.blobs[key] = data
-
-    def get(self, key: str) -> bytes:
-        try:
-            return self.blobs[key]
-        except KeyError:
-            raise BlobNotFound(key) from None
-
-
-def _metadata(folder: Path, export_format: str) -> Any:
-    """An extracted archive's `metadata.json` (webdataset keeps it where WebDataset skips)."""
-    name = WEBDATASET_METADATA if export_format == "webdataset" else "metadata.json"
-    return json.loads((folder / name).read_text())
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
@@ -427,7 +529,7 @@ def _memory_source(*, num_samples: int) -> ExportSource:
         created_at=datetime(2026, 1, 2, tzinfo=UTC),
     )  # fmt: skip
     return ExportSource(
-        seg_class=seg_class,
+        classes=(seg_class,),
         accepted_only=True,
         num_shots=1,
         num_samples=num_samples,

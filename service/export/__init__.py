@@ -1,7 +1,7 @@
-"""Dataset exports: a class's real shots and samples as a VOC, COCO, Hugging Face or
-WebDataset archive, streamed.
+"""Dataset exports: classes' real shots and samples as a VOC, COCO, Hugging Face, WebDataset
+or Ultralytics YOLO archive, streamed.
 
-Each format is a function over an `ExportSource` (the class, a walk over its items, a blob
+Each format is a function over an `ExportSource` (the classes, a walk over their items, a blob
 reader) that yields the archive's bytes front to back: no archive is ever held whole, in memory
 or on disk. Output is deterministic: the same source gives the same bytes.
 """
@@ -15,6 +15,7 @@ from functools import cache
 from importlib.metadata import version
 from typing import Literal, get_args
 
+import cv2
 import PIL
 from PIL import features
 
@@ -22,23 +23,30 @@ from aligndiff import __version__
 from service.export.archive import ExportClass, ExportItem, ExportOptions, ExportSource
 from service.export.coco import write_coco
 from service.export.hf import write_hf
+from service.export.splits import NO_VAL, VAL_FORMS, VAL_PATTERN, Split, ValSplit
 from service.export.voc import write_voc
 from service.export.webdataset import write_webdataset
+from service.export.yolo import write_yolo
 
 __all__ = [
     "FORMATS",
+    "NO_VAL",
+    "VAL_FORMS",
+    "VAL_PATTERN",
     "ExportClass",
     "ExportFormat",
     "ExportItem",
     "ExportOptions",
     "ExportSource",
+    "Split",
+    "ValSplit",
     "extension",
     "media_type",
     "software_versions",
     "write_archive",
 ]
 
-ExportFormat = Literal["voc", "coco", "hf", "webdataset"]
+ExportFormat = Literal["voc", "coco", "hf", "webdataset", "yolo"]
 FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
 
 Writer = Callable[[ExportSource, ExportOptions], Iterator[bytes]]
@@ -47,6 +55,7 @@ _WRITERS: dict[ExportFormat, Writer] = {
     "coco": write_coco,
     "hf": write_hf,
     "webdataset": write_webdataset,
+    "yolo": write_yolo,
 }
 # Chunks handed to the server are coalesced to about this size.
 CHUNK_BYTES = 1 << 16
@@ -81,6 +90,7 @@ def software_versions() -> dict[str, str | None]:
         "zlib": zlib.ZLIB_RUNTIME_VERSION,
         "pyarrow": version("pyarrow"),
         "pycocotools": version("pycocotools"),
+        "opencv": cv2.__version__,
     }
 
 

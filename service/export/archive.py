@@ -23,7 +23,9 @@ import numpy.typing as npt
 from PIL import Image
 
 from aligndiff import __version__
+from aligndiff.instances import Instance, split_instances
 from aligndiff.masks import binarize_mask
+from service.export.splits import NO_VAL, SPLITS, Split, ValSplit
 
 Source = Literal["shot", "synthetic"]
 # A blob's bytes by its storage key.
@@ -36,7 +38,7 @@ BACKGROUND, FOREGROUND = 0, 1
 
 @dataclass(frozen=True)
 class ExportClass:
-    """The class an archive holds, as recorded in its `metadata.json`."""
+    """A class an archive holds, as recorded in its `metadata.json`."""
 
     id: str
     name: str
@@ -48,17 +50,28 @@ class ExportClass:
     # The deployment model (a name in ALIGNDIFF_MODELS) that synthesized it.
     model: str | None = None
 
-    @property
-    def labels(self) -> dict[str, str]:
-        """Label index → name, as every format numbers them."""
-        return {str(BACKGROUND): "background", str(FOREGROUND): self.name}
+    def record(self, label: int) -> dict[str, Any]:
+        """Its entry in `metadata.json`'s `classes`."""
+        return {
+            "label": label,
+            "id": self.id,
+            "name": self.name,
+            "token": self.token,
+            "seed": self.seed,
+            "prompts": self.prompts,
+            "created_at": self.created_at.isoformat(),
+            "model": self.model,
+            "models": self.model_ids,
+        }
 
 
 @dataclass(frozen=True)
 class ExportItem:
-    """One exported image + mask: a real shot or a synthetic sample.
+    """One exported image + mask: a real shot or a synthetic sample of one of the classes.
 
-    `name` is its file stem in every format: `shot_<position>` or `sample_<index>`.
+    `name` is its file stem in every format: `shot_<position>` or `sample_<index>` (prefixed
+    with its class when an archive holds several). `label` is its class's label index (1 for
+    the first class), `split` the split it belongs to.
     """
 
     name: str
@@ -78,21 +91,29 @@ class ExportItem:
     scores: dict[str, float | None] = field(default_factory=dict)
     accepted: bool | None = None
     mask_source: str | None = None
+    id: str | None = None  # a sample's id
+    accepted_by: str | None = None
+    # Objects in its mask (None: count them from the mask when needed, as for the shots).
+    instances: int | None = None
+    label: int = FOREGROUND
+    split: Split = "train"
 
-    def record(self, files: Files) -> dict[str, Any]:
+    def record(self, files: Files, *, instances: int) -> dict[str, Any]:
         """Its entry in `metadata.json` (and webdataset's per-sample JSON)."""
-        common = {"name": self.name, "source": self.source}
+        common = {"name": self.name, "source": self.source, "label": self.label}
         size = {"width": self.width, "height": self.height}
+        tail = {"instances": instances, "split": self.split, "files": files}
         if self.source == "shot":
             return {
                 **common,
                 "position": self.position,
                 "filename": self.filename,
                 **size,
-                "files": files,
+                **tail,
             }
         return {
             **common,
+            "id": self.id,
             "index": self.index,
             "prompt": self.prompt,
             "prompt_kind": self.prompt_kind,
@@ -100,30 +121,69 @@ class ExportItem:
             **size,
             "scores": self.scores,
             "accepted": self.accepted,
+            "accepted_by": self.accepted_by,
             "mask_source": self.mask_source,
-            "files": files,
+            **tail,
         }
 
 
 @dataclass(frozen=True)
 class ExportSource:
-    """What a format writer reads: the class, a way to walk its items (shots first, then
-    samples by index) as often as the format needs, and the blobs.
+    """What a format writer reads: the classes (in label order: the first is label 1), a way
+    to walk their items as often as the format needs, and the blobs.
 
-    `items()` starts a fresh walk each call; it yields exactly `num_shots + num_samples` items
-    or raises.
+    `items()` starts a fresh walk each call: the shots of every class (class by class), then
+    every class's samples; it yields exactly `num_shots + num_samples` items or raises. Each
+    item carries its label and its split (by `val`).
     """
 
-    seg_class: ExportClass
+    classes: tuple[ExportClass, ...]
     accepted_only: bool
     num_shots: int
     num_samples: int
     items: Callable[[], Iterator[ExportItem]]
     read: BlobReader
+    val: ValSplit = NO_VAL
+    # Objects smaller than this (pixels) are no instance of their own (aligndiff.instances).
+    instance_min_area: int = 16
 
     @property
     def count(self) -> int:
         return self.num_shots + self.num_samples
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Label index → name, as every format numbers them (0 is the background)."""
+        names = {str(label): c.name for label, c in enumerate(self.classes, start=FOREGROUND)}
+        return {str(BACKGROUND): "background", **names}
+
+    @property
+    def created_at(self) -> datetime:
+        """The archive's timestamp (of every zip entry and tar member): its newest class's."""
+        return max(c.created_at for c in self.classes)
+
+    def split_counts(self) -> dict[Split, int]:
+        """Items per split (a walk over the records; no blob is read)."""
+        counts = dict.fromkeys(SPLITS, 0)
+        for item in self.items():
+            counts[item.split] += 1
+        return counts
+
+    def split_items(self, split: Split) -> Iterator[ExportItem]:
+        """A fresh walk over the items of one split, in walk order."""
+        return (item for item in self.items() if item.split == split)
+
+    def instances(self, item: ExportItem) -> list[Instance]:
+        """The item's objects (its mask's connected components of at least
+        `instance_min_area` pixels), read from its mask."""
+        mask = mask_labels(self.read(item.mask_key)).astype(bool)
+        return split_instances(mask, min_area=self.instance_min_area)
+
+    def instance_count(self, item: ExportItem) -> int:
+        """How many objects the item holds: as recorded, else counted from its mask."""
+        if item.instances is not None:
+            return item.instances
+        return len(self.instances(item))
 
 
 @dataclass(frozen=True)
@@ -142,37 +202,45 @@ def metadata_pieces(
     source: ExportSource, *, format_name: str, files: Callable[[int, ExportItem], Files]
 ) -> Iterator[bytes]:
     """`metadata.json`, piece by piece (one record at a time, so memory does not grow with the
-    number of samples): the class, the service version and models, the label map, then one
-    record per shot and per sample with the names of its files in the archive.
-    `files(ordinal, item)` names them."""
-    seg_class = source.seg_class
+    number of samples): the classes, the service version, the label map, the options, then one
+    record per shot and per sample with its split and the names of its files in the archive.
+    `files(ordinal, item)` names them; `ordinal` counts the items of the item's split.
+
+    An archive of one class also names it (and its models) alone, under `class` and `models`,
+    as archives did before they could hold several.
+    """
+    classes = [c.record(label) for label, c in enumerate(source.classes, start=FOREGROUND)]
+    single: dict[str, Any] = {}
+    if len(classes) == 1:
+        (only,) = classes
+        single = {
+            "class": {k: v for k, v in only.items() if k not in ("label", "models")},
+            "models": only["models"],
+        }
     head = {
         "format": format_name,
         "service": {"name": "aligndiff", "version": __version__},
-        "class": {
-            "id": seg_class.id,
-            "name": seg_class.name,
-            "token": seg_class.token,
-            "seed": seg_class.seed,
-            "prompts": seg_class.prompts,
-            "created_at": seg_class.created_at.isoformat(),
-            "model": seg_class.model,
-        },
-        "models": seg_class.model_ids,
-        "labels": seg_class.labels,
+        **single,
+        "classes": classes,
+        "labels": source.labels,
         "accepted_only": source.accepted_only,
+        "val": source.val.text,
+        "instance_min_area": source.instance_min_area,
         "num_shots": source.num_shots,
         "num_samples": source.num_samples,
     }
     yield (json.dumps(head)[:-1] + ', "shots": [').encode()
     in_samples = False
     first = True
-    for ordinal, item in enumerate(source.items()):
+    ordinals = dict.fromkeys(SPLITS, 0)
+    for item in source.items():
         if item.source == "synthetic" and not in_samples:
             yield b'], "samples": ['
             in_samples, first = True, True
-        record = json.dumps(item.record(files(ordinal, item))).encode()
-        yield (b"\n" if first else b",\n") + record
+        ordinal = ordinals[item.split]
+        ordinals[item.split] += 1
+        record = item.record(files(ordinal, item), instances=source.instance_count(item))
+        yield (b"\n" if first else b",\n") + json.dumps(record).encode()
         first = False
     yield b"]}\n" if in_samples else b'], "samples": []}\n'
 
@@ -204,9 +272,10 @@ def mask_labels(mask_png: bytes) -> npt.NDArray[np.uint8]:
         return binarize_mask(mask).astype(np.uint8)
 
 
-def label_png(mask_png: bytes) -> bytes:
-    """A stored mask as a palette PNG of label indices {0, 1} with the VOC colours."""
-    image = Image.fromarray(mask_labels(mask_png), mode="P")
+def label_png(mask_png: bytes, label: int = FOREGROUND) -> bytes:
+    """A stored mask as a palette PNG of label indices with the VOC colours: 0 for the
+    background, `label` for the foreground."""
+    image = Image.fromarray(mask_labels(mask_png) * np.uint8(label), mode="P")
     image.putpalette(VOC_PALETTE)
     return encode(image, "PNG")
 

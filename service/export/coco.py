@@ -1,12 +1,18 @@
 """COCO instance segmentation layout, as a zip.
 
     metadata.json
-    annotations/instances.json   one category (id 1, the class); one annotation per image,
-                                 its mask as compressed RLE (pycocotools), with area and bbox
-    images/<name>.png            the images as stored (lossless)
+    annotations/instances.json        one category per class (id = its label index); one
+                                      annotation per instance (connected object) of each
+                                      image's mask, as compressed RLE (pycocotools), with
+                                      its area and bbox
+    images/<name>.png                 the images as stored (lossless)
+
+With a `val` option the annotations are split in two files, `annotations/instances_train.json`
+and `annotations/instances_val.json`, whose images all sit in `images/`.
 
 Names are `shot_<position>` for the real shots and `sample_<index>` for the samples; image and
-annotation ids count from 1 in that order.
+annotation ids count from 1 in that order within each annotation file. Objects smaller than the
+source's `instance_min_area` are left out (an image may then have no annotation).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from aligndiff import __version__
+from aligndiff.instances import Instance
 from service.export.archive import (
     FOREGROUND,
     ExportItem,
@@ -25,12 +32,17 @@ from service.export.archive import (
     ExportSource,
     Files,
     ZipStream,
-    mask_labels,
     write_metadata,
     zip_archive,
 )
+from service.export.splits import SPLITS, Split
 
 INSTANCES = "annotations/instances.json"
+
+
+def annotation_file(split: Split | None) -> str:
+    """The annotation file of a split (None: the one file of an archive without splits)."""
+    return INSTANCES if split is None else f"annotations/instances_{split}.json"
 
 
 def write_coco(source: ExportSource, options: ExportOptions) -> Iterator[bytes]:
@@ -38,35 +50,44 @@ def write_coco(source: ExportSource, options: ExportOptions) -> Iterator[bytes]:
 
     def write(archive: ZipStream) -> Iterator[None]:
         yield from write_metadata(archive, source, format_name="coco", files=_files)
-        with archive.open(INSTANCES, compress=True) as entry:
-            for piece in instances_pieces(source):
-                entry.write(piece)
-                yield
+        for split in SPLITS if source.val.has_val else (None,):
+            with archive.open(annotation_file(split), compress=True) as entry:
+                for piece in instances_pieces(source, split):
+                    entry.write(piece)
+                    yield
         for item in source.items():
             archive.write(_files(0, item)["image"], source.read(item.image_key), compress=False)
             yield
 
-    return zip_archive(source.seg_class.created_at, write)
+    return zip_archive(source.created_at, write)
 
 
-def instances_pieces(source: ExportSource) -> Iterator[bytes]:
-    """`instances.json`, a record at a time: the images (from the records alone), then the
-    annotations (each mask read and encoded in turn)."""
-    seg_class = source.seg_class
+def instances_pieces(source: ExportSource, split: Split | None = None) -> Iterator[bytes]:
+    """An annotation file, a record at a time: the images of `split` (None: all) from the
+    records alone, then their annotations (each mask read, split into its instances and
+    encoded in turn)."""
+    names = [c.name for c in source.classes]
     head = {
         "info": {
-            "description": f"AlignDiff dataset of {seg_class.name!r}: real shots and "
-            "synthetic samples",
+            "description": f"AlignDiff dataset of {', '.join(map(repr, names))}: real shots "
+            "and synthetic samples",
             "version": __version__,
-            "year": seg_class.created_at.year,
-            "date_created": seg_class.created_at.isoformat(),
+            "year": source.created_at.year,
+            "date_created": source.created_at.isoformat(),
             "contributor": "AlignDiff",
         },
         "licenses": [],
-        "categories": [{"id": FOREGROUND, "name": seg_class.name, "supercategory": seg_class.name}],
+        "categories": [
+            {"id": label, "name": name, "supercategory": name}
+            for label, name in enumerate(names, start=FOREGROUND)
+        ],
     }
+
+    def items() -> Iterator[ExportItem]:
+        return source.items() if split is None else source.split_items(split)
+
     yield (json.dumps(head)[:-1] + ', "images": [').encode()
-    for number, item in enumerate(source.items(), start=1):
+    for number, item in enumerate(items(), start=1):
         image = {
             "id": number,
             "file_name": f"{item.name}.png",
@@ -76,22 +97,26 @@ def instances_pieces(source: ExportSource) -> Iterator[bytes]:
         }
         yield (b"\n" if number == 1 else b",\n") + json.dumps(image).encode()
     yield b'], "annotations": ['
-    for number, item in enumerate(source.items(), start=1):
-        yield (b"\n" if number == 1 else b",\n") + json.dumps(
-            annotation(number, source.read(item.mask_key))
-        ).encode()
+    annotation_id = 0
+    for number, item in enumerate(items(), start=1):
+        for instance in source.instances(item):
+            annotation_id += 1
+            record = annotation(annotation_id, number, item.label, instance)
+            yield (b"\n" if annotation_id == 1 else b",\n") + json.dumps(record).encode()
     yield b"]}\n"
 
 
-def annotation(number: int, mask_png: bytes) -> dict[str, object]:
-    """Image `number`'s annotation: its whole foreground as one RLE-encoded instance."""
-    rle = mask_utils.encode(np.asfortranarray(mask_labels(mask_png)))
+def annotation(
+    number: int, image_id: int, category_id: int, instance: Instance
+) -> dict[str, object]:
+    """Annotation `number`: one instance of image `image_id`, its mask as compressed RLE."""
+    rle = mask_utils.encode(np.asfortranarray(instance.mask.astype(np.uint8)))
     return {
         "id": number,
-        "image_id": number,
-        "category_id": FOREGROUND,
+        "image_id": image_id,
+        "category_id": category_id,
         "segmentation": {"size": [int(n) for n in rle["size"]], "counts": rle["counts"].decode()},
-        "area": int(mask_utils.area(rle)),
+        "area": instance.area,
         "bbox": [float(v) for v in mask_utils.toBbox(rle)],
         "iscrowd": 0,
     }

@@ -1,19 +1,23 @@
 """PASCAL VOC segmentation layout, as a zip.
 
     metadata.json
-    labelmap.txt                          background:0,0,0:: and <name>:128,0,0::
+    labelmap.txt                          background:0,0,0:: and a line per class, its colour
     JPEGImages/<name>.jpg                 the image, JPEG quality 95
-    SegmentationClass/<name>.png          palette PNG: index 0 background, 1 the class
-    ImageSets/Segmentation/train.txt      every name, one a line
+    SegmentationClass/<name>.png          palette PNG: index 0 background, i the i-th class
+    ImageSets/Segmentation/train.txt      the names of the train split, one a line
+    ImageSets/Segmentation/val.txt        the names of the validation split (with a `val`)
 
 Names are `shot_<position>` for the real shots and `sample_<index>` for the samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from service.export.archive import (
+    FOREGROUND,
+    VOC_PALETTE,
+    ExportClass,
     ExportItem,
     ExportOptions,
     ExportSource,
@@ -24,6 +28,7 @@ from service.export.archive import (
     write_metadata,
     zip_archive,
 )
+from service.export.splits import SPLITS
 
 
 def write_voc(source: ExportSource, options: ExportOptions) -> Iterator[bytes]:
@@ -31,25 +36,32 @@ def write_voc(source: ExportSource, options: ExportOptions) -> Iterator[bytes]:
 
     def write(archive: ZipStream) -> Iterator[None]:
         yield from write_metadata(archive, source, format_name="voc", files=_files)
-        archive.write("labelmap.txt", labelmap(source.seg_class.name).encode(), compress=True)
+        archive.write("labelmap.txt", labelmap(source.classes).encode(), compress=True)
         for item in source.items():
             files = _files(0, item)
             archive.write(files["image"], jpeg(source.read(item.image_key)), compress=False)
-            archive.write(files["mask"], label_png(source.read(item.mask_key)), compress=False)
+            mask = label_png(source.read(item.mask_key), item.label)
+            archive.write(files["mask"], mask, compress=False)
             yield
-        with archive.open("ImageSets/Segmentation/train.txt", compress=True) as entry:
-            for item in source.items():
-                entry.write(f"{item.name}\n".encode())
-                yield
+        for split in SPLITS if source.val.has_val else ("train",):
+            with archive.open(f"ImageSets/Segmentation/{split}.txt", compress=True) as entry:
+                for item in source.split_items(split):
+                    entry.write(f"{item.name}\n".encode())
+                    yield
 
-    return zip_archive(source.seg_class.created_at, write)
+    return zip_archive(source.created_at, write)
 
 
-def labelmap(name: str) -> str:
-    """The VOC label map (as CVAT and others read it): `label:color_rgb:parts:actions`."""
-    # ':' separates the fields, so a name cannot hold one.
-    label = " ".join(name.replace(":", "_").split())
-    return f"# label:color_rgb:parts:actions\nbackground:0,0,0::\n{label}:128,0,0::\n"
+def labelmap(classes: Sequence[ExportClass]) -> str:
+    """The VOC label map (as CVAT and others read it): `label:color_rgb:parts:actions`, a line
+    per label index with its colour in the masks' palette."""
+    lines = ["# label:color_rgb:parts:actions", "background:0,0,0::"]
+    for label, seg_class in enumerate(classes, start=FOREGROUND):
+        # ':' separates the fields, so a name cannot hold one.
+        name = " ".join(seg_class.name.replace(":", "_").split())
+        colour = ",".join(str(v) for v in VOC_PALETTE[3 * label : 3 * label + 3])
+        lines.append(f"{name}:{colour}::")
+    return "\n".join(lines) + "\n"
 
 
 def _files(_: int, item: ExportItem) -> Files:

@@ -8,9 +8,10 @@ shot and per sample.
     …
 
 The members of an image are consecutive and share its name as the record's key: `jpg` (the
-image, JPEG quality 95), `mask.png` (palette PNG: index 0 background, 1 the class) and `json`
-(its record, as in `metadata.json`). `metadata.json` sits under `__meta__/`, a folder WebDataset
-skips (its readers skip every `__…__/` path), so it adds no record.
+image, JPEG quality 95), `mask.png` (palette PNG: index 0 background, i the i-th class) and
+`json` (its record, as in `metadata.json`, with its `split`). `metadata.json` sits under
+`__meta__/`, a folder WebDataset skips (its readers skip every `__…__/` path), so it adds no
+record.
 
 NOTE: a tar member's size comes before its data, so each image's members are encoded in memory
 (one image at a time) and then sent: memory does not grow with the number of samples.
@@ -39,7 +40,7 @@ METADATA = "__meta__/metadata.json"
 
 def write_webdataset(source: ExportSource, options: ExportOptions) -> Iterator[bytes]:
     """The archive's bytes, streamed."""
-    mtime = int(source.seg_class.created_at.timestamp())
+    mtime = int(source.created_at.timestamp())
 
     def metadata() -> Iterator[bytes]:
         return metadata_pieces(source, format_name="webdataset", files=_files)
@@ -53,10 +54,11 @@ def write_webdataset(source: ExportSource, options: ExportOptions) -> Iterator[b
 
 def _members(source: ExportSource, item: ExportItem) -> list[tuple[str, bytes]]:
     files = _files(0, item)
+    record = item.record(files, instances=source.instance_count(item))
     return [
         (files["image"], jpeg(source.read(item.image_key))),
-        (files["mask"], label_png(source.read(item.mask_key))),
-        (files["json"], json.dumps(item.record(files)).encode()),
+        (files["mask"], label_png(source.read(item.mask_key), item.label)),
+        (files["json"], json.dumps(record).encode()),
     ]
 
 
