@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from aligndiff.settings import parse_bg_lambda
 
@@ -105,6 +105,18 @@ class SamplePublic(BaseModel):
     image_url: str
     mask_url: str
     created_at: datetime
+
+
+class SampleReview(BaseModel):
+    """The body of `PATCH /v1/samples/{id}`: a reviewer's verdict on a finished sample."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accepted: StrictBool = Field(
+        description="Keep the sample (`true`: in `accepted_only` datasets and trainings) or "
+        "reject it (`false`). Overrides the acceptance filters' verdict: the sample's "
+        "`accepted_by` becomes `user` (and `rejected_by` `user` when rejected)."
+    )
 
 
 class JobPublic(BaseModel):

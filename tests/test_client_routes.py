@@ -52,6 +52,10 @@ SDK_ROUTES: dict[tuple[str, str], tuple[str, Call]] = {
         "download_dataset",
         lambda c, tmp: c.download_dataset(ID, "webdataset", tmp / "dog.tar", progress=False),
     ),
+    ("GET", "/v1/datasets"): (
+        "download_dataset",
+        lambda c, tmp: c.download_dataset([ID, ID], "yolo", tmp / "both.zip", progress=False),
+    ),
     ("GET", "/v1/samples/{sample_id}/image"): (
         "download_sample_image",
         lambda c, _: c.download_sample_image(ID),
@@ -59,6 +63,14 @@ SDK_ROUTES: dict[tuple[str, str], tuple[str, Call]] = {
     ("GET", "/v1/samples/{sample_id}/mask"): (
         "download_sample_mask",
         lambda c, _: c.download_sample_mask(ID),
+    ),
+    ("PATCH", "/v1/samples/{sample_id}"): (
+        "review_sample",
+        lambda c, _: c.review_sample(ID, accepted=False),
+    ),
+    ("PUT", "/v1/samples/{sample_id}/mask"): (
+        "replace_mask",
+        lambda c, _: c.replace_mask(ID, PNG),
     ),
     ("POST", "/v1/trainings"): ("train", lambda c, _: c.train([ID])),
     ("GET", "/v1/trainings"): ("list_trainings", lambda c, _: next(c.list_trainings())),

@@ -39,13 +39,17 @@ MAX_SECONDS = 45
 # applies to them, and every check applies to every other operation.
 # - Uploads: a schema can say "a file", never "a JPEG whose PNG mask has its size and holds
 #   foreground and background", so schema-valid bytes are refused (415, 422), as they must be.
-UPLOADS = ["create_class", "create_training", "predict_with_training"]
+UPLOADS = ["create_class", "create_training", "predict_with_training", "replace_sample_mask"]
 # - Listings: the cursor is opaque (made by the server); a forged one is the client's error,
 #   400, which no schema of an opaque string can rule out.
 LISTINGS = ["list_classes", "list_samples", "list_trainings", "list_jobs", "list_keys"]
 # - Idempotent POSTs: the fuzzer sends one generated Idempotency-Key with different jobs, and a
 #   key reused for a different request is refused (422), as the IETF Idempotency-Key draft says.
 IDEMPOTENT = ["cancel_job", "retry_job"]
+# - Several classes' dataset: `class_ids` is a list of ids in the query; an id that is no class of
+#   the caller's is refused as a field of the request (422, naming it), not as a missing resource
+#   (the route exists), and no schema of a list of UUIDs can rule it out.
+DATASETS = ["download_datasets"]
 
 
 def fuzz_config(key: str) -> SchemathesisConfig:
@@ -65,6 +69,14 @@ def fuzz_config(key: str) -> SchemathesisConfig:
                     "checks": {
                         "positive_data_acceptance": {
                             "expected-statuses": ["2xx", "400", "401", "403", "404"]
+                        }
+                    },
+                },
+                {
+                    "include-operation-id": DATASETS,
+                    "checks": {
+                        "positive_data_acceptance": {
+                            "expected-statuses": ["2xx", "401", "403", "404", "409", "422"]
                         }
                     },
                 },

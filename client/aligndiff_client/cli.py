@@ -41,7 +41,7 @@ M = TypeVar("M", bound=BaseModel)
 
 PROG = "aligndiff-client"
 DEFAULT_URL = "http://127.0.0.1:8000"
-FORMATS = ("voc", "coco", "hf", "webdataset")
+FORMATS = ("voc", "coco", "hf", "webdataset", "yolo")
 ARCHITECTURES = ("deeplabv3", "segformer")
 EVAL_SETS = {
     "validation": "the uploaded validation set",
@@ -118,6 +118,14 @@ def _samples(client: Client, args: argparse.Namespace) -> None:
         min_clip_score=args.min_clip_score,
     )
     _print_list(samples, args, _sample_row, SAMPLE_COLUMNS)
+
+
+def _review(client: Client, args: argparse.Namespace) -> None:
+    _print(client.review_sample(args.sample_id, accepted=args.accept))
+
+
+def _replace_mask(client: Client, args: argparse.Namespace) -> None:
+    _print(client.replace_mask(args.sample_id, args.mask))
 
 
 def _delete(client: Client, args: argparse.Namespace) -> None:
@@ -262,11 +270,14 @@ def _time(value: datetime | None) -> str:
 
 
 def _download(client: Client, args: argparse.Namespace) -> None:
+    # One id: that class's dataset (GET /v1/classes/{id}/dataset); several: one archive.
+    class_ids = args.class_ids[0] if len(args.class_ids) == 1 else args.class_ids
     path = client.download_dataset(
-        args.class_id,
+        class_ids,
         args.format,
         args.out,
         accepted_only=not args.all,
+        val=args.val,
         progress=not _quiet(args),
         extract=args.extract,
     )
@@ -544,6 +555,34 @@ def _parser() -> argparse.ArgumentParser:
     _json_option(samples)
     samples.set_defaults(run=_samples)
 
+    review = commands.add_parser(
+        "review",
+        parents=[common],
+        help="accept or reject a sample",
+        description="Accept or reject a finished sample: your verdict overrides the "
+        "acceptance filters', and the class's accepted count, its accepted-only datasets and "
+        "later trainings follow it. Print the sample as JSON.",
+    )
+    review.add_argument("sample_id", metavar="SAMPLE_ID")
+    verdict = review.add_mutually_exclusive_group(required=True)
+    verdict.add_argument("--accept", dest="accept", action="store_true", help="keep the sample")
+    verdict.add_argument(
+        "--reject", dest="accept", action="store_false", help="leave the sample out"
+    )
+    review.set_defaults(run=_review)
+
+    replace_mask = commands.add_parser(
+        "replace-mask",
+        parents=[common],
+        help="replace a sample's mask with one you drew",
+        description="Replace a finished sample's mask with a PNG of its size (foreground "
+        "where the gray value is >= 128), checked as a shot's mask is; its mask source "
+        "becomes human. Print the sample as JSON.",
+    )
+    replace_mask.add_argument("sample_id", metavar="SAMPLE_ID")
+    replace_mask.add_argument("mask", type=Path, metavar="MASK", help="the new mask (PNG)")
+    replace_mask.set_defaults(run=_replace_mask)
+
     delete = commands.add_parser(
         "delete",
         parents=[common],
@@ -570,15 +609,28 @@ def _parser() -> argparse.ArgumentParser:
     dl = commands.add_parser(
         "download",
         parents=[common],
-        help="download a class's dataset archive",
-        description="Download a class's dataset (zip; tar for webdataset), resuming an "
-        "interrupted download of the same archive; print the archive's path.",
+        help="download a class's dataset archive (or several classes' as one)",
+        description="Download a class's dataset (zip; tar for webdataset), or one dataset "
+        "over several classes (labelled in the order given), resuming an interrupted "
+        "download of the same archive; print the archive's path.",
     )
-    dl.add_argument("class_id", metavar="CLASS_ID")
+    dl.add_argument("class_ids", nargs="+", metavar="CLASS_ID")
     dl.add_argument("--format", choices=FORMATS, default="voc", help="default: voc")
-    dl.add_argument("--out", type=Path, metavar="PATH", help="default: <CLASS_ID>-<FORMAT>.zip|tar")
+    dl.add_argument(
+        "--out",
+        type=Path,
+        metavar="PATH",
+        help="default: <CLASS_ID>-<FORMAT>.zip|tar (several: <FIRST_ID>-and-<N>-more-…)",
+    )
     dl.add_argument(
         "--all", action="store_true", help="include samples the OOD filter did not accept"
+    )
+    dl.add_argument(
+        "--val",
+        default="none",
+        metavar="SPLIT",
+        help="validation split: none (default), shots (the real shots) or fraction:<f> "
+        "(that share of the samples, e.g. fraction:0.2)",
     )
     dl.add_argument("--extract", type=Path, metavar="DIR", help="also unpack the archive into DIR")
     dl.set_defaults(run=_download)

@@ -10,9 +10,10 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from io import BytesIO
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import httpx
 from pydantic import BaseModel
@@ -48,6 +49,13 @@ M = TypeVar("M", bound=BaseModel)
 W = TypeVar("W", ClassInfo, Training)
 
 DEFAULT_NUM_SAMPLES = 100
+
+
+class SavesImage(Protocol):
+    """An image that can write itself as a PNG (a PIL image), without this package needing
+    Pillow."""
+
+    def save(self, fp: Any, format: str | None = None) -> None: ...
 
 
 def archive_suffix(format: str) -> str:
@@ -205,13 +213,41 @@ class Client:
         """A sample's final mask (PNG bytes), also written to `dest` when given."""
         return self._sample_blob(sample, "mask", dest)
 
+    def review_sample(self, sample: Sample | Id, *, accepted: bool) -> Sample:
+        """Accept or reject a finished sample: your verdict overrides the acceptance filters'
+        (`accepted_by` "user"; `rejected_by` "user" when rejected). The class's
+        `num_accepted`, its report, its `accepted_only` datasets and later trainings follow
+        it. Return the sample as it is now."""
+        response = self._request(
+            "PATCH", f"/v1/samples/{_sample_id(sample)}", json={"accepted": accepted}
+        )
+        return Sample.model_validate_json(response.content)
+
+    def replace_mask(self, sample: Sample | Id, mask: FileLike | SavesImage) -> Sample:
+        """Replace a finished sample's mask with one you drew: a path, PNG bytes or a PIL
+        image, of the sample's size, foreground where the gray value is >= 128. The service
+        checks it as it checks a shot's mask (a bad one raises `ValidationFailed`, or
+        `ApiError` 415 for a file that is not a PNG). Return the sample, its `mask_source`
+        "human" and its `instances` counted in the new mask."""
+        if not isinstance(mask, str | Path | bytes):
+            buffer = BytesIO()
+            mask.save(buffer, format="PNG")
+            mask = buffer.getvalue()
+        response = self._request(
+            "PUT",
+            f"/v1/samples/{_sample_id(sample)}/mask",
+            files=[("mask", _upload(mask, 0, "mask"))],
+        )
+        return Sample.model_validate_json(response.content)
+
     def download_dataset(
         self,
-        class_id: Id,
+        class_id: Id | Sequence[Id],
         format: DatasetFormat = "voc",
         dest: str | Path | None = None,
         *,
         accepted_only: bool = True,
+        val: str = "none",
         progress: bool = True,
         extract: str | Path | None = None,
         on_progress: ProgressCallback | None = None,
@@ -219,18 +255,30 @@ class Client:
         """Download the class's dataset archive (zip; tar for webdataset) to `dest` (default:
         `<class_id>-<format>.zip|tar` in the current folder) and return its path.
 
+        Given several class ids (a list), one archive over those classes, labelled in that
+        order (`GET /v1/datasets`; default `dest`: `<first id>-and-<n>-more-<format>.zip|tar`).
+        `val` splits off validation data: `none`, `shots` (the real shots) or `fraction:<f>`
+        (that share of the samples, chosen by their ids).
+
         The download streams to `<dest>.incomplete` and resumes where an interrupted one
         stopped, if the archive has not changed since. With `extract`, the archive is then
         unpacked into that folder, refusing unsafe entries (see `archive.extract`).
         `on_progress(bytes_so_far, total_or_None)` is called after each chunk; an exception
         it raises stops the download, leaving the `.incomplete` file to resume from."""
-        target = Path(dest or f"{class_id}-{format}{archive_suffix(format)}")
+        params = {"format": format, "accepted_only": _bool(accepted_only), "val": val}
+        if isinstance(class_id, str | uuid.UUID):
+            url, stem = f"/v1/classes/{class_id}/dataset", str(class_id)
+        else:
+            ids = [str(one) for one in class_id]
+            url, params["class_ids"] = "/v1/datasets", ",".join(ids)
+            stem = f"{ids[0]}-and-{len(ids) - 1}-more" if len(ids) > 1 else "".join(ids)
+        target = Path(dest or f"{stem}-{format}{archive_suffix(format)}")
         download(
             self._http,
-            f"/v1/classes/{class_id}/dataset",
+            url,
             target,
             retry=self._retry,
-            params={"format": format, "accepted_only": _bool(accepted_only)},
+            params=params,
             progress=progress,
             on_progress=on_progress,
         )
@@ -443,8 +491,7 @@ class Client:
                 return
 
     def _sample_blob(self, sample: Sample | Id, which: str, dest: str | Path | None) -> bytes:
-        sample_id = sample.id if isinstance(sample, Sample) else sample
-        content = self._request("GET", f"/v1/samples/{sample_id}/{which}").content
+        content = self._request("GET", f"/v1/samples/{_sample_id(sample)}/{which}").content
         if dest is not None:
             _write(Path(dest), content)
         return content
@@ -527,6 +574,10 @@ def _upload(file: FileLike, index: int, kind: str) -> tuple[str, bytes, str]:
         return name, file, "application/octet-stream"
     path = Path(file)
     return path.name, path.read_bytes(), "application/octet-stream"
+
+
+def _sample_id(sample: Sample | Id) -> Id:
+    return sample.id if isinstance(sample, Sample) else sample
 
 
 def _bool(value: bool) -> str:

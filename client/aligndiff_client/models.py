@@ -18,7 +18,7 @@ T = TypeVar("T")
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
-DatasetFormat = Literal["voc", "coco", "hf", "webdataset"]
+DatasetFormat = Literal["voc", "coco", "hf", "webdataset", "yolo"]
 Architecture = Literal["deeplabv3", "segformer"]
 EvalSet = Literal["validation", "held_out_shots", "training_shots"]
 

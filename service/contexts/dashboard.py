@@ -1,6 +1,6 @@
 """What the admin dashboard shows: every job with its timings and traceback, the queue's depth,
-the workers online, the classes, a class's shots and samples with their scores and its report,
-a training's metrics, and every API key.
+the workers online, the classes, a class's shots and samples with their scores, verdicts and
+its report, a training's metrics, and every API key.
 
 Plain data for the templates and the jobs page's polling endpoint; times and durations are
 formatted here once, so the first render and every refresh read the same.
@@ -22,6 +22,8 @@ from sqlalchemy.orm import Session
 from service.contexts.classes import class_public
 from service.contexts.jobs import ACTIVE
 from service.contexts.keys import every_key
+from service.contexts.review import Reviewed
+from service.contexts.thumbnails import mask_version
 from service.contexts.trainings import training_public
 from service.models import Job, Owner, Sample, SegClass, Shot, Training, WorkerHeartbeat, utcnow
 from service.problems import not_found
@@ -333,7 +335,7 @@ class GalleryFilters:
     sort: SortKey = "index"
     order: Order = "asc"
     accepted: bool | None = None
-    mask_source: Literal["consensus", "pseudo_label"] | None = None
+    mask_source: Literal["consensus", "pseudo_label", "human"] | None = None
     prompt_kind: Literal["inversion", "text"] | None = None
     page: int = 1
 
@@ -362,6 +364,53 @@ class SampleTile:
     ood_iou: float | None
     accepted: bool | None
     mask_source: str | None
+    verdict: Verdict
+    # Names the mask in the thumbnails' URLs (a reviewer's replaced mask is a new URL).
+    mask_version: str | None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A sample's verdict as its tile shows it: accepted or not (None: never judged), a short
+    label saying who decided, and a longer title."""
+
+    accepted: bool | None
+    label: str
+    title: str
+
+
+# Who rejected a sample, as short as a tile's caption needs.
+VERDICT_AUTHORS = {"ood": "OOD filter", "similarity": "similarity", "user": "reviewer"}
+
+
+def verdict(*, accepted: bool | None, accepted_by: str | None, rejected_by: str | None) -> Verdict:
+    """How a tile words a sample's verdict."""
+    if accepted is None:
+        return Verdict(None, "", "not judged yet")
+    if accepted:
+        who = "reviewer" if accepted_by == "user" else "filter"
+        title = "Accepted by a reviewer" if who == "reviewer" else "Accepted by the filters"
+        return Verdict(True, f"accepted · {who}", title)
+    if rejected_by is None:
+        return Verdict(False, "rejected", "Rejected")
+    who = VERDICT_AUTHORS.get(rejected_by, rejected_by)
+    return Verdict(
+        False, f"rejected · {who}", f"Rejected by {REJECTION_LABELS.get(rejected_by, who)}"
+    )
+
+
+def review_json(reviewed: Reviewed) -> dict[str, Any]:
+    """What the gallery's review buttons get back: the sample, its tile's verdict, and the
+    class's accepted samples now."""
+    sample = reviewed.sample
+    shown = verdict(
+        accepted=sample.accepted, accepted_by=sample.accepted_by, rejected_by=sample.rejected_by
+    )
+    return {
+        "sample": sample.model_dump(mode="json"),
+        "verdict": asdict(shown),
+        "num_accepted": reviewed.num_accepted,
+    }
 
 
 @dataclass(frozen=True)
@@ -470,6 +519,14 @@ def _sample_tile(sample: Sample) -> SampleTile:
         ood_iou=sample.ood_iou,
         accepted=sample.accepted,
         mask_source=sample.mask_source,
+        verdict=verdict(
+            accepted=sample.accepted,
+            accepted_by=sample.accepted_by,
+            rejected_by=sample.rejected_by,
+        ),
+        mask_version=(
+            mask_version(sample.mask_key, sample.mask_source) if sample.mask_key else None
+        ),
     )
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from service.auth import Principal
@@ -73,14 +73,25 @@ def list_samples(
     rows, next_cursor = split_page(
         found, limit=limit, cursor_after=lambda row: encode_cursor([row.index])
     )
-    # NOTE: built without validation: every value comes typed from the database.
-    items = []
-    for row in rows:
-        fields = row._asdict()
-        fields["accepted"] = bool(fields["accepted"])
-        fields["image_url"], fields["mask_url"] = urls(row.id)
-        items.append(SamplePublic.model_construct(**fields))
+    items = [_public(row, urls) for row in rows]
     return Page[SamplePublic].model_construct(items=items, next_cursor=next_cursor)
+
+
+def sample_public(session: Session, sample_id: uuid.UUID, *, urls: SampleUrls) -> SamplePublic:
+    """A sample as the API shows it, whoever owns it (the caller has checked who may see it);
+    404 if there is no such sample."""
+    row = session.execute(select(*_LISTED).where(Sample.id == sample_id)).one_or_none()
+    if row is None:
+        raise not_found("sample")
+    return _public(row, urls)
+
+
+def _public(row: Row[*tuple[Any, ...]], urls: SampleUrls) -> SamplePublic:
+    # NOTE: built without validation: every value comes typed from the database.
+    fields = row._asdict()
+    fields["accepted"] = bool(fields["accepted"])
+    fields["image_url"], fields["mask_url"] = urls(row.id)
+    return SamplePublic.model_construct(**fields)
 
 
 def sample_blob(

@@ -2,12 +2,16 @@
 
 Each is drawn once, on its first request, and kept in storage under its class's own prefix
 (`classes/<id>/thumbnails/…`), so deleting the class deletes them too. Only finished samples
-have one: their image and mask never change afterwards.
+have one. A finished sample's image never changes, and neither does the mask the pipeline made;
+a reviewer may replace it, though, and the thumbnails of a reviewer's mask are named by its
+blob (`mask_version`), as are their URLs on the gallery, so neither the store nor a browser's
+cache can show a replaced mask.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import uuid
 from dataclasses import dataclass
@@ -22,12 +26,18 @@ from service.models import Sample, SegClass, Shot
 from service.problems import not_found
 from service.storage import BlobNotFound, Storage, class_key
 
+log = logging.getLogger(__name__)
+
 # The grid's tiles and the large view.
 SIZES = (128, 512)
 JPEG = "image/jpeg"
+# The `mask_source` of a mask a reviewer drew.
+HUMAN = "human"
 OVERLAY_RGB = np.array([255, 40, 150], dtype=np.float32)
 OVERLAY_ALPHA = 0.45
-_SAMPLE_THUMBNAIL = re.compile(r"thumbnails/sample-(\d+)-\d+\.jpg")
+# Sample n's thumbnails: `sample-<n>-<size>.jpg`, or `sample-<n>-<size>-<mask version>.jpg`
+# for a mask a reviewer drew.
+_SAMPLE_THUMBNAIL = re.compile(r"thumbnails/sample-(\d+)-\d+(?:-[0-9a-f]+)?\.jpg")
 
 
 @dataclass(frozen=True)
@@ -46,20 +56,53 @@ def sample_thumbnail(
     ).scalar_one_or_none()
     if sample is None or sample.mask_key is None:
         raise not_found("sample")
-    key = sample_thumbnail_key(sample.class_id, sample.index, size)
+    key = sample_thumbnail_key(
+        sample.class_id,
+        sample.index,
+        size,
+        version=mask_version(sample.mask_key, sample.mask_source),
+    )
     return _cached(session, storage, sample.class_id, key, sample.image_key, sample.mask_key, size)
 
 
-def sample_thumbnail_key(class_id: uuid.UUID, index: int, size: int) -> str:
+def sample_thumbnail_key(class_id: uuid.UUID, index: int, size: int, *, version: str | None) -> str:
     """Where the thumbnail of `size` px of sample `index` is kept (named by the sample's index,
-    as its blobs are)."""
-    return class_key(class_id, f"thumbnails/sample-{index:05d}-{size}.jpg")
+    as its blobs are, and by its mask's `version`)."""
+    suffix = "" if version is None else f"-{version}"
+    return class_key(class_id, f"{_sample_prefix(index)}{size}{suffix}.jpg")
 
 
 def thumbnail_sample_index(class_id: uuid.UUID, key: str) -> int | None:
     """n for the key of a thumbnail of class `class_id`'s sample n, else None."""
     found = _SAMPLE_THUMBNAIL.fullmatch(key.removeprefix(class_key(class_id, "")))
     return int(found.group(1)) if found is not None else None
+
+
+def mask_version(mask_key: str, mask_source: str | None) -> str | None:
+    """What tells a sample's masks apart: None for the one the pipeline made (it never
+    changes), else a short name of the mask's blob (a reviewer's replacements each have one)."""
+    if mask_source != HUMAN:
+        return None
+    return hashlib.sha256(mask_key.encode()).hexdigest()[:12]
+
+
+def forget_sample_thumbnails(
+    storage: Storage, class_id: uuid.UUID, index: int, *, version: str | None
+) -> None:
+    """Delete the kept thumbnails of sample `index` drawn with the mask of `version` (once a
+    reviewer replaced it). A failure is logged, never raised: no request names them again,
+    and they go with the class."""
+    keys = [sample_thumbnail_key(class_id, index, size, version=version) for size in SIZES]
+    try:
+        storage.delete_keys(keys)
+    except Exception:
+        log.exception(
+            "could not delete the old thumbnails of sample %d of class %s", index, class_id
+        )
+
+
+def _sample_prefix(index: int) -> str:
+    return f"thumbnails/sample-{index:05d}-"
 
 
 def shot_thumbnail(

@@ -1,19 +1,32 @@
 """`/admin/classes`: every class, and a class's gallery: its shots and samples as thumbnails
 with the mask overlaid, sorted and filtered by score, with a histogram of CLIP scores and the
-class's report (`service.contexts.reports`)."""
+class's report (`service.contexts.reports`); a sample's review (accept or reject) from it."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Annotated, Literal
 
-from fastapi import Query, Request, Response
-from fastapi.responses import HTMLResponse
+from fastapi import Form, Query, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
 from service.api.deps import SessionDep, SettingsDep, StorageDep
-from service.api.routes.admin_access import PageAdmin, admin_router, render
-from service.contexts import dashboard, reports, thumbnails
+from service.api.routes.admin_access import (
+    ApiAdmin,
+    CsrfField,
+    CsrfHeader,
+    NextField,
+    PageAdmin,
+    admin_router,
+    render,
+    require_csrf,
+    wants_json,
+)
+from service.api.routes.samples import sample_urls
+from service.contexts import dashboard, reports, review, thumbnails
 from service.problems import Problem
+from service.schemas import SampleReview
+from service.web_sessions import safe_next
 
 router = admin_router()
 
@@ -47,7 +60,9 @@ def admin_class_gallery(
     sort: Annotated[Literal["index", "clip_score", "ood_iou", "consensus_iou"], Query()] = "index",
     order: Annotated[Literal["asc", "desc"] | None, Query()] = None,
     accepted: Annotated[Literal["true", "false", ""] | None, Query()] = None,
-    mask_source: Annotated[Literal["consensus", "pseudo_label", ""] | None, Query()] = None,
+    mask_source: Annotated[
+        Literal["consensus", "pseudo_label", "human", ""] | None, Query()
+    ] = None,
     prompt_kind: Annotated[Literal["inversion", "text", ""] | None, Query()] = None,
     page: Annotated[int, Query(ge=1)] = 1,
 ) -> HTMLResponse:
@@ -74,9 +89,37 @@ def admin_class_gallery(
             "filters": filters,
             "accepted": accepted or "",
             "sort_keys": dashboard.SORT_KEYS,
+            "here": request.url.path + (f"?{request.url.query}" if request.url.query else ""),
         },
         access=access,
     )
+
+
+@router.post("/admin/samples/{sample_id}/review", include_in_schema=False)
+def admin_review_sample(
+    request: Request,
+    access: ApiAdmin,
+    session: SessionDep,
+    sample_id: uuid.UUID,
+    accepted: Annotated[bool, Form()],
+    csrf_token: CsrfField = None,
+    csrf_header: CsrfHeader = None,
+    next: NextField = None,
+) -> Response:
+    """Accept or reject any owner's finished sample (as `PATCH /v1/samples/{id}`). Asked for
+    JSON (the gallery's script), it answers the sample, its tile's verdict and the class's
+    accepted count; a plain form post goes back to the gallery."""
+    require_csrf(request, access, csrf_token, csrf_header)
+    reviewed = review.review_sample(
+        session=session,
+        principal=access.principal,
+        sample_id=sample_id,
+        review_in=SampleReview(accepted=accepted),
+        urls=sample_urls(request),
+    )
+    if wants_json(request):
+        return JSONResponse(dashboard.review_json(reviewed), headers={"Cache-Control": "no-store"})
+    return RedirectResponse(safe_next(next), status_code=303)
 
 
 @router.get("/admin/samples/{sample_id}/thumbnail", include_in_schema=False)

@@ -1,19 +1,31 @@
-"""Samples: a class's synthetic samples, and each sample's image and mask."""
+"""Samples: a class's synthetic samples, each sample's image and mask, and their review (a
+person's verdict, a mask they drew)."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 from sqlalchemy.orm import Session
 
-from service.api.deps import CurrentPrincipal, Cursor, Limit, SessionDep, SettingsDep, StorageDep
+from service.api.deps import (
+    CurrentPrincipal,
+    Cursor,
+    Limit,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    require_multipart,
+)
 from service.api.responses import PNG, blob_response, problem_responses
 from service.auth import Principal
-from service.contexts import samples
+from service.contexts import review, samples
+from service.contexts.samples import SampleUrls
+from service.contexts.uploads import Upload
 from service.pagination import DEFAULT_LIMIT
-from service.schemas import Page, SamplePublic
+from service.problems import refuse_unknown_fields
+from service.schemas import Page, SamplePublic, SampleReview
 from service.settings import Settings
 from service.storage import Storage
 
@@ -45,6 +57,22 @@ def list_samples(
     cursor: Cursor = None,
 ) -> Response:
     """A class's finished samples, in index order."""
+    page = samples.list_samples(
+        session=session,
+        principal=principal,
+        class_id=class_id,
+        accepted=accepted,
+        min_clip_score=min_clip_score,
+        limit=limit,
+        cursor=cursor,
+        urls=sample_urls(request),
+    )
+    # NOTE: serialized straight by pydantic-core; FastAPI would validate all items again.
+    return Response(page.model_dump_json(), media_type="application/json")
+
+
+def sample_urls(request: Request) -> SampleUrls:
+    """The absolute URLs of a sample's image and mask, as this request reaches the API."""
     # One route lookup per page, not two per sample: the URLs differ only in the id.
     marker = uuid.UUID(int=0)
     image_url = str(request.url_for("get_sample_image", sample_id=marker))
@@ -54,18 +82,7 @@ def list_samples(
         text = str(sample_id)
         return image_url.replace(str(marker), text), mask_url.replace(str(marker), text)
 
-    page = samples.list_samples(
-        session=session,
-        principal=principal,
-        class_id=class_id,
-        accepted=accepted,
-        min_clip_score=min_clip_score,
-        limit=limit,
-        cursor=cursor,
-        urls=urls,
-    )
-    # NOTE: serialized straight by pydantic-core; FastAPI would validate all items again.
-    return Response(page.model_dump_json(), media_type="application/json")
+    return urls
 
 
 def _sample_png(
@@ -126,3 +143,75 @@ def get_sample_mask(
         "mask", session=session, storage=storage, settings=settings, principal=principal,
         sample_id=sample_id,
     )  # fmt: skip
+
+
+@router.patch(
+    "/v1/samples/{sample_id}",
+    response_model=SamplePublic,
+    responses=problem_responses(400, 401, 404, 422),
+)
+def review_sample(
+    request: Request,
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    sample_id: uuid.UUID,
+    review_in: SampleReview,
+) -> SamplePublic:
+    """Accept or reject a finished sample: a reviewer's verdict overrides the acceptance
+    filters' (`accepted_by: user`; `rejected_by: user` when rejected) and sets `reviewed_at`.
+    The class's `num_accepted`, its report, its `accepted_only` datasets and the trainings
+    queued from then on follow it. A sample still being worked on, or of another owner's
+    class, answers 404."""
+    reviewed = review.review_sample(
+        session=session,
+        principal=principal,
+        sample_id=sample_id,
+        review_in=review_in,
+        urls=sample_urls(request),
+    )
+    return reviewed.sample
+
+
+async def mask_field_only(request: Request) -> None:
+    # NOTE: FastAPI has parsed the form already; this reads Starlette's cached parse.
+    refuse_unknown_fields((await request.form()).keys(), {review.MASK_FIELD})
+
+
+@router.put(
+    "/v1/samples/{sample_id}/mask",
+    response_model=SamplePublic,
+    dependencies=[Depends(require_multipart), Depends(mask_field_only)],
+    responses=problem_responses(400, 401, 404, 413, 415, 422),
+)
+def replace_sample_mask(
+    request: Request,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    principal: CurrentPrincipal,
+    sample_id: uuid.UUID,
+    mask: Annotated[
+        UploadFile,
+        File(
+            description="The new mask: a PNG of the sample's size with at least one "
+            "foreground pixel (gray >= 128, or a palette index other than 0 and 255) and one "
+            "background pixel, checked as a shot's mask is."
+        ),
+    ],
+) -> SamplePublic:
+    """Replace a finished sample's mask with one a person drew: the sample's `mask_source`
+    becomes `human`, its `instances` are counted in the new mask, and `reviewed_at` is set;
+    its verdict stays as it was. Datasets and trainings from then on use the new mask. A mask
+    of another size, an empty or full one answers 422 (saying both sizes, for a size
+    mismatch); a file that is not a PNG, 415."""
+    # NOTE: the body is already parsed and capped by the body size limit.
+    upload = Upload(filename=mask.filename or "", data=mask.file.read())
+    return review.replace_mask(
+        session=session,
+        storage=storage,
+        settings=settings,
+        principal=principal,
+        sample_id=sample_id,
+        mask=upload,
+        urls=sample_urls(request),
+    )
