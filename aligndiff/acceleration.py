@@ -45,7 +45,7 @@ class Acceleration:
     """How a diffusion model runs, beyond its device and dtype (see the module docstring)."""
 
     channels_last: bool = False
-    capture_attention: CaptureMode = "explicit"
+    capture_attention: CaptureMode = "sdpa"
     compile_unet: bool = False
     compile_buckets: tuple[int, ...] = DEFAULT_BUCKETS
     vae_slicing: bool = False

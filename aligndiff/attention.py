@@ -8,10 +8,13 @@ storing every map of every step.
 
 Two ways to compute a captured layer: "explicit" materializes the probabilities (softmax of
 QKᵀ·scale), a few MB of query positions at a time, and reads the class-name columns; "sdpa"
-keeps the fused kernel and appends the token weights to the values as one more channel, so that
-channel of the output is the weighted attention mass itself: Σₜ softmax(·)ₜ·wₜ, no probability
-tensor at all. Either mode skips the capture in layers whose resolution the coarse mask does not
-read (`AttentionCapture.positions`).
+(the default) keeps the fused kernel. On a CPU the fused kernel also returns each query's
+log-sum-exp of scores, so the class-name mass is Σₜ wₜ·exp(sₜ − lse) over the name tokens
+alone, and the output is the stock kernel's bit for bit. Elsewhere (and in a compiled UNet) the
+token weights ride along as one more value channel, so that channel of the output is the
+weighted attention mass itself: Σₜ softmax(·)ₜ·wₜ, no probability tensor at all. Either mode
+skips the capture in layers whose resolution the coarse mask does not read
+(`AttentionCapture.positions`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 CaptureMode = Literal["explicit", "sdpa"]
 CAPTURE_MODES: tuple[CaptureMode, ...] = ("explicit", "sdpa")
+# PyTorch's fused CPU attention that also returns the log-sum-exp of each query's scores (the
+# "sdpa" capture mode's fast path on CPUs; a private ATen op, present since PyTorch 2.3).
+_CPU_FUSED_WITH_LSE = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 # Probabilities per chunk of the explicit mode: 4 MiB of float32, inside the allocator's cache.
 EXPLICIT_CHUNK_ELEMENTS = 1 << 20
 
@@ -54,6 +60,8 @@ class AttentionCapture:
         self.positions = None if positions is None else frozenset(positions)
         self.sums: dict[int, torch.Tensor] = {}  # query positions → (B, positions) float32
         self.counts: dict[int, int] = {}
+        # The tokens some sample weights (the class name's): all the mass is on them.
+        self.columns = self.token_weights.ne(0).any(dim=0).nonzero().flatten()
 
     def wants(self, positions: int) -> bool:
         """Whether layers with this many query positions are captured."""
@@ -303,6 +311,8 @@ class CapturingCrossAttnProcessor:
         """Fused attention over values [V | w | 0…]: channel `head_dim` of the output is
         Σₜ pₜ·wₜ per head. Query and key get zero channels to match (their dot products are
         unchanged) so every head has one size, a multiple of 8, which fused kernels need."""
+        if self.shared is None and query.device.type == "cpu" and _CPU_FUSED_WITH_LSE:
+            return self._fused_with_lse(query, key, value, mask, scale)
         batch, heads, tokens, head_dim = value.shape
         extra = 1 + (-(head_dim + 1)) % 8
         column = weights.to(value.dtype)[:, None, :, None].expand(batch, heads, tokens, 1)
@@ -313,6 +323,35 @@ class CapturingCrossAttnProcessor:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
         self._add_mass(out[..., head_dim].mean(dim=1))
         return out[..., :head_dim]
+
+    def _fused_with_lse(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """The fused CPU kernel, which also returns each query's log-sum-exp of its scores
+        (`lse`): the output is the stock processor's bit for bit, and the class-name mass is
+        Σₜ wₜ·exp(sₜ − lse) over the few weighted tokens only, a (positions × name tokens)
+        product per head instead of a probabilities tensor."""
+        capture = self.capture
+        assert capture is not None
+        output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=mask, scale=scale
+        )[:2]
+        start = capture.conditional_offset
+        rows = slice(start, start + len(capture.token_weights))
+        columns = capture.columns.to(query.device)
+        names = key[rows].index_select(2, columns).float()
+        scores = torch.matmul(query[rows].float(), names.transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores + mask[rows].index_select(-1, columns).float()
+        probs = torch.exp(scores - lse[rows].unsqueeze(-1))
+        weights = capture.token_weights.to(query.device).index_select(1, columns)
+        capture._accumulate((probs * weights[:, None, None, :]).sum(-1).mean(dim=1))
+        return output
 
     def _add_mass(self, mass: torch.Tensor) -> None:
         if self.shared is not None:

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     channels_last: bool = False
     # "explicit": captured cross-attention layers compute their probabilities (the reference);
     # "sdpa": fused attention everywhere, the capture read from an extra value channel.
-    capture_attention: Literal["explicit", "sdpa"] = "explicit"
+    capture_attention: Literal["explicit", "sdpa"] = "sdpa"
     compile_unet: bool = False
     # UNet batch sizes compiled once each; a batch is padded up to the nearest (JSON list).
     compile_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)

@@ -62,6 +62,30 @@ def test_capturing_does_not_change_the_attention_output(cross_attention) -> None
     torch.testing.assert_close(captured, stock, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_both_capture_modes_capture_the_same_maps(cross_attention, masked) -> None:
+    # given: a [uncond; cond] batch, with or without a text mask hiding the last 40 tokens
+    hidden, text, weights = random_inputs(batch=4)
+    bias = None
+    if masked:
+        bias = torch.zeros((4, 77))
+        bias[:, 37:] = -10000.0
+
+    outputs, sums = {}, {}
+    with torch.inference_mode():
+        stock = AttnProcessor2_0()(cross_attention, hidden, text, attention_mask=bias)
+        for mode in ("explicit", "sdpa"):
+            capture = AttentionCapture(weights, conditional_offset=2)
+            processor = CapturingCrossAttnProcessor(capture, mode=mode)
+            outputs[mode] = processor(cross_attention, hidden, text, attention_mask=bias)
+            sums[mode] = capture.sums[256]
+
+    # then: the fused mode's output is the stock kernel's, and its maps the explicit ones
+    assert torch.equal(outputs["sdpa"], stock)
+    torch.testing.assert_close(outputs["explicit"], stock, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums["sdpa"], sums["explicit"], rtol=1e-5, atol=1e-6)
+
+
 def test_explicit_capture_in_query_chunks_changes_no_bit(cross_attention, monkeypatch) -> None:
     # given: the same layer call computed whole, then in chunks of a few query positions
     hidden, text, weights = random_inputs(batch=4)
