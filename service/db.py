@@ -1,23 +1,92 @@
-"""Database engine and sessions."""
+"""Database engine and sessions, and the database's clock."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.expression import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
+
+from service.models import UTCDateTime
 
 log = logging.getLogger(__name__)
 
 
-def make_engine(url: str, *, pool_size: int = 32) -> Engine:
+class DatabaseNow(ColumnElement[datetime]):
+    """SQL: the database's current time, plus `seconds` (negative: before now).
+
+    Every lease, heartbeat, sweep cutoff and grace period is computed from this one clock,
+    never from the clock of the process that writes or reads it: workers on other machines
+    may run minutes or hours off (no NTP, a VM resumed from suspend), the database is one.
+    PostgreSQL's `now()` is its transaction's start (transactions here last milliseconds);
+    SQLite's is the machine's (an embedded database is on the machine of every process that
+    opens it), written in the very text format SQLAlchemy stores its datetimes in, at the
+    millisecond, so that comparisons with stored values are right as text."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+    # The offset is part of the statement's cache key: it is rendered into the SQL.
+    _traverse_internals = [("seconds", InternalTraversal.dp_plain_obj)]  # noqa: RUF012
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = float(seconds)
+
+
+def db_now(offset: timedelta | float = 0.0) -> DatabaseNow:
+    """SQL: the database's now, plus `offset` (a timedelta or seconds; negative: earlier)."""
+    seconds = offset.total_seconds() if isinstance(offset, timedelta) else float(offset)
+    return DatabaseNow(seconds)
+
+
+def database_now(session: Session) -> datetime:
+    """The database's current time, read once (for comparisons made outside SQL: the blob
+    store's timestamps)."""
+    now = session.scalar(select(db_now()))
+    if now is None:
+        raise RuntimeError("the database did not tell its time")
+    return now
+
+
+@compiles(DatabaseNow, "postgresql")
+def _postgresql_now(element: DatabaseNow, compiler: Any, **kw: Any) -> str:
+    if not element.seconds:
+        return "now()"
+    return f"(now() + interval '{element.seconds:.6f} seconds')"
+
+
+@compiles(DatabaseNow, "sqlite")
+def _sqlite_now(element: DatabaseNow, compiler: Any, **kw: Any) -> str:
+    # NOTE: SQLAlchemy stores a datetime on SQLite as 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC here);
+    # CURRENT_TIMESTAMP is 'YYYY-MM-DD HH:MM:SS' (whole seconds), which sorts before every
+    # stored value of the same second. %f is 'SS.SSS': three zeros make it six digits.
+    return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', '{element.seconds:+.6f} seconds')"
+
+
+@compiles(DatabaseNow)
+def _standard_now(element: DatabaseNow, compiler: Any, **kw: Any) -> str:
+    if not element.seconds:
+        return "CURRENT_TIMESTAMP"
+    return f"(CURRENT_TIMESTAMP + INTERVAL '{element.seconds:.6f}' SECOND)"
+
+
+def make_engine(
+    url: str, *, pool_size: int = 32, idle_in_transaction_timeout: float | None = None
+) -> Engine:
     """An engine for `url`; SQLite gets WAL and foreign keys (Postgres has both natively).
 
     `pool_size` should cover the requests one process serves at once (the API's thread pool):
     connections beyond it are opened and closed per checkout, which costs more than the query.
+    `idle_in_transaction_timeout` (seconds; PostgreSQL): the server ends a session left idle
+    inside a transaction that long, so that the row locks of a process cut off from it, or
+    paused, mid-transaction do not hold up the workers that take its job over.
     """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -34,7 +103,13 @@ def make_engine(url: str, *, pool_size: int = 32) -> Engine:
     # NOTE: no pre-ping (a round trip per checkout). A connection that died with its server
     # fails its request once with OperationalError (answered 503); SQLAlchemy then discards
     # the whole pool and the next requests reconnect by themselves.
-    return create_engine(url, pool_size=pool_size, max_overflow=8, pool_recycle=1800)
+    connect_args: dict[str, Any] = {}
+    if idle_in_transaction_timeout is not None and url.startswith("postgresql"):
+        milliseconds = max(1, int(idle_in_transaction_timeout * 1000))
+        connect_args["options"] = f"-c idle_in_transaction_session_timeout={milliseconds}"
+    return create_engine(
+        url, pool_size=pool_size, max_overflow=8, pool_recycle=1800, connect_args=connect_args
+    )
 
 
 def close_session(session: Session) -> None:

@@ -124,6 +124,10 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     worker: Mapped[str | None] = mapped_column(String(255), default=None)
+    # The fencing token: counts every claim of the job (never reset, unlike `attempts`). A
+    # worker's writes name the claim it works under and are refused once the job was
+    # claimed again (`service.contexts.jobs.Fenced`).
+    claim: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -43,6 +43,20 @@ def wait_until(check: object, *, timeout: float, what: str, interval: float = 0.
         time.sleep(interval)
 
 
+def require_tool(name: str, *, package: str) -> str:
+    """The path of the system tool `name`. Missing, the test fails as root (`./dev test`
+    installs Debian's `package`, and CI runs as root) and is skipped otherwise, saying why."""
+    import pytest
+
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    message = f"{name} is not installed: apt-get install {package} (./dev test does, as root)"
+    if os.geteuid() == 0:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def _answers(port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(0.5)
@@ -136,14 +150,16 @@ class PrivatePostgres:
 
 
 class CuttableProxy:
-    """A TCP proxy on a free loopback port to `target_port`. `cut()` closes the listener and
-    every open connection (the endpoint is unreachable: connections are refused); `restore()`
-    listens again on the same port. `cut_after(n, b"PUT ")` cuts it as the (n+1)-th HTTP
-    request of that method arrives, before passing it on: an outage in the middle of work."""
+    """A TCP proxy on a free port of `host` (loopback by default) to `target_port` on
+    loopback. `cut()` closes the listener and every open connection (the endpoint is
+    unreachable: connections are refused); `restore()` listens again on the same port.
+    `cut_after(n, b"PUT ")` cuts it as the (n+1)-th HTTP request of that method arrives,
+    before passing it on: an outage in the middle of work."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, *, host: str = "127.0.0.1") -> None:
         self.target_port = target_port
-        self.port = free_port()
+        self.host = host
+        self.port = 0  # the first listener's, kept by `restore`
         self._listener: socket.socket | None = None
         self._connections: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -172,7 +188,8 @@ class CuttableProxy:
     def restore(self) -> None:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        listener.bind((self.host, self.port))
+        self.port = listener.getsockname()[1]
         listener.listen(64)
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()

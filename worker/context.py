@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.contexts.jobs import claim, report_progress
+from service.contexts.jobs import claim, current_claim, report_progress
 from service.db import make_engine, make_session_factory, session_scope
 from service.queue import CeleryQueue, TaskQueue
 from service.settings import Settings
@@ -59,6 +59,9 @@ class WorkerContext:
         self._models: Models | None = self._given_models
         self._config: SynthConfig | None = None
         self._segmenters: SegmenterCache | None = None
+        # The claim this process works under, per job of the task it runs (`hold_claim`):
+        # what its writes carry, the failure it records included.
+        self.claims: dict[uuid.UUID, int] = {}
 
     def _own_process(self) -> None:
         # NOTE: a prefork child inherits its parent's objects; pooled connections (and CUDA
@@ -76,7 +79,13 @@ class WorkerContext:
     def engine(self) -> Engine:
         self._own_process()
         if self._engine is None:
-            self._engine = make_engine(self.settings.resolved_database_url)
+            # NOTE: a transaction left open by a worker cut off or paused mid-way holds its
+            # job's row lock, and the claim that takes the job over would wait for it: the
+            # server ends such a session once the worker would be taken as dead anyway.
+            self._engine = make_engine(
+                self.settings.resolved_database_url,
+                idle_in_transaction_timeout=self.settings.worker_lost_after_seconds,
+            )
         return self._engine
 
     @contextmanager
@@ -88,9 +97,10 @@ class WorkerContext:
         with session_scope(self._session_factory) as session:
             yield session
 
-    def claim_job(self, job_id: uuid.UUID) -> bool:
-        """Take a job for this worker (compare-and-set; counts an attempt). False when it is
-        running elsewhere, finished, cancelled, or was failed for running out of attempts."""
+    def claim_job(self, job_id: uuid.UUID) -> int | None:
+        """Take a job for this worker (compare-and-set; counts an attempt): the claim its
+        writes carry. None when it is running elsewhere, finished, cancelled, or was failed
+        for running out of attempts."""
         with self.session() as session:
             claimed = claim(
                 session,
@@ -99,9 +109,23 @@ class WorkerContext:
                 lease_seconds=self.settings.job_lease_seconds,
                 max_attempts=self.settings.max_job_attempts,
             )
-        if not claimed:
+        if claimed is None:
             log.info("job %s not claimed (already running, finished or out of attempts)", job_id)
+        else:
+            self.claims[job_id] = claimed
         return claimed
+
+    def hold_claim(self, job_id: uuid.UUID, claim: int | None = None) -> int:
+        """The claim this process works under for the job in the task it runs: `claim` (its
+        own, from `claim_job`), else the job's current one (a task sent for the job by its
+        holder, or a job's resume sent by the sweep that took it over)."""
+        if claim is None:
+            with self.session() as session:
+                claim = current_claim(session, job_id)
+            if claim is None:
+                raise LookupError(f"job {job_id} does not exist")
+        self.claims[job_id] = claim
+        return claim
 
     @property
     def storage(self) -> Storage:
@@ -162,18 +186,20 @@ class ThrottledProgress:
     """`progress` and `should_stop` callbacks for a long loop (inversion, training): progress
     is written, and the job's lease renewed, at most once per `interval` seconds, since a step
     is far shorter than a lease; `should_stop` turns true once the job is no longer running
-    or asked to stop, and stays true."""
+    or asked to stop, and stays true. Under `claim`: once the job was claimed again,
+    `should_stop` raises `Fenced` (the loop is abandoned, not stopped)."""
 
     def __init__(
         self,
         ctx: WorkerContext,
         job_id: uuid.UUID,
         *,
+        claim: int,
         stage: str | None,
         span: tuple[float, float],
         interval: float,
     ) -> None:
-        self.ctx, self.job_id, self.stage, self.span = ctx, job_id, stage, span
+        self.ctx, self.job_id, self.claim, self.stage, self.span = ctx, job_id, claim, stage, span
         self.interval = interval
         self.fraction = 0.0
         self.stopped = False
@@ -194,6 +220,7 @@ class ThrottledProgress:
                     stage=self.stage,
                     progress=low + (high - low) * self.fraction,
                     lease_seconds=self.ctx.settings.job_lease_seconds,
+                    claim=self.claim,
                 )
             self.stopped = self.stopped or not going
         return self.stopped

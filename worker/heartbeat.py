@@ -1,6 +1,10 @@
 """Worker heartbeats: every process that runs tasks writes its row in `worker_heartbeats` every
 `worker_heartbeat_seconds`, with the job it is working on, so the dashboard can show the
-workers online (seen within `ONLINE_INTERVALS` intervals) without asking the broker."""
+workers online (seen within `ONLINE_INTERVALS` intervals) without asking the broker.
+
+A beat is written in the database's time (`service.db.db_now`), the clock the sweeper judges
+silence by: a worker whose own clock runs minutes or hours off is neither taken as dead while
+it beats, nor kept alive once silent."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -18,10 +23,11 @@ from celery.signals import (
     worker_process_shutdown,
     worker_shutdown,
 )
-from sqlalchemy import delete, update
+from sqlalchemy import delete, insert, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from service.models import WorkerHeartbeat, utcnow
+from service.db import db_now
+from service.models import WorkerHeartbeat
 from worker.celery_app import AlignDiffCelery
 from worker.context import WorkerContext
 
@@ -40,7 +46,7 @@ class Heartbeat:
         self.ctx = ctx
         self.interval = interval if interval is not None else ctx.settings.worker_heartbeat_seconds
         self.name = ctx.worker_name
-        self.started_at = utcnow()
+        self._started = time.monotonic()
         self._job_id: uuid.UUID | None = None
         self._wake = threading.Event()
         self._stopped = threading.Event()
@@ -76,13 +82,12 @@ class Heartbeat:
 
     def beat(self) -> None:
         """Write the row now: update it, or insert it the first time."""
-        now = utcnow()
         with self.ctx.session() as session:
             updated = session.execute(
                 update(WorkerHeartbeat)
                 .where(WorkerHeartbeat.name == self.name)
                 .values(
-                    last_seen_at=now,
+                    last_seen_at=db_now(),
                     current_job_id=self._job_id,
                     model=self.ctx.settings.served_model,
                 )
@@ -91,13 +96,14 @@ class Heartbeat:
                 return
         try:
             with self.ctx.session() as session:
-                session.add(
-                    WorkerHeartbeat(
+                session.execute(
+                    insert(WorkerHeartbeat).values(
                         name=self.name,
                         hostname=socket.gethostname(),
                         pid=os.getpid(),
-                        started_at=self.started_at,
-                        last_seen_at=now,
+                        # the process's start, in the database's time
+                        started_at=db_now(self._started - time.monotonic()),
+                        last_seen_at=db_now(),
                         current_job_id=self._job_id,
                         model=self.ctx.settings.served_model,
                     )

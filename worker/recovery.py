@@ -12,7 +12,9 @@ every worker, and the rules that keep a fault from failing or duplicating a job.
   a task that kills its worker every time cannot loop without counting attempts.
 - A task that fails because the broker, the database or the blob store cannot be reached
   (`is_transient`) does not fail its job: the job is left running, its lease runs out, and the
-  sweep resumes it from what is stored once the outage is over.
+  sweep resumes it from what is stored once the outage is over. One whose job was taken over
+  meanwhile (its worker was cut off for longer than `worker_lost_after_seconds`) was fenced
+  off it (`fenced_off`), and says so.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 from kombu.exceptions import OperationalError as BrokerError
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import OperationalError as DatabaseError
 
+from service.contexts.jobs import Fenced, current_claim
 from service.contexts.sweeper import SweepReport, recover_jobs, sweep
 from service.storage import StorageUnavailable
 from worker.celery_app import AlignDiffCelery
@@ -53,6 +56,30 @@ def requeue_orphaned_jobs(
         tasks={kind: (start_task, resume_task)},
     )
     return recovery.resumed + recovery.restarted
+
+
+def fenced_off(
+    ctx: WorkerContext, job_id: uuid.UUID, *, patience: float | None = None
+) -> Fenced | None:
+    """Whether the task that ran in this process for the job was fenced off it meanwhile: the
+    job was claimed again since the claim it worked under. None when it held none, or when the
+    database cannot tell within `patience` seconds (default: twice `worker_lost_after_seconds`,
+    by when a worker cut off from it has had its job taken over, and is likely back)."""
+    held = ctx.claims.get(job_id)
+    if held is None:
+        return None
+    wait = 2 * ctx.settings.worker_lost_after_seconds if patience is None else patience
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with ctx.session() as session:
+                current = current_claim(session, job_id)
+        except SQLAlchemyError:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(min(1.0, wait))
+            continue
+        return None if current == held else Fenced(job_id, held, current)
 
 
 def is_redelivery(request: Any) -> bool:
@@ -118,8 +145,9 @@ class PeriodicSweep:
                 # NOTE: an outage must not stop the sweeps: the next one tries again.
                 log.warning("the sweep failed; trying again next interval", exc_info=True)
             else:
-                lines = report.lines()
-                if len(lines) > 1:
+                # NOTE: said whenever it did something, or listed the blob store (at most
+                # once per grace period): a sweep that deleted nothing says so too.
+                if len(report.lines()) > 1 or report.orphaned_blobs is not None:
                     log.info("sweep: %s", report.summary())
             self._stopped.wait(self._jittered(self.interval))
 

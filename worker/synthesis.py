@@ -17,6 +17,13 @@ step can be re-run (redelivered, retried, resumed) without redoing or duplicatin
 In the normal flow each fan-out happens once (the stage CAS has one winner). A resumed job
 (`start` after a retry, `resume` after a dead worker's job was taken over) dispatches from
 what is stored and may enqueue chunks that are also still queued: they find their work done.
+
+One holder per job: every step works under a claim (`start` its own, the others the job's
+current one when they begin, `ClassInfo.claim`), and its writes are fenced by it
+(`service.contexts.jobs.hold`): once the job was claimed again, a step's next write raises
+`Fenced` and the task is abandoned (`worker.tasks`). The blobs written once per class, the
+embedding and the prototypes, go under a key of their claim, so a fenced worker's never
+replaces the one its successor's row names.
 """
 
 from __future__ import annotations
@@ -59,17 +66,20 @@ from aligndiff.scoring import SampleScore, mean_clip_score
 from aligndiff.shots import Shot, decode_image, load_shot
 from aligndiff.synth import learn_token
 from service.contexts.jobs import (
+    Fenced,
     advance_stage,
+    claim_prefix,
     complete,
     fail,
     finish_cancelled,
+    hold,
     report_progress,
     should_stop,
 )
 from service.models import Job, Sample, SegClass, utcnow
 from service.models import Shot as ShotRow
 from service.queue import synthesis_queue
-from service.storage import class_key, png_bytes, sample_key
+from service.storage import class_prefix, png_bytes, sample_key
 from worker import recovery
 from worker.context import ThrottledProgress, WorkerContext
 
@@ -115,6 +125,8 @@ class ClassInfo:
     acceptance: dict[str, Any] | None
     # The deployment model whose queue its tasks go to (`service.queue.synthesis_queue`).
     model: str
+    # The claim of the job this step works under: what its writes carry.
+    claim: int
 
 
 # Steps: one per task.
@@ -124,24 +136,25 @@ def start(ctx: WorkerContext, job_id: uuid.UUID) -> None:
     """Claim the job, learn the class token unless the class has one, and fan out the first
     unfinished stage. A job that cannot be claimed (running elsewhere, finished, cancelled) is
     left alone; one past its attempts is failed by `claim`."""
-    if ctx.claim_job(job_id):
-        _run(ctx, job_id)
+    claim = ctx.claim_job(job_id)
+    if claim is not None:
+        _run(ctx, job_id, claim)
 
 
 def resume(ctx: WorkerContext, job_id: uuid.UUID) -> None:
     """Go on with a running job that was taken over from a dead worker (`claim`ed by
-    `requeue_orphaned_jobs`): like `start`, without claiming it again."""
+    `requeue_orphaned_jobs`): like `start`, under the claim that took it over."""
     if _stopping(ctx, job_id):
         return
-    _run(ctx, job_id)
+    _run(ctx, job_id, ctx.hold_claim(job_id))
 
 
-def _run(ctx: WorkerContext, job_id: uuid.UUID) -> None:
-    info = _load_class(ctx, job_id, record_models=True)
+def _run(ctx: WorkerContext, job_id: uuid.UUID, claim: int) -> None:
+    info = _load_class(ctx, job_id, claim=claim, record_models=True)
     if info.embedding_key is None:
         if not _invert(ctx, info):
             return
-        info = _load_class(ctx, job_id)
+        info = _load_class(ctx, job_id, claim=claim)
     dispatch(ctx, info)
 
 
@@ -177,10 +190,10 @@ def sample_chunk(ctx: WorkerContext, job_id: uuid.UUID, indices: Sequence[int]) 
         for generated in sampler.generate([specs[i] for i in missing], should_stop=stop):
             _store_sample(ctx, info, generated)
         if stop.stopped:
-            _halt(ctx, job_id)
+            _halt(ctx, info)
             return
     if not _report(ctx, info, "sampling"):
-        _halt(ctx, job_id)
+        _halt(ctx, info)
         return
     _advance_when_done(ctx, info, done_stage="sampling", next_stage="annotation")
 
@@ -235,10 +248,11 @@ def annotate_chunk(ctx: WorkerContext, job_id: uuid.UUID, indices: Sequence[int]
                 update_values |= {"mask_key": key, "mask_source": "consensus"}
             values.append(update_values)
         with ctx.session() as session:
+            hold(session, info.job_id, claim=info.claim)
             for row, update_values in zip(rows, values, strict=True):
                 _update_unfinalized(session, row, update_values)
     if not _report(ctx, info, "annotation"):
-        _halt(ctx, job_id)
+        _halt(ctx, info)
         return
     _advance_when_done(ctx, info, done_stage="annotation", next_stage="scoring")
 
@@ -270,9 +284,10 @@ def recalibrate_class(ctx: WorkerContext, job_id: uuid.UUID) -> None:
         consensus_features,
         [_decode_mask(ctx.storage.get(_required(row.mask_key))) for row in consensus],
     )
-    key = class_key(info.id, PROTOTYPES)
+    key = _claimed_key(info, PROTOTYPES)
     ctx.storage.put(key, _prototypes_to_bytes(prototypes), content_type=BINARY)
     with ctx.session() as session:
+        hold(session, info.job_id, claim=info.claim)
         stored = session.execute(
             update(SegClass)
             .where(SegClass.id == info.id, SegClass.prototypes_key.is_(None))
@@ -280,7 +295,7 @@ def recalibrate_class(ctx: WorkerContext, job_id: uuid.UUID) -> None:
         )
         won = bool(stored.rowcount)  # type: ignore[attr-defined]
     if not _report(ctx, info, "scoring"):
-        _halt(ctx, job_id)
+        _halt(ctx, info)
         return
     if won:
         _fan_out(ctx, info, "scoring")
@@ -303,7 +318,7 @@ def finalize_chunk(ctx: WorkerContext, job_id: uuid.UUID, indices: Sequence[int]
     if rows:
         _finalize(ctx, info, rows)
     if not _report(ctx, info, "scoring"):
-        _halt(ctx, job_id)
+        _halt(ctx, info)
         return
     with ctx.session() as session:
         done = not _pending(session, info, "scoring")
@@ -318,9 +333,9 @@ def dispatch(ctx: WorkerContext, info: ClassInfo) -> None:
             (stage for stage in ("sampling", "annotation") if _pending(session, info, stage)),
             "scoring",
         )
-        advance_stage(session, info.job_id, stage=stage)
+        advance_stage(session, info.job_id, stage=stage, claim=info.claim)
     if not _report(ctx, info, stage):
-        _halt(ctx, info.job_id)
+        _halt(ctx, info)
         return
     _fan_out(ctx, info, stage)
 
@@ -350,12 +365,17 @@ def send_to_its_model(ctx: WorkerContext, task_name: str, args: Sequence[Any]) -
 def record_failure(ctx: WorkerContext, job_id: uuid.UUID, error: BaseException, trace: str) -> None:
     """Fail the job (if it is still active) with a one-line error and, for admins, the
     formatted traceback. A job asked to stop ends `cancelled` instead (say, its class was
-    deleted under the task)."""
+    deleted under the task). Under the claim the task worked under, if it took one: a task
+    fenced off the job fails nothing."""
     message = str(error).strip().splitlines()
     summary = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
-    with ctx.session() as session:
-        if not finish_cancelled(session, job_id):
-            fail(session, job_id, summary, traceback=trace.rstrip() or None)
+    claim = ctx.claims.get(job_id)
+    try:
+        with ctx.session() as session:
+            if not finish_cancelled(session, job_id, claim=claim):
+                fail(session, job_id, summary, traceback=trace.rstrip() or None, claim=claim)
+    except Fenced as fenced:
+        log.warning("fenced: %s; its failure is not recorded", fenced)
 
 
 def requeue_orphaned_jobs(ctx: WorkerContext) -> list[uuid.UUID]:
@@ -401,7 +421,7 @@ def _advance_when_done(
     the compare-and-set) and let the winner fan it out."""
     with ctx.session() as session:
         won = not _pending(session, info, done_stage) and advance_stage(
-            session, info.job_id, stage=next_stage
+            session, info.job_id, stage=next_stage, claim=info.claim
         )
     if won:
         _fan_out(ctx, info, next_stage)
@@ -410,6 +430,10 @@ def _advance_when_done(
 def _finish(ctx: WorkerContext, info: ClassInfo) -> None:
     """Class aggregates from the finalized samples, then the job succeeds (once)."""
     with ctx.session() as session:
+        hold(session, info.job_id, claim=info.claim)
+        # The class's row lock first, as a reviewer's verdict takes it: one landing meanwhile
+        # is counted here, or waits and recounts after.
+        session.execute(select(SegClass.id).where(SegClass.id == info.id).with_for_update())
         rows = session.execute(
             select(Sample.accepted, Sample.clip_score).where(
                 Sample.class_id == info.id, Sample.finalized_at.is_not(None)
@@ -424,27 +448,32 @@ def _finish(ctx: WorkerContext, info: ClassInfo) -> None:
                 clip_score_mean=mean_clip_score(s for _, s in rows if s is not None),
             )
         )
-        if not complete(session, info.job_id):
-            finish_cancelled(session, info.job_id)
+        if not complete(session, info.job_id, claim=info.claim):
+            finish_cancelled(session, info.job_id, claim=info.claim)
 
 
 def _report(ctx: WorkerContext, info: ClassInfo, stage: str) -> bool:
     """Record the job's progress in `stage` from what is stored (and, while sampling, the
-    class's sample count) and extend its lease. False when the job should stop."""
+    class's sample count) and extend its lease. False when the job should stop; `Fenced`
+    once it was claimed again."""
     with ctx.session() as session:
         done = info.num_samples - len(_pending(session, info, stage))
-        if stage == "sampling":
-            session.execute(
-                update(SegClass).where(SegClass.id == info.id).values(num_samples_done=done)
-            )
         low, high = PROGRESS_SPANS[stage]
-        return report_progress(
+        # NOTE: the job's row first: it fences the class's write that follows.
+        going = report_progress(
             session,
             info.job_id,
             stage=stage,
             progress=low + (high - low) * done / max(info.num_samples, 1),
             lease_seconds=ctx.settings.job_lease_seconds,
+            claim=info.claim,
         )
+        if stage == "sampling":
+            hold(session, info.job_id, claim=info.claim)
+            session.execute(
+                update(SegClass).where(SegClass.id == info.id).values(num_samples_done=done)
+            )
+        return going
 
 
 def _stopping(ctx: WorkerContext, job_id: uuid.UUID) -> bool:
@@ -456,10 +485,10 @@ def _stopping(ctx: WorkerContext, job_id: uuid.UUID) -> bool:
     return True
 
 
-def _halt(ctx: WorkerContext, job_id: uuid.UUID) -> None:
+def _halt(ctx: WorkerContext, info: ClassInfo) -> None:
     """Stop work on the job: cancelled if a cancel was requested (else it already ended)."""
     with ctx.session() as session:
-        finish_cancelled(session, job_id)
+        finish_cancelled(session, info.job_id, claim=info.claim)
 
 
 class _StopCheck:
@@ -477,11 +506,12 @@ class _StopCheck:
 def _invert(ctx: WorkerContext, info: ClassInfo) -> bool:
     """Learn the class token and store it; False when the job was stopped meanwhile."""
     with ctx.session() as session:
-        advance_stage(session, info.job_id, stage="inversion")
+        advance_stage(session, info.job_id, stage="inversion", claim=info.claim)
     shots = _load_shots(ctx, info)
     heartbeat = ThrottledProgress(
         ctx,
         info.job_id,
+        claim=info.claim,
         stage="inversion",
         span=PROGRESS_SPANS["inversion"],
         interval=INVERSION_REPORT_SECONDS,
@@ -499,16 +529,17 @@ def _invert(ctx: WorkerContext, info: ClassInfo) -> bool:
         should_stop=heartbeat.should_stop,
     )
     if learned is None or heartbeat.stopped:
-        _halt(ctx, info.job_id)
+        _halt(ctx, info)
         return False
     result = learned.inversion
-    key = class_key(info.id, EMBEDDING)
+    key = _claimed_key(info, EMBEDDING)
     ctx.storage.put(
         key,
         _embedding_to_bytes(result.token, result.embedding, widths=result.widths),
         content_type=BINARY,
     )
     with ctx.session() as session:
+        hold(session, info.job_id, claim=info.claim)
         # NOTE: only where none is set: an embedding, once stored, is never re-trained, and
         # the λ_bg and trials it was learned with are stored with it.
         session.execute(
@@ -527,9 +558,16 @@ def _invert(ctx: WorkerContext, info: ClassInfo) -> bool:
 # Rows.
 
 
-def _load_class(ctx: WorkerContext, job_id: uuid.UUID, *, record_models: bool = False) -> ClassInfo:
-    """The job's class. Raises when either is gone, or when the class was started on other
-    models than this worker's (its samples would not match)."""
+def _load_class(
+    ctx: WorkerContext,
+    job_id: uuid.UUID,
+    *,
+    claim: int | None = None,
+    record_models: bool = False,
+) -> ClassInfo:
+    """The job's class, worked on under `claim` (by default the job's current claim). Raises
+    when either is gone, or when the class was started on other models than this worker's
+    (its samples would not match)."""
     models = ctx.models.model_ids
     with ctx.session() as session:
         job = session.get(Job, job_id)
@@ -537,6 +575,7 @@ def _load_class(ctx: WorkerContext, job_id: uuid.UUID, *, record_models: bool = 
             raise LookupError(f"job {job_id} does not exist")
         if job.kind != JOB_KIND:
             raise ValueError(f"job {job_id} is a {job.kind} job, not {JOB_KIND}")
+        held = ctx.hold_claim(job_id, job.claim if claim is None else claim)
         row = session.get(SegClass, job.target_id)
         if row is None:
             raise LookupError(f"class {job.target_id} of job {job_id} does not exist")
@@ -546,6 +585,7 @@ def _load_class(ctx: WorkerContext, job_id: uuid.UUID, *, record_models: bool = 
                 f"this worker runs {models}"
             )
         if record_models and not row.model_ids:
+            hold(session, job_id, claim=held)
             row.model_ids = dict(models)
         return ClassInfo(
             job_id=job_id,
@@ -561,6 +601,7 @@ def _load_class(ctx: WorkerContext, job_id: uuid.UUID, *, record_models: bool = 
             bg_lambda_auto=row.bg_lambda_auto,
             acceptance=row.acceptance,
             model=row.model or ctx.settings.default_model,
+            claim=held,
         )
 
 
@@ -633,6 +674,7 @@ def _store_sample(ctx: WorkerContext, info: ClassInfo, sample: GeneratedSample) 
     ctx.storage.put(coarse_key, _npy(sample.coarse_mask), content_type=BINARY)
     height, width = sample.image.shape[:2]
     with ctx.session() as session:
+        hold(session, info.job_id, claim=info.claim)
         _insert_sample_if_absent(
             session,
             {
@@ -698,6 +740,7 @@ def _finalize(ctx: WorkerContext, info: ClassInfo, rows: list[Sample]) -> None:
         ctx.storage.put(key, _mask_png(final_masks[i]), content_type=PNG)
     now = utcnow()
     with ctx.session() as session:
+        hold(session, info.job_id, claim=info.claim)
         for i, row in enumerate(rows):
             _update_unfinalized(
                 session,
@@ -762,6 +805,7 @@ def _thresholds(ctx: WorkerContext, info: ClassInfo, shots: list[Shot]) -> Accep
         ctx.config.acceptance,
     )
     with ctx.session() as session:
+        hold(session, info.job_id, claim=info.claim)
         session.execute(
             update(SegClass)
             .where(SegClass.id == info.id, SegClass.acceptance.is_(None))
@@ -792,6 +836,12 @@ def _load_shots(ctx: WorkerContext, info: ClassInfo) -> list[Shot]:
         )
         for row in rows
     ]
+
+
+def _claimed_key(info: ClassInfo, name: str) -> str:
+    """The key of a blob written once per class (the embedding, the prototypes) by the step's
+    claim: a fenced worker's never replaces the one the class's row names."""
+    return f"{claim_prefix(class_prefix(info.id), info.claim)}{name}"
 
 
 def _required(key: str | None) -> str:

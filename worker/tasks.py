@@ -1,7 +1,9 @@
 """Celery tasks of the synthesis and training jobs. Each takes ids and primitives, runs one
 step of `worker.synthesis` or `worker.training` with the worker's context, and leaves the job's
 status to the step, or to `on_failure` when the step raises (the job fails with the error and
-its traceback's tail). `predict` belongs to no job: its caller waits for its result."""
+its traceback's tail). A task fenced off its job (`Fenced`: the job was claimed again while it
+ran, its worker cut off or paused) is abandoned: it logs so and records nothing.
+`predict` belongs to no job: its caller waits for its result."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any, cast
 from billiard.einfo import ExceptionInfo
 from celery import Task, shared_task
 
+from service.contexts.jobs import Fenced
 from worker import recovery, synthesis, training
 from worker.celery_app import AlignDiffCelery
 from worker.context import WorkerContext
@@ -29,9 +32,13 @@ class ContextTask(Task):
 
 class JobTask(ContextTask):
     """A task whose first argument is a job id: a failure fails that job, unless it only says
-    that a dependency is unreachable. A redelivered message is not run (`worker.recovery`)."""
+    that a dependency is unreachable. A redelivered message is not run (`worker.recovery`),
+    and a task fenced off its job is abandoned."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # NOTE: the claim a task works under is its own (`WorkerContext.hold_claim`), never
+        # one an earlier task of this process held.
+        self.context.claims.clear()
         if recovery.is_redelivery(self.request):
             log.warning(
                 "task %s (%s) was delivered again: not run; the job's lease tells whether its "
@@ -42,7 +49,16 @@ class JobTask(ContextTask):
             return None
         if self.sent_elsewhere(*args):
             return None
-        return super().__call__(*args, **kwargs)
+        try:
+            return super().__call__(*args, **kwargs)
+        except Fenced as fenced:
+            log.warning(
+                "fenced: %s; abandoning task %s (%s), which writes nothing more",
+                fenced,
+                self.name,
+                self.request.id,
+            )
+            return None
 
     def sent_elsewhere(self, *args: Any) -> bool:
         """Whether the task was sent on to the workers that must run it, instead of here."""
@@ -58,6 +74,17 @@ class JobTask(ContextTask):
     ) -> None:
         job_id = args[0] if args else kwargs.get("job_id")
         if recovery.is_transient(exc):
+            fenced = recovery.fenced_off(self.context, uuid.UUID(str(job_id)))
+            if fenced is not None:
+                log.warning(
+                    "fenced: %s; abandoning task %s (%s), which writes nothing more (it met "
+                    "an outage meanwhile: %r)",
+                    fenced,
+                    self.name,
+                    task_id,
+                    exc,
+                )
+                return
             log.warning(
                 "task %s (%s) of job %s met an outage (%r): the job stays running and is "
                 "resumed by the sweep once its lease runs out",

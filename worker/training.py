@@ -20,9 +20,11 @@ it did not train on wherever the data allows:
 each model loaded once per worker process and kept (`SegmenterCache`).
 
 The database is the truth, as in `worker.synthesis`: every blob (checkpoint, weights) is
-written under a key derived from the training's id before the row names it, and a run whose
-weights (or fold result) are stored is not trained again, so a retried or resumed job keeps
-the work done.
+written under a key derived from the training's id and the claim it works under before the
+row names it, and a run whose weights (or fold result) are stored is not trained again, so a
+retried or resumed job keeps the work done. Its writes are fenced by that claim: a worker whose
+job was taken over abandons it at its next write, and its blobs, under its own claim's keys,
+never replace its successor's.
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ from sqlalchemy.orm import Session
 from aligndiff.copy_paste import LabeledImage, ObjectKind, PasteObject
 from aligndiff.masks import binarize_mask
 from aligndiff.shots import decode_image
-from service.contexts.jobs import complete, finish_cancelled, should_stop
+from service.contexts.jobs import claim_prefix, complete, finish_cancelled, hold, should_stop
 from service.models import Sample, SegClass, Training, utcnow
 from service.models import Shot as ShotRow
-from service.storage import Storage, png_bytes, training_key
+from service.storage import Storage, png_bytes, training_key, training_prefix
 from worker import recovery
 from worker.celery_app import PREDICT_TASK
 from worker.context import ThrottledProgress, WorkerContext
@@ -87,6 +89,8 @@ class TrainingInfo:
     checkpoint_key: str | None
     validation_keys: list[list[str]] | None
     fold_results: dict[str, Any]
+    # The claim of the job this worker trains under: what its writes carry.
+    claim: int
 
 
 @dataclass(frozen=True)
@@ -120,17 +124,19 @@ class Example:
 def start(ctx: WorkerContext, job_id: uuid.UUID) -> None:
     """Claim the job and train. A job that cannot be claimed (running elsewhere, finished,
     cancelled) is left alone; one past its attempts is failed by `claim`."""
-    if ctx.claim_job(job_id):
-        _run(ctx, job_id)
+    claim = ctx.claim_job(job_id)
+    if claim is not None:
+        _run(ctx, job_id, claim)
 
 
 def resume(ctx: WorkerContext, job_id: uuid.UUID) -> None:
-    """Go on with a running job taken over from a dead worker, without claiming it again."""
+    """Go on with a running job taken over from a dead worker, under the claim that took it
+    over."""
     with ctx.session() as session:
         if should_stop(session, job_id):
             finish_cancelled(session, job_id)
             return
-    _run(ctx, job_id)
+    _run(ctx, job_id, ctx.hold_claim(job_id))
 
 
 def requeue_orphaned_jobs(ctx: WorkerContext) -> list[uuid.UUID]:
@@ -179,10 +185,10 @@ class SegmenterCache:
         return entry
 
 
-def _run(ctx: WorkerContext, job_id: uuid.UUID) -> None:
+def _run(ctx: WorkerContext, job_id: uuid.UUID, claim: int) -> None:
     from aligndiff.models.segmenters import load_segmenter
 
-    info = _load_training(ctx, job_id)
+    info = _load_training(ctx, job_id, claim)
     class_names = _class_names(ctx, info)
     shots = _load_examples(ctx, info, synthetic=False)
     folds = _fold_count(ctx, info, shots)
@@ -204,7 +210,7 @@ def _run(ctx: WorkerContext, job_id: uuid.UUID) -> None:
         trained = _train(ctx, info, run, class_names, trained_on)
         if trained is None:
             with ctx.session() as session:
-                finish_cancelled(session, job_id)
+                finish_cancelled(session, job_id, claim=claim)
             return
         if run.fold is None:
             models[run.name] = trained, ctx.settings.training_resolution
@@ -217,17 +223,18 @@ def _run(ctx: WorkerContext, job_id: uuid.UUID) -> None:
                 resolution=ctx.settings.training_resolution,
             )
             held = {class_names[example.class_index - 1]: example.position for example in held_out}
-            _store_fold_result(ctx, info.id, run.name, {"held_out": held, **result})
-        info = _load_training(ctx, job_id)
+            _store_fold_result(ctx, info, run.name, {"held_out": held, **result})
+        info = _load_training(ctx, job_id, claim)
 
     if folds:
         metrics = _fold_metrics(info, folds)
     else:
         metrics = _final_metrics(ctx, info, models, class_names, shots)
     with ctx.session() as session:
+        hold(session, job_id, claim=claim)
         _update_training(session, info.id, {"metrics": metrics})
-        if not complete(session, job_id):
-            finish_cancelled(session, job_id)
+        if not complete(session, job_id, claim=claim):
+            finish_cancelled(session, job_id, claim=claim)
 
 
 def _fold_count(ctx: WorkerContext, info: TrainingInfo, shots: list[Example]) -> int:
@@ -328,9 +335,11 @@ def _measure(
 
 
 def _store_fold_result(
-    ctx: WorkerContext, training_id: uuid.UUID, run_name: str, result: dict[str, Any]
+    ctx: WorkerContext, info: TrainingInfo, run_name: str, result: dict[str, Any]
 ) -> None:
+    training_id = info.id
     with ctx.session() as session:
+        hold(session, info.job_id, claim=info.claim)
         stored = session.scalars(
             select(Training.fold_results).where(Training.id == training_id).with_for_update()
         ).one()
@@ -474,20 +483,22 @@ def _train(
         spec=settings.segmenter_backbone,
         cache_dir=settings.model_cache_dir,
     )
-    checkpoint_key = training_key(info.id, run.checkpoint_name)
+    checkpoint_key = _claimed_key(info, run.checkpoint_name)
     resume_from = None
-    if info.checkpoint_key == checkpoint_key:
-        resume_from = TrainingState.from_bytes(ctx.storage.get(checkpoint_key))
+    if info.checkpoint_key is not None and _checkpoint_of(info, info.checkpoint_key, run):
+        resume_from = TrainingState.from_bytes(ctx.storage.get(info.checkpoint_key))
         log.info("training %s: resuming the %s from step %d", info.id, run.name, resume_from.step)
 
     def save_checkpoint(state: TrainingState) -> None:
         ctx.storage.put(checkpoint_key, state.to_bytes(), content_type=BINARY)
         with ctx.session() as session:
+            hold(session, info.job_id, claim=info.claim)
             _update_training(session, info.id, {"checkpoint_key": checkpoint_key})
 
     heartbeat = ThrottledProgress(
         ctx,
         info.job_id,
+        claim=info.claim,
         stage=None,
         span=run.span,
         interval=ctx.settings.training_report_seconds,
@@ -504,15 +515,33 @@ def _train(
     if outcome.stopped:
         return None
     if run.weights_column is not None and run.weights_name is not None:
-        weights_key = training_key(info.id, run.weights_name)
+        weights_key = _claimed_key(info, run.weights_name)
         weights = save_segmenter(model, class_names=class_names, resolution=config.resolution)
         ctx.storage.put(weights_key, weights, content_type=ZIP)
         with ctx.session() as session:
+            hold(session, info.job_id, claim=info.claim)
             _update_training(session, info.id, {run.weights_column: weights_key})
     return model
 
 
-def _load_training(ctx: WorkerContext, job_id: uuid.UUID) -> TrainingInfo:
+def _claimed_key(info: TrainingInfo, name: str) -> str:
+    """The key of a blob of the training written by this worker's claim (a checkpoint, the
+    weights): a fenced worker's never replaces the one the training's row names."""
+    return f"{claim_prefix(training_prefix(info.id), info.claim)}{name}"
+
+
+def _checkpoint_of(info: TrainingInfo, key: str, run: Run) -> bool:
+    """Whether `key` (the training's latest checkpoint) is one of `run`, written under any
+    claim of the job (or, stored before claims had keys, under the training's own folder)."""
+    if key == training_key(info.id, run.checkpoint_name):
+        return True
+    folder = claim_prefix(training_prefix(info.id))
+    claim, _, name = key.removeprefix(folder).partition("/")
+    return key.startswith(folder) and claim.isdigit() and name == run.checkpoint_name
+
+
+def _load_training(ctx: WorkerContext, job_id: uuid.UUID, claim: int) -> TrainingInfo:
+    """The job's training, trained under `claim`."""
     with ctx.session() as session:
         row = session.scalars(select(Training).where(Training.job_id == job_id)).one_or_none()
         if row is None:
@@ -533,6 +562,7 @@ def _load_training(ctx: WorkerContext, job_id: uuid.UUID) -> TrainingInfo:
             checkpoint_key=row.checkpoint_key,
             validation_keys=row.validation_keys,
             fold_results=dict(row.fold_results or {}),
+            claim=claim,
         )
 
 

@@ -27,6 +27,13 @@ What counts as stale, precisely:
   is not active. Every blob is written before the row that names it, so a younger blob may
   belong to work in flight and is never touched; nor is any key outside these layouts.
 - **Idempotency records** older than `idempotency_ttl_seconds`: a repeat after that is new work.
+
+Every age is measured by one clock, the database's (`service.db.db_now`): a heartbeat, a lease
+and a job's end are written in its time and compared with its time, and a blob's age is the
+store's own timestamp against the database's now. A sweeper whose own clock runs hours off
+takes over no live job and deletes no young blob (keep the store's clock and the database's
+in step: NTP on the servers is enough, since the workers' clocks no longer matter). Functions
+that take `now` judge at that moment instead (a test looking ahead).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from sqlalchemy.orm import Session
 from service.contexts import jobs
 from service.contexts.job_control import START_TASKS, job_queue
 from service.contexts.thumbnails import thumbnail_sample_index
+from service.db import DatabaseNow, database_now, db_now
 from service.models import (
     IdempotencyRecord,
     Job,
@@ -56,7 +64,6 @@ from service.models import (
     SegClass,
     Training,
     WorkerHeartbeat,
-    utcnow,
 )
 from service.queue import TaskQueue
 from service.settings import Settings
@@ -166,7 +173,6 @@ def sweep(
 ) -> SweepReport:
     """Every sweep once. Jobs are skipped while the broker does not answer (nothing could be
     sent); `blobs=False` skips listing the blob store (the costly sweep)."""
-    moment = now or utcnow()
     report = SweepReport()
     if broker_answers(queue):
         report.jobs = recover_jobs(
@@ -176,12 +182,12 @@ def sweep(
         sessions=sessions,
         storage=storage,
         retention_seconds=settings.pending_retention_seconds,
-        now=moment,
+        now=now,
         dry_run=dry_run,
     )
     with sessions() as session:
         report.expired_idempotency_records = expire_idempotency_records(
-            session, ttl_seconds=settings.idempotency_ttl_seconds, now=moment, dry_run=dry_run
+            session, ttl_seconds=settings.idempotency_ttl_seconds, now=now, dry_run=dry_run
         )
     # NOTE: last, as it raises while the blob store is down (the next pass tries again).
     if blobs:
@@ -189,7 +195,7 @@ def sweep(
             sessions=sessions,
             storage=storage,
             grace_seconds=settings.orphan_grace_seconds,
-            now=moment,
+            now=now,
             dry_run=dry_run,
         )
     return report
@@ -226,13 +232,12 @@ def recover_jobs(
     recovery.lost_workers = end_leases_of_lost_workers(
         sessions=sessions, lost_after=settings.worker_lost_after_seconds, dry_run=dry_run
     )
-    now = utcnow()
-    cutoff = now - timedelta(seconds=lease)
+    cutoff = db_now(-lease)
     kinds = list(tasks)
     with sessions() as session:
         lost = session.execute(
             select(Job.id, Job.kind, Job.cancel_requested, Job.attempts, Job.target_id)
-            .where(Job.status == "running", Job.lease_expires_at < now, Job.kind.in_(kinds))
+            .where(Job.status == "running", Job.lease_expires_at < db_now(), Job.kind.in_(kinds))
             .order_by(Job.created_at)
         ).all()
         unclaimed = session.execute(
@@ -294,7 +299,7 @@ def recover_jobs(
                         Job.cancel_requested.is_(False),
                         Job.updated_at < cutoff,
                     )
-                    .values(updated_at=utcnow())
+                    .values(updated_at=db_now())
                     .execution_options(synchronize_session=False)
                 )
             if not touched.rowcount:  # type: ignore[attr-defined]
@@ -319,7 +324,7 @@ def end_leases_of_lost_workers(
     A silent worker of this host whose process is alive is not dead: the machine slept (a
     laptop's lid closed), and its beats resume with it. Taking it over would only count an
     attempt against a job that goes on."""
-    cutoff = (now or utcnow()) - timedelta(seconds=lost_after)
+    cutoff = _before(now, lost_after)
     with sessions() as session:
         silent = session.execute(
             select(
@@ -359,7 +364,7 @@ def end_leases_of_lost_workers(
                         Job.status == "running",
                         Job.lease_expires_at > lost.last_seen_at,
                     )
-                    .values(lease_expires_at=lost.last_seen_at)
+                    .values(lease_expires_at=lost.last_seen_at, updated_at=db_now())
                     .execution_options(synchronize_session=False)
                 )
         log.warning(
@@ -370,6 +375,11 @@ def end_leases_of_lost_workers(
         )
         forgotten.append(lost)
     return forgotten
+
+
+def _before(now: datetime | None, seconds: float) -> datetime | DatabaseNow:
+    """`seconds` before `now`, or (None) before the database's now: a cutoff for SQL."""
+    return db_now(-seconds) if now is None else now - timedelta(seconds=seconds)
 
 
 def _process_alive(pid: int) -> bool:
@@ -385,7 +395,7 @@ def _process_alive(pid: int) -> bool:
 def _give_up(session: Session, job_id: uuid.UUID, *, max_attempts: int, lease: int) -> bool:
     """Fail a job that lost its worker on its last allowed attempt (compare-and-set: still
     running, lease still expired, not cancelled)."""
-    now = utcnow()
+    now = db_now()
     result = session.execute(
         update(Job)
         .where(
@@ -419,7 +429,7 @@ def remove_stale_samples(
     """Remove the unfinished samples of classes whose job ended `failed` or `cancelled` more
     than `retention_seconds` ago, rows and blobs, in one transaction per class with its job
     row locked and every condition checked again. Returns (class id, index) per sample."""
-    cutoff = (now or utcnow()) - timedelta(seconds=retention_seconds)
+    cutoff = _before(now, retention_seconds)
     ended_long_ago = (
         select(SegClass.id)
         .join(Job, Job.id == SegClass.job_id)
@@ -482,8 +492,15 @@ def remove_orphaned_blobs(
 ) -> list[str]:
     """Delete the blobs no row can name (see the module's docstring) that were written more
     than `grace_seconds` ago. Each owner's blobs are judged and deleted in one transaction,
-    with its job row locked where it has one. Returns the keys deleted."""
-    cutoff = (now or utcnow()) - timedelta(seconds=grace_seconds)
+    with its job row locked where it has one. Returns the keys deleted.
+
+    A blob's age is its store's timestamp (a file's modification time, an S3 object's
+    LastModified) against the database's now, read once before listing: a blob written
+    since is younger still."""
+    if now is None:
+        with sessions() as session:
+            now = database_now(session)
+    cutoff = now - timedelta(seconds=grace_seconds)
     removed: list[str] = []
     for family in ("classes", "trainings"):
         # NOTE: the listing streams and keeps one folder's keys together, so one owner's blobs
@@ -518,23 +535,37 @@ def _owner_of(key: str) -> uuid.UUID | None:
 
 def _class_orphans(session: Session, class_id: uuid.UUID, blobs: Iterable[BlobInfo]) -> list[str]:
     keys = [blob.key for blob in blobs]
-    if session.get(SegClass, class_id) is None:
+    segclass = session.get(SegClass, class_id)
+    if segclass is None:
         return keys
     job = session.execute(
         select(Job.status).where(Job.target_id == class_id).with_for_update()
     ).first()  # locked: a retry waits until these blobs are gone
     if job is not None and job.status in jobs.ACTIVE:
         return []
+    superseded = _unnamed_claim_blobs(
+        class_prefix(class_id), keys, {segclass.embedding_key, segclass.prototypes_key}
+    )
     sample_of = {key: _sample_index(class_id, key) for key in keys}
     indices = {index for index in sample_of.values() if index is not None}
     if not indices:
-        return []
+        return superseded
     stored = set(
         session.scalars(
             select(Sample.index).where(Sample.class_id == class_id, Sample.index.in_(indices))
         )
     )
-    return [key for key, index in sample_of.items() if index is not None and index not in stored]
+    return superseded + [
+        key for key, index in sample_of.items() if index is not None and index not in stored
+    ]
+
+
+def _unnamed_claim_blobs(prefix: str, keys: Iterable[str], named: set[str | None]) -> list[str]:
+    """The keys under `<prefix>claims/` (an embedding, prototypes or checkpoint written under
+    one claim of the job) that the owner's row does not name: written by a worker fenced
+    before its row update, or superseded by a later one."""
+    folder = jobs.claim_prefix(prefix)
+    return [key for key in keys if key.startswith(folder) and key not in named]
 
 
 def _sample_index(class_id: uuid.UUID, key: str) -> int | None:
@@ -548,17 +579,25 @@ def _sample_index(class_id: uuid.UUID, key: str) -> int | None:
 def _training_orphans(
     session: Session, training_id: uuid.UUID, blobs: Iterable[BlobInfo]
 ) -> list[str]:
-    if session.get(Training, training_id) is not None:
-        return []
     prefix = training_prefix(training_id)
-    return [blob.key for blob in blobs if blob.key.startswith(prefix)]
+    keys = [blob.key for blob in blobs if blob.key.startswith(prefix)]
+    training = session.get(Training, training_id)
+    if training is None:
+        return keys
+    status = session.scalar(
+        select(Job.status).where(Job.id == training.job_id).with_for_update()
+    )  # locked: a retry waits until these blobs are gone
+    if status in jobs.ACTIVE:
+        return []
+    named = {training.checkpoint_key, training.weights_key, training.baseline_weights_key}
+    return _unnamed_claim_blobs(prefix, keys, named)
 
 
 def expire_idempotency_records(
     session: Session, *, ttl_seconds: int, now: datetime | None = None, dry_run: bool = False
 ) -> int:
     """Delete idempotency records older than `ttl_seconds`; returns how many."""
-    cutoff = (now or utcnow()) - timedelta(seconds=ttl_seconds)
+    cutoff = _before(now, ttl_seconds)
     old = IdempotencyRecord.created_at < cutoff
     if dry_run:
         return int(session.scalar(select(func.count()).where(old)) or 0)
