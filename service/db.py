@@ -8,7 +8,7 @@ from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, make_url, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
@@ -77,6 +77,32 @@ def _standard_now(element: DatabaseNow, compiler: Any, **kw: Any) -> str:
     return f"(CURRENT_TIMESTAMP + INTERVAL '{element.seconds:.6f}' SECOND)"
 
 
+# PostgreSQL connections give up on a server they cannot reach rather than wait for the
+# kernel (a connect whose packets are dropped waits ~2 minutes, a query ~15): the API answers
+# 503 instead of holding its threads. Seconds: to connect; for data sent and not acknowledged
+# (TCP_USER_TIMEOUT), which also ends keepalive probes unanswered that long; idle before the
+# first probe; to wait for a connection from a full pool. A database URL's own query
+# parameters of these names (`?connect_timeout=…&tcp_user_timeout=…`, libpq's) win.
+CONNECT_TIMEOUT_SECONDS = 5
+TCP_TIMEOUT_SECONDS = 10
+KEEPALIVE_IDLE_SECONDS = 10
+POOL_TIMEOUT_SECONDS = 10
+
+
+def _postgresql_timeouts(url: str) -> dict[str, Any]:
+    """libpq's connection parameters that bound how long a lost server is waited for."""
+    bounds: dict[str, Any] = {
+        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        "tcp_user_timeout": TCP_TIMEOUT_SECONDS * 1000,
+        "keepalives": 1,
+        "keepalives_idle": KEEPALIVE_IDLE_SECONDS,
+        "keepalives_interval": max(1, KEEPALIVE_IDLE_SECONDS // 3),
+        "keepalives_count": 3,
+    }
+    given = make_url(url).query
+    return {name: value for name, value in bounds.items() if name not in given}
+
+
 def make_engine(
     url: str, *, pool_size: int = 32, idle_in_transaction_timeout: float | None = None
 ) -> Engine:
@@ -87,6 +113,8 @@ def make_engine(
     `idle_in_transaction_timeout` (seconds; PostgreSQL): the server ends a session left idle
     inside a transaction that long, so that the row locks of a process cut off from it, or
     paused, mid-transaction do not hold up the workers that take its job over.
+    PostgreSQL connections are bounded in time (`CONNECT_TIMEOUT_SECONDS` and below): a
+    server cut off fails the statements sent to it with OperationalError (answered 503).
     """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -104,11 +132,18 @@ def make_engine(
     # fails its request once with OperationalError (answered 503); SQLAlchemy then discards
     # the whole pool and the next requests reconnect by themselves.
     connect_args: dict[str, Any] = {}
-    if idle_in_transaction_timeout is not None and url.startswith("postgresql"):
-        milliseconds = max(1, int(idle_in_transaction_timeout * 1000))
-        connect_args["options"] = f"-c idle_in_transaction_session_timeout={milliseconds}"
+    if url.startswith("postgresql"):
+        connect_args.update(_postgresql_timeouts(url))
+        if idle_in_transaction_timeout is not None:
+            milliseconds = max(1, int(idle_in_transaction_timeout * 1000))
+            connect_args["options"] = f"-c idle_in_transaction_session_timeout={milliseconds}"
     return create_engine(
-        url, pool_size=pool_size, max_overflow=8, pool_recycle=1800, connect_args=connect_args
+        url,
+        pool_size=pool_size,
+        max_overflow=8,
+        pool_recycle=1800,
+        pool_timeout=POOL_TIMEOUT_SECONDS,
+        connect_args=connect_args,
     )
 
 

@@ -29,6 +29,10 @@ class Settings(CoreSettings):
     database_url: str | None = None
     database_pool_size: int = 32  # per process; cover the API's concurrent requests
     broker_url: str | None = None
+    # How long a Redis broker that does not answer is waited for, per connect and per command
+    # (and for data sent and not acknowledged, TCP_USER_TIMEOUT): a send to a broker cut off
+    # fails then, and the job it started stays queued for the sweeper to start again.
+    broker_socket_timeout_seconds: float = Field(default=5.0, gt=0)
     # Where workers store the answers the API waits for (predict); unset: see
     # `resolved_result_backend_url`.
     result_backend_url: str | None = None

@@ -154,11 +154,15 @@ class CuttableProxy:
     loopback. `cut()` closes the listener and every open connection (the endpoint is
     unreachable: connections are refused); `restore()` listens again on the same port.
     `cut_after(n, b"PUT ")` cuts it as the (n+1)-th HTTP request of that method arrives,
-    before passing it on: an outage in the middle of work."""
+    before passing it on: an outage in the middle of work. With `unix` (a path), it listens
+    on that Unix socket instead, which a process in another network namespace reaches too."""
 
-    def __init__(self, target_port: int, *, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target_port: int, *, host: str = "127.0.0.1", unix: Path | None = None
+    ) -> None:
         self.target_port = target_port
         self.host = host
+        self.unix = unix
         self.port = 0  # the first listener's, kept by `restore`
         self._listener: socket.socket | None = None
         self._connections: list[socket.socket] = []
@@ -186,10 +190,15 @@ class CuttableProxy:
         return False
 
     def restore(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.host, self.port))
-        self.port = listener.getsockname()[1]
+        if self.unix is not None:
+            listener = socket.socket(socket.AF_UNIX)
+            self.unix.unlink(missing_ok=True)
+            listener.bind(str(self.unix))
+        else:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.host, self.port))
+            self.port = listener.getsockname()[1]
         listener.listen(64)
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()

@@ -19,6 +19,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 import pytest
 
 from tests.fault_support import CuttableProxy, require_tool
@@ -153,3 +154,42 @@ class HostedWorker(WorkerProcess):
 
     def ready(self) -> bool:
         return " ready." in self.text()
+
+
+class HostedApi(WorkerProcess):
+    """The API (uvicorn serving `service.app:create_app`, its settings from `env`) on `host`,
+    answering HTTP on the Unix socket `socket_path`: a socket file is outside every network
+    namespace, so clients here reach the API whatever becomes of its host's link."""
+
+    def __init__(self, host: Host, env: dict[str, str], log: Path, *, socket_path: Path) -> None:
+        self.host, self.log, self.socket_path = host, log, socket_path
+        self._log_handle = log.open("ab")
+        argv = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+                "--uds", str(socket_path), "--log-level", "warning"]  # fmt: skip
+        self.process = subprocess.Popen(
+            host.command(argv, hostname="api"),
+            env=env,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=REPOSITORY,
+        )
+
+    def client(self, key: str | None, *, timeout: float) -> httpx.Client:
+        """A client of the API as `key` (None: anonymous), waiting `timeout` seconds at most
+        for an answer."""
+        return httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket_path)),
+            base_url="http://api",
+            headers={} if key is None else {"Authorization": f"Bearer {key}"},
+            timeout=timeout,
+        )
+
+    def ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"the API exited:\n{self.log.read_text(errors='replace')}")
+        if not self.socket_path.exists():
+            return False
+        with suppress(httpx.HTTPError), self.client(None, timeout=5) as client:
+            return client.get("/healthz").status_code == 200
+        return False

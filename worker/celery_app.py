@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from celery import Celery
@@ -31,6 +32,23 @@ class AlignDiffCelery(Celery):
     context: WorkerContext
 
 
+def redis_timeouts(seconds: float) -> dict[str, Any]:
+    """kombu's Redis transport options that bound every wait on the broker to `seconds`.
+
+    NOTE: without them a send to a Redis whose packets are dropped (a partition) waits for
+    the kernel to give up: minutes to connect, ~15 to answer. TCP_USER_TIMEOUT also discards
+    a command left unacknowledged in a connection given up on, so that it cannot reach Redis
+    after the partition heals, next to the send the sweeper makes again."""
+    options: dict[str, Any] = {
+        "socket_timeout": seconds,
+        "socket_connect_timeout": seconds,
+        "socket_keepalive": True,
+    }
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+        options["socket_keepalive_options"] = {socket.TCP_USER_TIMEOUT: int(seconds * 1000)}
+    return options
+
+
 def make_celery(settings: Settings, **context: Any) -> AlignDiffCelery:
     """A Celery app on the configured broker (Redis in production; a SQLite-backed kombu
     transport that needs no server in the embedded single-machine mode).
@@ -54,6 +72,7 @@ def make_celery(settings: Settings, **context: Any) -> AlignDiffCelery:
         # so it must be longer than any task; a job's lease (`job_lease_seconds`, renewed
         # after every batch) is what tells a dead worker's job from a slow one.
         transport_options = {"visibility_timeout": settings.task_visibility_timeout}
+        transport_options.update(redis_timeouts(settings.broker_socket_timeout_seconds))
     backend = settings.resolved_result_backend_url
     app = AlignDiffCelery("aligndiff", broker=broker, backend=backend, include=TASK_MODULES)
     if backend.startswith("db+sqlite"):
@@ -72,6 +91,15 @@ def make_celery(settings: Settings, **context: Any) -> AlignDiffCelery:
         result_expires=RESULT_EXPIRES_SECONDS,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
+        # A send that fails is tried once more, on a new connection, then raised: the API
+        # answers (its job stays queued, `service.contexts.job_control.start_job`) within
+        # about three `broker_socket_timeout_seconds`, never Celery's default of four tries.
+        task_publish_retry_policy={
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
+        },
         # Only the tasks the API waits on (predict) store a result.
         task_ignore_result=True,
         worker_hijack_root_logger=False,
