@@ -140,8 +140,20 @@ def well_formed(api: Api, method: str, path: str) -> dict[str, Any]:
             for name in _form_fields(api, body["multipart/form-data"]["schema"])
         ]
     elif "application/json" in body:
-        arguments["json"] = {}
+        arguments["json"] = _json_body(api, body["application/json"]["schema"])
     return arguments
+
+
+def _json_body(api: Api, schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON body with a valid value for each required field of the request schema."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        schema = api.app.openapi()["components"]["schemas"][name]
+    samples = {"boolean": True, "integer": 1, "number": 1, "string": "x", "array": []}
+    properties = schema.get("properties", {})
+    return {
+        name: samples[properties[name].get("type", "string")] for name in schema.get("required", [])
+    }
 
 
 def _valid_value(schema: dict[str, Any]) -> str:
