@@ -25,13 +25,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import boto3
-from sqlalchemy import create_engine
 
+from bench.api_load import scratch_database
 from bench.common import RESULTS_PATH, command_line, markdown_table, record_results
 from service.contexts.jobs import TERMINAL, request_cancel
 from service.db import make_engine, make_session_factory
@@ -51,26 +50,8 @@ from tests.worker_support import (
 from worker import synthesis
 from worker.celery_app import make_celery
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "ALIGNDIFF_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
 SHOTS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "shots" / "dog"
 POLL = 0.02
-
-
-@contextmanager
-def scratch_database() -> Iterator[str]:
-    """A fresh PostgreSQL database of the benchmark's own, dropped afterwards."""
-    name = f"aligndiff_takeover_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def victim_drawing(
