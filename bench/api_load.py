@@ -1,10 +1,17 @@
-"""Load test of `GET /v1/classes/{id}/samples` on PostgreSQL: latency percentiles and errors.
+"""Load test of the API's hot reads on PostgreSQL: throughput, latency percentiles, errors,
+and the throughput as a ratio of a floor's.
 
-Seeds a fresh database with one class of N finalized samples, serves the API with uvicorn on
-loopback and drives it with wrk (Debian package `wrk`) for a bounded time, requests spread
-over random pages. Target (DESIGN.md): p99 <= 50 ms at 32 connections, zero errors.
+Seeds a fresh database with one class of N finalized samples (some with a PNG on local
+storage), serves the API with uvicorn on loopback and drives it with wrk (Debian package
+`wrk`) for a bounded time: `GET /v1/classes/{id}/samples` at random pages, some filtered. In
+the same run, alternating with the API, the same wrk script drives the floor
+(`bench/api_floor.py`: a minimal ASGI app running the same SQL on the same database and
+writing the same JSON), so the API's requests/s come as a ratio of the floor's on this
+machine as it is now. Then `GET /v1/samples/{id}/image` (blob fetches) on the API.
+Targets (issue 18): p99 <= 50 ms and >= 1,200 requests/s with 2 workers at 32 connections,
+zero errors; the API at >= 0.6 of the floor.
 
-    python -m bench.api_load [--samples 10000] [--connections 32] [--duration 30]
+    python -m bench.api_load [--samples 10000] [--connections 32] [--duration 20] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -26,14 +33,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from sqlalchemy import create_engine, insert
+from PIL import Image
+from sqlalchemy import create_engine, insert, select
 
 from bench.common import RESULTS_PATH, command_line, markdown_table, record_results
 from service.auth import create_key
 from service.db import make_engine, make_session_factory, session_scope
 from service.migrate import upgrade
-from service.models import Job, Owner, Sample, SegClass, utcnow
+from service.models import ApiKey, Job, Owner, Sample, SegClass, utcnow
 from service.pagination import encode_cursor
+from service.storage import LocalStorage, png_bytes, sample_key
+
+SHOTS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "shots" / "dog"
+FLOOR_APP = "bench.api_floor:create_floor"
 
 ADMIN_URL = os.environ.get(
     "ALIGNDIFF_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -44,8 +56,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=10_000)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--duration", type=int, default=30, help="seconds of load per run")
+    parser.add_argument("--duration", type=int, default=20, help="seconds of load per run")
     parser.add_argument("--api-workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=2, help="API/floor runs per worker count")
+    parser.add_argument("--blobs", type=int, default=500, help="samples given a real PNG")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH)
     return parser.parse_args()
 
@@ -127,11 +141,13 @@ def api_server(
     database_url: str,
     workers: int,
     *,
+    app: str = "service.app:create_app",
     data_dir: Path | None = None,
     env: dict[str, str] | None = None,
 ) -> Iterator[str]:
-    """uvicorn serving the API on a free loopback port; `data_dir` (default: a scratch folder,
-    removed afterwards) and `env` (more ALIGNDIFF_* settings) configure it."""
+    """uvicorn serving the API (or another ASGI `app` factory: the floor) on a free loopback
+    port; `data_dir` (default: a scratch folder, removed afterwards) and `env` (more
+    ALIGNDIFF_* settings) configure it."""
     port = free_port()
     scratch = data_dir is None
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="aligndiff-bench-"))
@@ -145,7 +161,7 @@ def api_server(
         **(env or {}),
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+        [sys.executable, "-m", "uvicorn", "--factory", app,
          "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
          "--log-level", "warning", "--no-access-log"],
         env=env, start_new_session=True,
@@ -167,6 +183,49 @@ def api_server(
         process.wait(timeout=30)
         if scratch:
             shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def seed_blobs(data_dir: Path, class_id: uuid.UUID, count: int) -> list[int]:
+    """Write a 512² PNG (the dog photo, resized) as the image of samples 0..count-1."""
+    photo = Image.open(next(SHOTS.glob("*.jpg"))).convert("RGB").resize((512, 512))
+    data = png_bytes(photo)
+    storage = LocalStorage(data_dir / "blobs")
+    for index in range(count):
+        storage.put(sample_key(class_id, index, "image.png"), data, content_type="image/png")
+    return list(range(count))
+
+
+def sample_ids(database_url: str, class_id: uuid.UUID, indexes: list[int]) -> list[str]:
+    from service.models import Sample
+
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(Sample.id).where(Sample.class_id == class_id, Sample.index.in_(indexes))
+        ).scalars()
+        ids = [str(row) for row in rows]
+    engine.dispose()
+    return ids
+
+
+def blob_script(ids: list[str], path: Path) -> None:
+    rng = random.Random(2)
+    paths = ",\n".join(f'  "/v1/samples/{rng.choice(ids)}/image"' for _ in range(400))
+    path.write_text(
+        f"paths = {{\n{paths}\n}}\n"
+        "request = function()\n"
+        '  return wrk.format("GET", paths[math.random(#paths)])\n'
+        "end\n"
+    )
+
+
+def owner_of(database_url: str) -> uuid.UUID:
+    """The owner of the seeded key (the floor checks it as the API does)."""
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        owner = connection.execute(select(ApiKey.owner_id)).scalar_one()
+    engine.dispose()
+    return owner
 
 
 def wrk_script(class_id: uuid.UUID, samples: int, path: Path) -> None:
@@ -224,48 +283,76 @@ def run_wrk(url: str, key: str, script: Path, connections: int, duration: int) -
     }
 
 
+# The columns of a run's row, after the server and the worker count.
+RESULT_KEYS = ("p50", "p90", "p95", "p99", "requests", "requests/s", "errors")
+RESULT_HEADERS = ["p50", "p90", "p95", "p99", "requests", "requests/s", "non-2xx / errors"]
+
+
 def main() -> None:
     args = parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install wrk")
-    rows = []
+    rows: list[list[object]] = []
+    ratios: list[str] = []
+    data_dir = Path(tempfile.mkdtemp(prefix="aligndiff-bench-"))
     with scratch_database() as url:
         key, class_id = seed(url, args.samples)
+        floor_env = {"FLOOR_KEY": key, "FLOOR_OWNER_ID": str(owner_of(url))}
+        blob_ids = sample_ids(url, class_id, seed_blobs(data_dir, class_id, args.blobs))
         script = Path(tempfile.mkstemp(suffix=".lua")[1])
         wrk_script(class_id, args.samples, script)
         for workers in args.api_workers:
-            with api_server(url, workers) as api:
-                run_wrk(api, key, script, args.connections, 3)  # warm-up
-                result = run_wrk(api, key, script, args.connections, args.duration)
-            rows.append([workers, args.connections, *result.values()])
-            print(rows[-1], flush=True)
+            rates: dict[str, list[float]] = {"API": [], "floor": []}
+            for round_ in range(args.rounds):
+                # Alternating, the floor first every other round: drift hits both alike.
+                order = ["API", "floor"] if round_ % 2 == 0 else ["floor", "API"]
+                for server in order:
+                    app = FLOOR_APP if server == "floor" else "service.app:create_app"
+                    with api_server(url, workers, app=app, data_dir=data_dir, env=floor_env) as api:
+                        run_wrk(api, key, script, args.connections, 3)  # warm-up
+                        result = run_wrk(api, key, script, args.connections, args.duration)
+                    rates[server].append(float(result["requests/s"]))
+                    rows.append([server, workers, *(result[k] for k in RESULT_KEYS)])
+                    print(rows[-1], flush=True)
+            ratio = sum(rates["API"]) / sum(rates["floor"])
+            ratios.append(f"{workers} worker(s): {ratio:.2f}")
+        blob_path = script.with_suffix(".blob.lua")
+        blob_script(blob_ids, blob_path)
+        blob_rows = []
+        for workers in args.api_workers:
+            with api_server(url, workers, data_dir=data_dir) as api:
+                run_wrk(api, key, blob_path, args.connections, 3)
+                result = run_wrk(api, key, blob_path, args.connections, args.duration)
+            blob_rows.append([workers, *(result[k] for k in RESULT_KEYS)])
+            print(blob_rows[-1], flush=True)
         script.unlink()
-    table = markdown_table(
-        [
-            "uvicorn workers",
-            "connections",
-            "p50",
-            "p90",
-            "p95",
-            "p99",
-            "requests",
-            "requests/s",
-            "non-2xx / errors",
-        ],
-        rows,
-    )
-    print(table)
+        blob_path.unlink()
+    shutil.rmtree(data_dir, ignore_errors=True)
+    table = markdown_table(["server", "uvicorn workers", *RESULT_HEADERS], rows)
+    blob_table = markdown_table(["uvicorn workers", *RESULT_HEADERS], blob_rows)
+    summary = "API requests/s as a ratio of the floor's (sum over the rounds): " + ", ".join(ratios)
+    print(table, blob_table, summary, sep="\n\n")
     record_results(
         f"API: GET /v1/classes/{{id}}/samples, {args.samples:,} samples on PostgreSQL",
         command_line(),
         table,
         notes=(
-            "wrk on the same 2-core machine as the API and PostgreSQL (loopback), pages of 50 at "
-            "random cursors, a quarter filtered by accepted and min_clip_score. "
-            "Target: p99 <= 50 ms at 32 connections with zero errors."
+            f"{summary} (target >= 0.6).\n\n"
+            f"wrk on the same 2-core machine as the API and PostgreSQL (loopback), "
+            f"{args.connections} connections, {args.duration} s per run after a 3 s warm-up, "
+            "pages of 50 at random cursors, a quarter filtered by accepted and min_clip_score. "
+            "`floor`: `bench/api_floor.py`, the same SQL, database, JSON and wrk script. "
+            "Targets: p99 <= 50 ms and >= 1,200 requests/s with 2 workers, zero errors.\n\n"
+            f"Blob fetches, `GET /v1/samples/{{id}}/image` (512² PNGs of ~{_png_size()} on "
+            f"local storage, {args.blobs} samples), same connections and duration:\n\n" + blob_table
         ),
         path=args.results,
     )
+
+
+def _png_size() -> str:
+    photo = Image.open(next(SHOTS.glob("*.jpg"))).convert("RGB").resize((512, 512))
+    return f"{len(png_bytes(photo)) // 1024} KiB"
 
 
 if __name__ == "__main__":

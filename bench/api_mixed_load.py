@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -24,13 +23,20 @@ from io import BytesIO
 from pathlib import Path
 
 import redis
-from PIL import Image
 from sqlalchemy import create_engine, func, select
 
-from bench.api_load import api_server, run_wrk, scratch_database, seed, wrk_script
+from bench.api_load import (
+    api_server,
+    blob_script,
+    run_wrk,
+    sample_ids,
+    scratch_database,
+    seed,
+    seed_blobs,
+    wrk_script,
+)
 from bench.common import RESULTS_PATH, command_line, markdown_table, record_results
 from service.models import Job, SegClass
-from service.storage import LocalStorage, png_bytes, sample_key
 
 SHOTS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "shots" / "dog"
 BROKER_URL = os.environ.get("ALIGNDIFF_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
@@ -48,29 +54,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--api-workers", type=int, default=1)
     parser.add_argument("--results", type=Path, default=RESULTS_PATH)
     return parser.parse_args()
-
-
-def seed_blobs(data_dir: Path, class_id: uuid.UUID, count: int) -> list[int]:
-    """Write a 512² PNG (the dog photo, resized) as the image of samples 0..count-1."""
-    photo = Image.open(next(SHOTS.glob("*.jpg"))).convert("RGB").resize((512, 512))
-    data = png_bytes(photo)
-    storage = LocalStorage(data_dir / "blobs")
-    for index in range(count):
-        storage.put(sample_key(class_id, index, "image.png"), data, content_type="image/png")
-    return list(range(count))
-
-
-def sample_ids(database_url: str, class_id: uuid.UUID, indexes: list[int]) -> list[str]:
-    from service.models import Sample
-
-    engine = create_engine(database_url)
-    with engine.connect() as connection:
-        rows = connection.execute(
-            select(Sample.id).where(Sample.class_id == class_id, Sample.index.in_(indexes))
-        ).scalars()
-        ids = [str(row) for row in rows]
-    engine.dispose()
-    return ids
 
 
 def upload_body() -> bytes:
@@ -110,17 +93,6 @@ def upload_script(body_path: Path, path: Path) -> None:
         f'headers["Content-Type"] = "multipart/form-data; boundary={BOUNDARY}"\n'
         "request = function()\n"
         '  return wrk.format("POST", "/v1/classes", headers, body)\n'
-        "end\n"
-    )
-
-
-def blob_script(ids: list[str], path: Path) -> None:
-    rng = random.Random(2)
-    paths = ",\n".join(f'  "/v1/samples/{rng.choice(ids)}/image"' for _ in range(400))
-    path.write_text(
-        f"paths = {{\n{paths}\n}}\n"
-        "request = function()\n"
-        '  return wrk.format("GET", paths[math.random(#paths)])\n'
         "end\n"
     )
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from aligndiff import __version__
 from service.api.docs import install_docs
+from service.api.fast_reads import FAST_READS, FastReads
 from service.api.middleware import AuthenticateAndLimit, BodySizeLimit, RequestMetrics
 from service.api.openapi import install_openapi, operation_id
 from service.api.routes import api_router
@@ -15,6 +19,7 @@ from service.metrics import Metrics
 from service.problems import install_problem_handlers
 from service.queue import TaskQueue
 from service.ratelimit import make_rate_limits
+from service.reads import ReadDatabase
 from service.settings import Settings
 from service.storage import Storage, make_storage
 from service.web_sessions import install_sign_in_redirect
@@ -36,6 +41,7 @@ def create_app(
         # Served by `install_docs`, from this app: FastAPI's own pages need a CDN.
         docs_url=None,
         redoc_url=None,
+        lifespan=_open_reads,
     )
     engine = make_engine(settings.resolved_database_url, pool_size=settings.database_pool_size)
     app.state.settings = settings
@@ -43,6 +49,7 @@ def create_app(
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.read_session_factory = make_session_factory(read_only(engine))
+    app.state.reads = ReadDatabase(read_only(engine), pool_size=settings.read_pool_size)
     app.state.storage = storage or make_storage(
         settings.resolved_storage_url,
         endpoint_url=settings.s3_endpoint_url,
@@ -63,6 +70,9 @@ def create_app(
     install_openapi(app)
     install_docs(app)
     # The metrics middleware, added last, is the outermost: refused requests are counted too.
+    # The hot reads are answered innermost: after the key, its rate limits and the metrics.
+    app.state.fast_reads = True
+    app.add_middleware(FastReads, routes=FAST_READS)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     # Outside the body limit: an anonymous client learns nothing, not even the limit.
     app.add_middleware(
@@ -73,3 +83,13 @@ def create_app(
     )
     app.add_middleware(RequestMetrics, metrics=app.state.metrics, routes=app.router.routes)
     return app
+
+
+@asynccontextmanager
+async def _open_reads(app: FastAPI) -> AsyncIterator[None]:
+    """A server's event loop reads through the async pool (`service.reads`)."""
+    await app.state.reads.open()
+    try:
+        yield
+    finally:
+        await app.state.reads.close()

@@ -89,7 +89,7 @@ KEEPALIVE_IDLE_SECONDS = 10
 POOL_TIMEOUT_SECONDS = 10
 
 
-def _postgresql_timeouts(url: str) -> dict[str, Any]:
+def postgresql_timeouts(url: str) -> dict[str, Any]:
     """libpq's connection parameters that bound how long a lost server is waited for."""
     bounds: dict[str, Any] = {
         "connect_timeout": CONNECT_TIMEOUT_SECONDS,
@@ -133,7 +133,7 @@ def make_engine(
     # the whole pool and the next requests reconnect by themselves.
     connect_args: dict[str, Any] = {}
     if url.startswith("postgresql"):
-        connect_args.update(_postgresql_timeouts(url))
+        connect_args.update(postgresql_timeouts(url))
         if idle_in_transaction_timeout is not None:
             milliseconds = max(1, int(idle_in_transaction_timeout * 1000))
             connect_args["options"] = f"-c idle_in_transaction_session_timeout={milliseconds}"

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, and_, or_
+from sqlalchemy import Select, and_, bindparam, or_
 from sqlalchemy.orm import InstrumentedAttribute
 
 from service.problems import Problem
@@ -56,19 +56,54 @@ def newest_first(
 
     Fetches `limit + 1` rows, so `split_page` can tell whether another page follows.
     """
-    if cursor is not None:
-        raw_at, raw_id = decode_cursor(cursor, arity=2)
-        try:
-            after_at = datetime.fromisoformat(raw_at)
-            after_id = uuid.UUID(raw_id)
-        except (TypeError, ValueError):
-            raise invalid_cursor() from None
-        if after_at.tzinfo is None:
-            raise invalid_cursor()
+    after = newest_first_after(cursor)
+    if after is not None:
+        after_at, after_id = after
         statement = statement.where(
             or_(created_at < after_at, and_(created_at == after_at, id_ < after_id))
         )
     return statement.order_by(created_at.desc(), id_.desc()).limit(limit + 1)
+
+
+def newest_first_bound(
+    statement: S,
+    *,
+    created_at: InstrumentedAttribute[datetime],
+    id_: InstrumentedAttribute[uuid.UUID],
+    after: bool,
+) -> S:
+    """`newest_first` for a statement compiled once (a hot read): the cursor's values are the
+    bind parameters `after_at` and `after_id` (when `after`), the row count `limit`
+    (`newest_first_params` gives their values)."""
+    if after:
+        after_at = bindparam("after_at", type_=created_at.type)
+        after_id = bindparam("after_id", type_=id_.type)
+        statement = statement.where(
+            or_(created_at < after_at, and_(created_at == after_at, id_ < after_id))
+        )
+    return statement.order_by(created_at.desc(), id_.desc()).limit(bindparam("limit"))
+
+
+def newest_first_params(after: tuple[datetime, uuid.UUID] | None, limit: int) -> dict[str, Any]:
+    """The values of `newest_first_bound`'s parameters for a page of `limit` after `after`."""
+    if after is None:
+        return {"after_at": None, "after_id": None, "limit": limit + 1}
+    return {"after_at": after[0], "after_id": after[1], "limit": limit + 1}
+
+
+def newest_first_after(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
+    """The (created_at, id) a newest-first cursor points after; 400 for a malformed one."""
+    if cursor is None:
+        return None
+    raw_at, raw_id = decode_cursor(cursor, arity=2)
+    try:
+        after_at = datetime.fromisoformat(raw_at)
+        after_id = uuid.UUID(raw_id)
+    except (TypeError, ValueError):
+        raise invalid_cursor() from None
+    if after_at.tzinfo is None:
+        raise invalid_cursor()
+    return after_at, after_id
 
 
 def newest_first_cursor(created_at: datetime, id_: uuid.UUID) -> str:

@@ -77,6 +77,12 @@ def refuse_unknown_fields(names: Iterable[str], known: Collection[str]) -> None:
         )
 
 
+def database_unavailable(error: Exception) -> Problem:
+    """503 with Retry-After, for a database that did not answer (logged)."""
+    log.warning("database unavailable: %s", error)
+    return Problem(503, "the database is unavailable; retry shortly", headers={"Retry-After": "5"})
+
+
 def problem_response(problem: Problem) -> JSONResponse:
     body: dict[str, Any] = {
         "type": problem.type,
@@ -130,10 +136,7 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
-        log.warning("database unavailable: %s", exc)
-        return problem_response(
-            Problem(503, "the database is unavailable; retry shortly", headers={"Retry-After": "5"})
-        )
+        return problem_response(database_unavailable(exc))
 
     @app.exception_handler(StorageUnavailable)
     async def _storage_down(_: Request, exc: StorageUnavailable) -> JSONResponse:

@@ -28,6 +28,9 @@ class Settings(CoreSettings):
     data_dir: Path = Field(default_factory=_data_dir)
     database_url: str | None = None
     database_pool_size: int = 32  # per process; cover the API's concurrent requests
+    # Per API process: PostgreSQL connections of the async pool that serves the hot reads
+    # (`service.reads`); a read takes one for a query's round trip only.
+    read_pool_size: int = Field(default=8, ge=1)
     broker_url: str | None = None
     # How long a Redis broker that does not answer is waited for, per connect and per command
     # (and for data sent and not acknowledged, TCP_USER_TIMEOUT): a send to a broker cut off

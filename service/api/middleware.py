@@ -3,7 +3,6 @@ body size limit, and request metrics."""
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import Sequence
@@ -18,10 +17,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import Principal, PrincipalCache, authenticate_cached
 from service.metrics import Metrics
-from service.problems import Problem, problem_response
+from service.problems import Problem, database_unavailable, problem_response
 from service.ratelimit import RateLimits, queues_job
-
-log = logging.getLogger(__name__)
 
 
 class AuthenticateAndLimit:
@@ -67,11 +64,7 @@ class AuthenticateAndLimit:
             return
         except OperationalError as error:
             # As the app's handler answers it: the key could not be checked, for now.
-            log.warning("database unavailable: %s", error)
-            unavailable = Problem(
-                503, "the database is unavailable; retry shortly", headers={"Retry-After": "5"}
-            )
-            await problem_response(unavailable)(scope, receive, send)
+            await problem_response(database_unavailable(error))(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)

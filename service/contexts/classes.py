@@ -3,13 +3,15 @@ listing and deleting them, and the learned embedding."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import suppress
+from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from aligndiff.masks import mask_to_image
@@ -19,17 +21,24 @@ from aligndiff.shots import Shot, ShotError, ShotFormatError, load_shot
 from aligndiff.token_budget import TokenBudget, TokenizerUnavailable
 from service.auth import Principal
 from service.contexts import jobs, quotas
-from service.contexts.access import visible_to
+from service.contexts.access import owner_param, visible_to, visible_to_any
 from service.contexts.idempotency import Answer, claim_for, commit_with_answer, find_answer
 from service.contexts.idempotency import fingerprint as request_fingerprint
 from service.contexts.job_control import Accepted, StartTask
 from service.contexts.uploads import Upload, display_name, file_digests
 from service.models import Job, SegClass, Training
 from service.models import Shot as ShotRow
-from service.pagination import newest_first, newest_first_cursor, split_page
+from service.pagination import (
+    newest_first_after,
+    newest_first_bound,
+    newest_first_cursor,
+    newest_first_params,
+    split_page,
+)
 from service.problems import Problem, not_found
 from service.queue import synthesis_queue
-from service.schemas import MAX_SEED, ClassCreate, ClassPublic, Page
+from service.reads import Query, ReadDatabase
+from service.schemas import MAX_SEED, ClassCreate, ClassPublic
 from service.settings import Settings
 from service.storage import Storage, class_prefix, delete_prefix_quietly, png_bytes, shot_key
 
@@ -117,39 +126,51 @@ def create_class(
     return Accepted(answer, start=StartTask(SYNTHESIS, job.id, queue=synthesis_queue(model)))
 
 
-def list_classes(
+@functools.cache
+def _class_reads(*, admin: bool, one: bool, after: bool) -> Query:
+    """The statement of a class read (`one`: by the bind parameter `class_id`) or of a page
+    of classes, newest first; compiled once per combination."""
+    statement = select(*_SHOWN).outerjoin(Job, Job.id == SegClass.job_id)
+    statement = statement.where(visible_to_any(admin, SegClass.owner_id))
+    if one:
+        return statement.where(SegClass.id == bindparam("class_id"))
+    return newest_first_bound(
+        statement, created_at=SegClass.created_at, id_=SegClass.id, after=after
+    )
+
+
+async def list_classes(
     *,
-    session: Session,
+    reads: ReadDatabase,
     principal: Principal,
     limit: int,
     cursor: str | None,
     default_model: str,
-) -> Page[ClassPublic]:
-    """The classes `principal` may see, newest first."""
-    statement = newest_first(
-        _classes_with_jobs().where(visible_to(principal, SegClass.owner_id)),
-        created_at=SegClass.created_at,
-        id_=SegClass.id,
-        cursor=cursor,
-        limit=limit,
-    )
+) -> dict[str, Any]:
+    """The classes `principal` may see, newest first, as a `Page[ClassPublic]`'s fields."""
+    after = newest_first_after(cursor)
+    statement = _class_reads(admin=principal.is_admin, one=False, after=after is not None)
+    params = {**newest_first_params(after, limit), **owner_param(principal)}
     rows, next_cursor = split_page(
-        session.execute(statement).tuples().all(),
+        await reads.rows(statement, params),
         limit=limit,
-        cursor_after=lambda row: newest_first_cursor(row[0].created_at, row[0].id),
+        cursor_after=lambda row: newest_first_cursor(row[_CREATED_AT], row[_ID]),
     )
-    return Page[ClassPublic](
-        items=[
-            class_public(seg_class, job, default_model=default_model) for seg_class, job in rows
-        ],
-        next_cursor=next_cursor,
-    )
+    return {
+        "items": [_class_fields(row, default_model) for row in rows],
+        "next_cursor": next_cursor,
+    }
 
 
-def get_class(
-    *, session: Session, principal: Principal, class_id: uuid.UUID, default_model: str
-) -> ClassPublic:
-    return class_public(*visible_class(session, principal, class_id), default_model=default_model)
+async def get_class(
+    *, reads: ReadDatabase, principal: Principal, class_id: uuid.UUID, default_model: str
+) -> dict[str, Any]:
+    """A class as `ClassPublic`'s fields; 404 unless `principal` may see it."""
+    statement = _class_reads(admin=principal.is_admin, one=True, after=False)
+    rows = await reads.rows(statement, {"class_id": class_id, **owner_param(principal)})
+    if not rows:
+        raise not_found("class")
+    return _class_fields(rows[0], default_model)
 
 
 def delete_class(
@@ -207,28 +228,34 @@ def embedding_blob(
     return seg_class.embedding_key, f"{inversion_token(seg_class.name).strip('<>')}.safetensors"
 
 
+# What `ClassPublic` shows, in its order: the class's columns and its job's state.
+_SHOWN = (
+    SegClass.id, SegClass.name, Job.status, Job.stage, Job.progress, SegClass.num_shots,
+    SegClass.num_samples_requested, SegClass.num_samples_done, SegClass.num_accepted,
+    SegClass.clip_score_mean, SegClass.model, SegClass.bg_lambda, SegClass.tuning,
+    SegClass.job_id, Job.error, SegClass.created_at, SegClass.updated_at,
+)  # fmt: skip
+_NAMES = tuple(column.key for column in _SHOWN)
+_ID, _CREATED_AT = _NAMES.index("id"), _NAMES.index("created_at")
+
+
+def _class_fields(row: Sequence[Any], default_model: str) -> dict[str, Any]:
+    """`ClassPublic`'s fields from a row of `_SHOWN`: the state is its job's (a class without
+    one yet is queued); a class stored before models were named shows `default_model`."""
+    fields = dict(zip(_NAMES, row, strict=True))
+    if fields["status"] is None:
+        fields["status"], fields["progress"] = "queued", 0.0
+    fields["model"] = fields["model"] or default_model
+    return fields
+
+
 def class_public(seg_class: SegClass, job: Job | None, *, default_model: str) -> ClassPublic:
-    """A class as the API shows it: its state comes from its job; a class stored before models
-    were named shows the deployment's `default_model`."""
-    return ClassPublic(
-        id=seg_class.id,
-        name=seg_class.name,
-        status=job.status if job is not None else "queued",  # type: ignore[arg-type]
-        stage=job.stage if job is not None else None,  # type: ignore[arg-type]
-        progress=job.progress if job is not None else 0.0,
-        num_shots=seg_class.num_shots,
-        num_samples_requested=seg_class.num_samples_requested,
-        num_samples_done=seg_class.num_samples_done,
-        num_accepted=seg_class.num_accepted,
-        clip_score_mean=seg_class.clip_score_mean,
-        model=seg_class.model or default_model,
-        bg_lambda=seg_class.bg_lambda,
-        tuning=seg_class.tuning,  # type: ignore[arg-type]
-        job_id=seg_class.job_id,
-        error=job.error if job is not None else None,
-        created_at=seg_class.created_at,
-        updated_at=seg_class.updated_at,
-    )
+    """A class as the API shows it (see `_class_fields`)."""
+    row = [
+        getattr(job, column.key, None) if column.class_ is Job else getattr(seg_class, column.key)
+        for column in _SHOWN
+    ]
+    return ClassPublic(**_class_fields(row, default_model))
 
 
 def _fixed_bg_lambda(class_in: ClassCreate, settings: Settings) -> float | None:
@@ -238,12 +265,19 @@ def _fixed_bg_lambda(class_in: ClassCreate, settings: Settings) -> float | None:
     return settings.bg_lambda if class_in.bg_lambda is None else class_in.bg_lambda
 
 
-def visible_class_id(session: Session, principal: Principal, class_id: uuid.UUID) -> None:
+@functools.cache
+def _class_exists(*, admin: bool) -> Query:
+    return select(SegClass.id).where(
+        SegClass.id == bindparam("class_id"), visible_to_any(admin, SegClass.owner_id)
+    )
+
+
+async def visible_class_exists(
+    reads: ReadDatabase, principal: Principal, class_id: uuid.UUID
+) -> None:
     """Raise 404 unless `principal` may see the class."""
-    found = session.execute(
-        select(SegClass.id).where(SegClass.id == class_id, visible_to(principal, SegClass.owner_id))
-    ).first()
-    if found is None:
+    statement = _class_exists(admin=principal.is_admin)
+    if not await reads.rows(statement, {"class_id": class_id, **owner_param(principal)}):
         raise not_found("class")
 
 

@@ -8,6 +8,7 @@ formatted here once, so the first render and every refresh read the same.
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from collections import defaultdict
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from service.contexts.classes import class_public
@@ -27,6 +28,7 @@ from service.contexts.thumbnails import mask_version
 from service.contexts.trainings import training_public
 from service.models import Job, Owner, Sample, SegClass, Shot, Training, WorkerHeartbeat, utcnow
 from service.problems import not_found
+from service.reads import Query, ReadDatabase, one_of
 from service.schemas import ClassReport, ReportTraining, TrainingMetrics, TuningTrial
 from service.settings import DEFAULT_MODEL
 
@@ -139,9 +141,58 @@ class JobsOverview:
         }
 
 
-def jobs_overview(
+# The columns of a job row on the jobs page, and the statements of the page's reads (hot:
+# the page polls every 2 s), compiled once each (`service.reads`).
+_JOB_COLUMNS = (
+    Job.id, Job.kind, Job.status, Job.stage, Job.progress, Job.attempts, Job.created_at,
+    Job.started_at, Job.finished_at, Job.worker, Job.error, Job.traceback, Job.cancel_requested,
+    Job.target_id, Owner.name.label("owner"),
+)  # fmt: skip
+_JOB_NAMES = tuple(column.key for column in _JOB_COLUMNS)
+_WORKER_COLUMNS = (
+    WorkerHeartbeat.name, WorkerHeartbeat.hostname, WorkerHeartbeat.pid,
+    WorkerHeartbeat.started_at, WorkerHeartbeat.last_seen_at, WorkerHeartbeat.current_job_id,
+    WorkerHeartbeat.model,
+)  # fmt: skip
+_ACTIVE_COUNTS = (
+    select(Job.status, func.count()).where(one_of(Job.status, ACTIVE)).group_by(Job.status)
+)
+_WORKERS_SEEN_SINCE = (
+    select(*_WORKER_COLUMNS)
+    .where(WorkerHeartbeat.last_seen_at >= bindparam("since"))
+    .order_by(WorkerHeartbeat.name)
+)
+_ACTIVE_SYNTHESES = (
+    select(SegClass.model, Job.status, func.count())
+    .join(SegClass, SegClass.id == Job.target_id)
+    .where(Job.kind == "synthesis", one_of(Job.status, ACTIVE))
+    .group_by(SegClass.model, Job.status)
+)
+
+
+@functools.cache
+def _jobs_shown(*, status: bool, kind: bool) -> tuple[Query, Query]:
+    """The count of the jobs the filters keep and the newest `limit` of them (bind
+    parameters: status, kind, limit)."""
+    filters = []
+    if status:
+        filters.append(Job.status == bindparam("status"))
+    if kind:
+        filters.append(Job.kind == bindparam("kind"))
+    total = select(func.count()).select_from(Job).where(*filters)
+    rows = (
+        select(*_JOB_COLUMNS)
+        .join(Owner, Owner.id == Job.owner_id)
+        .where(*filters)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(bindparam("limit"))
+    )
+    return total, rows
+
+
+async def jobs_overview(
     *,
-    session: Session,
+    reads: ReadDatabase,
     status: str | None,
     kind: str | None,
     limit: int,
@@ -153,53 +204,31 @@ def jobs_overview(
     synthesis backlog of each model (`served_models`, the default first, and any other a
     class with active work names)."""
     now = now or utcnow()
-    counts = dict(
-        session.execute(
-            select(Job.status, func.count()).where(Job.status.in_(ACTIVE)).group_by(Job.status)
-        )
-        .tuples()
-        .all()
+    counts: dict[str, int] = dict(await reads.rows(_ACTIVE_COUNTS, {}))
+    total_of, rows_of = _jobs_shown(status=status is not None, kind=kind is not None)
+    params = {"status": status, "kind": kind, "limit": limit}
+    ((total,),) = await reads.rows(total_of, params)
+    rows = await reads.rows(rows_of, params)
+    workers = await workers_online(
+        reads=reads, heartbeat_seconds=heartbeat_seconds, now=now, default_model=served_models[0]
     )
-    filters = []
-    if status is not None:
-        filters.append(Job.status == status)
-    if kind is not None:
-        filters.append(Job.kind == kind)
-    total = session.execute(select(func.count()).select_from(Job).where(*filters)).scalar_one()
-    rows = session.execute(
-        select(Job, Owner.name)
-        .join(Owner, Owner.id == Job.owner_id)
-        .where(*filters)
-        .order_by(Job.created_at.desc(), Job.id.desc())
-        .limit(limit)
-    ).all()
-    workers = workers_online(
-        session=session,
-        heartbeat_seconds=heartbeat_seconds,
-        now=now,
-        default_model=served_models[0],
-    )
+    backlog = await reads.rows(_ACTIVE_SYNTHESES, {})
     return JobsOverview(
         queued=counts.get("queued", 0),
         running=counts.get("running", 0),
         workers=workers,
-        jobs=[_job_row(job, owner, now) for job, owner in rows],
+        jobs=[_job_row(dict(zip(_JOB_NAMES, row, strict=True)), now) for row in rows],
         total=total,
-        models=model_backlogs(session=session, served_models=served_models, workers=workers),
+        models=model_backlogs(backlog, served_models=served_models, workers=workers),
     )
 
 
 def model_backlogs(
-    *, session: Session, served_models: Sequence[str], workers: Sequence[WorkerRow]
+    active: Sequence[Sequence[Any]], *, served_models: Sequence[str], workers: Sequence[WorkerRow]
 ) -> list[ModelBacklog]:
-    """The active synthesis jobs per model (a class stored before models were named counts
-    for the default, `served_models[0]`) beside the live workers serving it."""
-    active = session.execute(
-        select(SegClass.model, Job.status, func.count())
-        .join(SegClass, SegClass.id == Job.target_id)
-        .where(Job.kind == "synthesis", Job.status.in_(ACTIVE))
-        .group_by(SegClass.model, Job.status)
-    ).all()
+    """The active synthesis jobs per model (rows of model, status, count; a class stored before
+    models were named counts for the default, `served_models[0]`) beside the live workers
+    serving it."""
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for name, status, count in active:
         counts[name or served_models[0]][status] += count
@@ -216,45 +245,46 @@ def model_backlogs(
     ]
 
 
-def _job_row(job: Job, owner: str, now: datetime) -> JobRow:
-    end = job.finished_at or (now if job.status == "running" else None)
-    duration = (end - job.started_at).total_seconds() if job.started_at and end else None
+def _job_row(job: dict[str, Any], now: datetime) -> JobRow:
+    status, progress, started_at = job["status"], job["progress"], job["started_at"]
+    end = job["finished_at"] or (now if status == "running" else None)
+    duration = (end - started_at).total_seconds() if started_at and end else None
     return JobRow(
-        id=str(job.id),
-        kind=job.kind,
-        owner=owner,
-        status=job.status,
-        stage=job.stage or "",
-        progress=round(job.progress, 4),
-        progress_text=f"{math.floor(job.progress * 100)}%",
-        attempts=job.attempts,
-        queued_at=format_time(job.created_at),
-        started_at=format_time(job.started_at),
-        finished_at=format_time(job.finished_at),
+        id=str(job["id"]),
+        kind=job["kind"],
+        owner=job["owner"],
+        status=status,
+        stage=job["stage"] or "",
+        progress=round(progress, 4),
+        progress_text=f"{math.floor(progress * 100)}%",
+        attempts=job["attempts"],
+        queued_at=format_time(job["created_at"]),
+        started_at=format_time(started_at),
+        finished_at=format_time(job["finished_at"]),
         duration=format_duration(duration),
-        worker=job.worker or "",
-        error=job.error or "",
-        traceback=job.traceback or "",
+        worker=job["worker"] or "",
+        error=job["error"] or "",
+        traceback=job["traceback"] or "",
         # A running job asked to stop is on its way to `cancelled`: no second cancel.
-        can_cancel=job.status in ACTIVE and not job.cancel_requested,
-        can_retry=job.status in ("failed", "cancelled"),
-        target_id=str(job.target_id),
-        target_url=_target_url(job),
+        can_cancel=status in ACTIVE and not job["cancel_requested"],
+        can_retry=status in ("failed", "cancelled"),
+        target_id=str(job["target_id"]),
+        target_url=_target_url(job["kind"], job["target_id"]),
     )
 
 
-def _target_url(job: Job) -> str | None:
+def _target_url(kind: str, target_id: uuid.UUID) -> str | None:
     """The dashboard page of what the job works on: a class's gallery, a training's page."""
-    if job.kind == "synthesis":
-        return f"/admin/classes/{job.target_id}"
-    if job.kind == "training":
-        return f"/admin/trainings/{job.target_id}"
+    if kind == "synthesis":
+        return f"/admin/classes/{target_id}"
+    if kind == "training":
+        return f"/admin/trainings/{target_id}"
     return None
 
 
-def workers_online(
+async def workers_online(
     *,
-    session: Session,
+    reads: ReadDatabase,
     heartbeat_seconds: float,
     now: datetime | None = None,
     default_model: str = DEFAULT_MODEL,
@@ -262,22 +292,18 @@ def workers_online(
     """The worker processes whose heartbeat is recent, by name, with the model each serves
     (`default_model` for a worker from before models were named)."""
     since = (now or utcnow()) - timedelta(seconds=ONLINE_INTERVALS * heartbeat_seconds)
-    beats = session.scalars(
-        select(WorkerHeartbeat)
-        .where(WorkerHeartbeat.last_seen_at >= since)
-        .order_by(WorkerHeartbeat.name)
-    ).all()
+    beats = await reads.rows(_WORKERS_SEEN_SINCE, {"since": since})
     return [
         WorkerRow(
-            name=beat.name,
-            hostname=beat.hostname,
-            pid=beat.pid,
-            started_at=format_time(beat.started_at),
-            last_seen=format_time(beat.last_seen_at),
-            current_job_id=str(beat.current_job_id) if beat.current_job_id else None,
-            model=beat.model or default_model,
+            name=name,
+            hostname=hostname,
+            pid=pid,
+            started_at=format_time(started_at),
+            last_seen=format_time(last_seen_at),
+            current_job_id=str(current_job_id) if current_job_id else None,
+            model=model or default_model,
         )
-        for beat in beats
+        for name, hostname, pid, started_at, last_seen_at, current_job_id, model in beats
     ]
 
 

@@ -3,16 +3,18 @@ state machine in `service.contexts.jobs`; and starting a job's work once it is c
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from service.auth import Principal
 from service.contexts import jobs, quotas
-from service.contexts.access import visible_to
+from service.contexts.access import owner_param, visible_to, visible_to_any
 from service.contexts.idempotency import (
     Answer,
     IdempotencyClaim,
@@ -22,10 +24,17 @@ from service.contexts.idempotency import (
     fingerprint,
 )
 from service.models import Job, SegClass, Training
-from service.pagination import newest_first, newest_first_cursor, split_page
+from service.pagination import (
+    newest_first_after,
+    newest_first_bound,
+    newest_first_cursor,
+    newest_first_params,
+    split_page,
+)
 from service.problems import Problem, not_found
 from service.queue import TaskQueue, synthesis_queue
-from service.schemas import JobPublic, JobStatus, Page
+from service.reads import Query, ReadDatabase
+from service.schemas import JobPublic, JobStatus
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,36 +92,76 @@ def start_job(*, queue: TaskQueue, start: StartTask | None) -> None:
         log.exception("could not send the start of job %s; it stays queued", start.job_id)
 
 
-def list_jobs(
+# What `JobPublic` shows, in its order.
+_SHOWN = (
+    Job.id, Job.kind, Job.status, Job.stage, Job.progress, Job.attempts, Job.error,
+    Job.owner_id, Job.target_id, Job.created_at, Job.started_at, Job.finished_at,
+)  # fmt: skip
+_NAMES = tuple(column.key for column in _SHOWN)
+_ID, _CREATED_AT = _NAMES.index("id"), _NAMES.index("created_at")
+
+
+@functools.cache
+def _job_reads(*, admin: bool, one: bool, status: bool, kind: bool, after: bool) -> Query:
+    """The statement of a job read (`one`: by the bind parameter `job_id`) or of a page of
+    jobs, newest first, filtered by the parameters `status` and `kind` when given; compiled
+    once per combination."""
+    statement = select(*_SHOWN).where(visible_to_any(admin, Job.owner_id))
+    if one:
+        return statement.where(Job.id == bindparam("job_id"))
+    if status:
+        statement = statement.where(Job.status == bindparam("status"))
+    if kind:
+        statement = statement.where(Job.kind == bindparam("kind"))
+    return newest_first_bound(statement, created_at=Job.created_at, id_=Job.id, after=after)
+
+
+async def list_jobs(
     *,
-    session: Session,
+    reads: ReadDatabase,
     principal: Principal,
     status: JobStatus | None,
     kind: str | None,
     limit: int,
     cursor: str | None,
-) -> Page[JobPublic]:
-    """The jobs `principal` may see, newest first."""
-    statement = select(Job).where(visible_to(principal, Job.owner_id))
-    if status is not None:
-        statement = statement.where(Job.status == status)
-    if kind is not None:
-        statement = statement.where(Job.kind == kind)
-    statement = newest_first(
-        statement, created_at=Job.created_at, id_=Job.id, cursor=cursor, limit=limit
+) -> dict[str, Any]:
+    """The jobs `principal` may see, newest first, as a `Page[JobPublic]`'s fields."""
+    after = newest_first_after(cursor)
+    statement = _job_reads(
+        admin=principal.is_admin,
+        one=False,
+        status=status is not None,
+        kind=kind is not None,
+        after=after is not None,
     )
+    params = {
+        "status": status,
+        "kind": kind,
+        **newest_first_params(after, limit),
+        **owner_param(principal),
+    }
     rows, next_cursor = split_page(
-        session.execute(statement).scalars().all(),
+        await reads.rows(statement, params),
         limit=limit,
-        cursor_after=lambda job: newest_first_cursor(job.created_at, job.id),
+        cursor_after=lambda row: newest_first_cursor(row[_CREATED_AT], row[_ID]),
     )
-    return Page[JobPublic](
-        items=[JobPublic.model_validate(job) for job in rows], next_cursor=next_cursor
-    )
+    return {
+        "items": [dict(zip(_NAMES, row, strict=True)) for row in rows],
+        "next_cursor": next_cursor,
+    }
 
 
-def get_job(*, session: Session, principal: Principal, job_id: uuid.UUID) -> JobPublic:
-    return JobPublic.model_validate(_visible_job(session, principal, job_id))
+async def get_job(
+    *, reads: ReadDatabase, principal: Principal, job_id: uuid.UUID
+) -> dict[str, Any]:
+    """A job as `JobPublic`'s fields; 404 unless `principal` may see it."""
+    statement = _job_reads(
+        admin=principal.is_admin, one=True, status=False, kind=False, after=False
+    )
+    rows = await reads.rows(statement, {"job_id": job_id, **owner_param(principal)})
+    if not rows:
+        raise not_found("job")
+    return dict(zip(_NAMES, rows[0], strict=True))
 
 
 def cancel_job(

@@ -3,20 +3,22 @@ blobs."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
-from sqlalchemy import Row, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from service.auth import Principal
-from service.contexts.access import visible_to
-from service.contexts.classes import visible_class_id
+from service.contexts.access import owner_param, visible_to, visible_to_any
+from service.contexts.classes import visible_class_exists
 from service.models import Sample, SegClass
 from service.pagination import decode_cursor, encode_cursor, invalid_cursor, split_page
 from service.problems import not_found
-from service.schemas import Page, SamplePublic
+from service.reads import Query, ReadDatabase
+from service.schemas import SamplePublic
 
 # The absolute (image_url, mask_url) of a sample, built by the API from its own routes.
 SampleUrls = Callable[[uuid.UUID], tuple[str, str]]
@@ -32,19 +34,14 @@ _LISTED = (
 )  # fmt: skip
 
 
-def list_samples(
-    *,
-    session: Session,
-    principal: Principal,
-    class_id: uuid.UUID,
-    accepted: bool | None,
-    min_clip_score: float | None,
-    limit: int,
-    cursor: str | None,
-    urls: SampleUrls,
-) -> Page[SamplePublic]:
-    """A class's finalized samples in index order, optionally only those `accepted` (or not)
-    and scoring at least `min_clip_score`. Samples still being worked on are not listed."""
+# The fields of a listed sample, in `SamplePublic`'s order; the URLs are the API's.
+_LISTED_NAMES = tuple(column.key for column in _LISTED)
+
+
+@functools.cache
+def _listing(*, admin: bool, after: bool, accepted: bool | None, min_clip: bool) -> Query:
+    """The listing's statement for one combination of the filters given (compiled once
+    each); bind parameters: class_id, owner_id, after, min_clip_score, limit."""
     # NOTE: keyset on the index (unique per class), so a page costs the same at any depth; the
     # owner check rides on the same query, and only an empty page costs a second one (to tell
     # "no such class" from "no samples").
@@ -52,29 +49,62 @@ def list_samples(
         select(*_LISTED)
         .join(SegClass, SegClass.id == Sample.class_id)
         .where(
-            Sample.class_id == class_id,
+            Sample.class_id == bindparam("class_id"),
             Sample.finalized_at.is_not(None),
-            visible_to(principal, SegClass.owner_id),
+            visible_to_any(admin, SegClass.owner_id),
         )
     )
+    if after:
+        statement = statement.where(Sample.index > bindparam("after"))
+    if accepted is not None:
+        statement = statement.where(Sample.accepted.is_(accepted))
+    if min_clip:
+        statement = statement.where(Sample.clip_score >= bindparam("min_clip_score"))
+    return statement.order_by(Sample.index).limit(bindparam("limit"))
+
+
+async def list_samples(
+    *,
+    reads: ReadDatabase,
+    principal: Principal,
+    class_id: uuid.UUID,
+    accepted: bool | None,
+    min_clip_score: float | None,
+    limit: int,
+    cursor: str | None,
+    urls: SampleUrls,
+) -> dict[str, Any]:
+    """A class's finalized samples in index order, optionally only those `accepted` (or not)
+    and scoring at least `min_clip_score`, as a `Page[SamplePublic]`'s JSON fields. Samples
+    still being worked on are not listed."""
+    after = None
     if cursor is not None:
         (after,) = decode_cursor(cursor, arity=1)
         if not isinstance(after, int) or isinstance(after, bool):
             raise invalid_cursor()
-        statement = statement.where(Sample.index > after)
-    if accepted is not None:
-        statement = statement.where(Sample.accepted.is_(accepted))
-    if min_clip_score is not None:
-        statement = statement.where(Sample.clip_score >= min_clip_score)
-    statement = statement.order_by(Sample.index).limit(limit + 1)
-    found = session.execute(statement).all()
-    if not found:
-        visible_class_id(session, principal, class_id)
-    rows, next_cursor = split_page(
-        found, limit=limit, cursor_after=lambda row: encode_cursor([row.index])
+    statement = _listing(
+        admin=principal.is_admin,
+        after=after is not None,
+        accepted=accepted,
+        min_clip=min_clip_score is not None,
     )
-    items = [_public(row, urls) for row in rows]
-    return Page[SamplePublic].model_construct(items=items, next_cursor=next_cursor)
+    params = {
+        "class_id": class_id,
+        "after": after,
+        "min_clip_score": min_clip_score,
+        "limit": limit + 1,
+        **owner_param(principal),
+    }
+    found = await reads.rows(statement, params)
+    if not found:
+        await visible_class_exists(reads, principal, class_id)
+    rows, next_cursor = split_page(
+        found, limit=limit, cursor_after=lambda row: encode_cursor([row[_INDEX]])
+    )
+    return {"items": [_fields(row, urls) for row in rows], "next_cursor": next_cursor}
+
+
+_INDEX = _LISTED_NAMES.index("index")
 
 
 def sample_public(session: Session, sample_id: uuid.UUID, *, urls: SampleUrls) -> SamplePublic:
@@ -83,15 +113,15 @@ def sample_public(session: Session, sample_id: uuid.UUID, *, urls: SampleUrls) -
     row = session.execute(select(*_LISTED).where(Sample.id == sample_id)).one_or_none()
     if row is None:
         raise not_found("sample")
-    return _public(row, urls)
-
-
-def _public(row: Row[*tuple[Any, ...]], urls: SampleUrls) -> SamplePublic:
     # NOTE: built without validation: every value comes typed from the database.
-    fields = row._asdict()
+    return SamplePublic.model_construct(**_fields(tuple(row), urls))
+
+
+def _fields(row: tuple[Any, ...], urls: SampleUrls) -> dict[str, Any]:
+    fields = dict(zip(_LISTED_NAMES, row, strict=True))
     fields["accepted"] = bool(fields["accepted"])
-    fields["image_url"], fields["mask_url"] = urls(row.id)
-    return SamplePublic.model_construct(**fields)
+    fields["image_url"], fields["mask_url"] = urls(fields["id"])
+    return fields
 
 
 def sample_blob(

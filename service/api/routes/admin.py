@@ -12,9 +12,10 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import Form, Query, Request, Response
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from service.api.deps import QueueDep, SessionDep, SettingsDep
+from service.api.fast_reads import json_response
 from service.api.responses import answer_response, problem_responses
 from service.api.routes import admin_classes, admin_keys
 from service.api.routes.admin_access import (
@@ -148,11 +149,12 @@ KindFilter = Annotated[
 JobsLimit = Annotated[int, Query(ge=1, le=MAX_JOBS_SHOWN, description="Jobs shown.")]
 
 
-def _overview(
-    session: Any, settings: Any, status: str | None, kind: str | None, limit: int
+async def _overview(
+    request: Request, status: str | None, kind: str | None, limit: int
 ) -> dashboard.JobsOverview:
-    return dashboard.jobs_overview(
-        session=session,
+    settings = request.app.state.settings
+    return await dashboard.jobs_overview(
+        reads=request.app.state.reads,
         status=status or None,
         kind=kind or None,
         limit=limit,
@@ -169,17 +171,15 @@ def _overview(
         **problem_responses(401, 403, 422),
     },
 )
-def admin_dashboard(
+async def admin_dashboard(
     request: Request,
     access: PageAdmin,
-    session: SessionDep,
-    settings: SettingsDep,
     status: StatusFilter = None,
     kind: KindFilter = None,
     limit: JobsLimit = 100,
 ) -> HTMLResponse:
     """The admin dashboard (HTML): every job, the queue's depth and the workers online."""
-    overview = _overview(session, settings, status, kind, limit)
+    overview = await _overview(request, status, kind, limit)
     return render(
         request,
         "jobs.html",
@@ -196,17 +196,16 @@ def admin_dashboard(
 
 
 @router.get("/admin/api/jobs", include_in_schema=False)
-def admin_jobs_json(
+async def admin_jobs_json(
+    request: Request,
     _: ApiAdmin,
-    session: SessionDep,
-    settings: SettingsDep,
     status: StatusFilter = None,
     kind: KindFilter = None,
     limit: JobsLimit = 100,
-) -> JSONResponse:
+) -> Response:
     """What the jobs page polls: the queue, the workers online and the jobs."""
-    overview = _overview(session, settings, status, kind, limit)
-    return JSONResponse(overview.to_json(), headers={"Cache-Control": "no-store"})
+    overview = await _overview(request, status, kind, limit)
+    return json_response(overview.to_json(), headers={"Cache-Control": "no-store"})
 
 
 def _after_action(request: Request, next_path: str | None, answer_body: Response) -> Response:

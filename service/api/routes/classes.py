@@ -19,10 +19,11 @@ from service.api.deps import (
     StorageDep,
     require_multipart,
 )
+from service.api.fast_reads import ReadRequest, fast_read, json_response
 from service.api.responses import answer_response, blob_response, problem_responses
 from service.contexts import classes, job_control, reports
 from service.contexts.uploads import Upload
-from service.pagination import DEFAULT_LIMIT
+from service.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.problems import refuse_unknown_fields
 from service.schemas import ClassCreate, ClassPublic, ClassReport, Page
 
@@ -85,33 +86,61 @@ def create_class(
 
 
 @router.get("", response_model=Page[ClassPublic], responses=problem_responses(400, 401, 422))
-def list_classes(
-    session: SessionDep,
-    settings: SettingsDep,
+async def list_classes(
+    request: Request,
     principal: CurrentPrincipal,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
-) -> Page[ClassPublic]:
+) -> Response:
     """The caller's classes, newest first."""
-    return classes.list_classes(
-        session=session,
-        principal=principal,
-        limit=limit,
-        cursor=cursor,
-        default_model=settings.default_model,
+    state = request.app.state
+    return json_response(
+        await classes.list_classes(
+            reads=state.reads,
+            principal=principal,
+            limit=limit,
+            cursor=cursor,
+            default_model=state.settings.default_model,
+        )
+    )
+
+
+@fast_read("/v1/classes")
+async def list_classes_fast(read: ReadRequest) -> Response:
+    return json_response(
+        await classes.list_classes(
+            reads=read.state.reads,
+            principal=read.principal,
+            limit=read.query_int("limit", default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+            cursor=read.query_str("cursor"),
+            default_model=read.state.settings.default_model,
+        )
     )
 
 
 @router.get("/{class_id}", response_model=ClassPublic, responses=problem_responses(401, 404, 422))
-def get_class(
-    session: SessionDep, settings: SettingsDep, principal: CurrentPrincipal, class_id: uuid.UUID
-) -> ClassPublic:
+async def get_class(request: Request, principal: CurrentPrincipal, class_id: uuid.UUID) -> Response:
     """A class, with the state of its synthesis job."""
-    return classes.get_class(
-        session=session,
-        principal=principal,
-        class_id=class_id,
-        default_model=settings.default_model,
+    state = request.app.state
+    return json_response(
+        await classes.get_class(
+            reads=state.reads,
+            principal=principal,
+            class_id=class_id,
+            default_model=state.settings.default_model,
+        )
+    )
+
+
+@fast_read("/v1/classes/{class_id}")
+async def get_class_fast(read: ReadRequest) -> Response:
+    return json_response(
+        await classes.get_class(
+            reads=read.state.reads,
+            principal=read.principal,
+            class_id=read.path_uuid("class_id"),
+            default_model=read.state.settings.default_model,
+        )
     )
 
 

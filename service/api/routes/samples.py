@@ -18,12 +18,13 @@ from service.api.deps import (
     StorageDep,
     require_multipart,
 )
+from service.api.fast_reads import ReadRequest, fast_read, json_response
 from service.api.responses import PNG, blob_response, problem_responses
 from service.auth import Principal
 from service.contexts import review, samples
 from service.contexts.samples import SampleUrls
 from service.contexts.uploads import Upload
-from service.pagination import DEFAULT_LIMIT
+from service.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.problems import refuse_unknown_fields
 from service.schemas import Page, SamplePublic, SampleReview
 from service.settings import Settings
@@ -37,14 +38,18 @@ PNG_OR_REDIRECT: dict[int | str, dict[str, Any]] = {
 }
 
 
+SAMPLES_PATH = "/v1/classes/{class_id}/samples"
+SAMPLE_IMAGE_PATH = "/v1/samples/{sample_id}/image"
+SAMPLE_MASK_PATH = "/v1/samples/{sample_id}/mask"
+
+
 @router.get(
-    "/v1/classes/{class_id}/samples",
+    SAMPLES_PATH,
     response_model=Page[SamplePublic],
     responses=problem_responses(400, 401, 404, 422),
 )
-def list_samples(
+async def list_samples(
     request: Request,
-    session: SessionDep,
     principal: CurrentPrincipal,
     class_id: uuid.UUID,
     accepted: Annotated[
@@ -57,8 +62,8 @@ def list_samples(
     cursor: Cursor = None,
 ) -> Response:
     """A class's finished samples, in index order."""
-    page = samples.list_samples(
-        session=session,
+    page = await samples.list_samples(
+        reads=request.app.state.reads,
         principal=principal,
         class_id=class_id,
         accepted=accepted,
@@ -67,20 +72,37 @@ def list_samples(
         cursor=cursor,
         urls=sample_urls(request),
     )
-    # NOTE: serialized straight by pydantic-core; FastAPI would validate all items again.
-    return Response(page.model_dump_json(), media_type="application/json")
+    return json_response(page)
+
+
+@fast_read(SAMPLES_PATH)
+async def list_samples_fast(read: ReadRequest) -> Response:
+    page = await samples.list_samples(
+        reads=read.state.reads,
+        principal=read.principal,
+        class_id=read.path_uuid("class_id"),
+        accepted=read.query_bool("accepted"),
+        min_clip_score=read.query_decimal("min_clip_score"),
+        limit=read.query_int("limit", default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+        cursor=read.query_str("cursor"),
+        urls=sample_urls_under(read.base_url),
+    )
+    return json_response(page)
 
 
 def sample_urls(request: Request) -> SampleUrls:
     """The absolute URLs of a sample's image and mask, as this request reaches the API."""
-    # One route lookup per page, not two per sample: the URLs differ only in the id.
-    marker = uuid.UUID(int=0)
-    image_url = str(request.url_for("get_sample_image", sample_id=marker))
-    mask_url = str(request.url_for("get_sample_mask", sample_id=marker))
+    return sample_urls_under(str(request.base_url).rstrip("/"))
+
+
+def sample_urls_under(base_url: str) -> SampleUrls:
+    """The absolute URLs of a sample's image and mask, under `base_url` (the API's URL as the
+    request reached it, no trailing slash)."""
+    image = base_url + SAMPLE_IMAGE_PATH.replace("{sample_id}", "{}")
+    mask = base_url + SAMPLE_MASK_PATH.replace("{sample_id}", "{}")
 
     def urls(sample_id: uuid.UUID) -> tuple[str, str]:
-        text = str(sample_id)
-        return image_url.replace(str(marker), text), mask_url.replace(str(marker), text)
+        return image.format(sample_id), mask.format(sample_id)
 
     return urls
 
@@ -108,7 +130,7 @@ def _sample_png(
 
 
 @router.get(
-    "/v1/samples/{sample_id}/image",
+    SAMPLE_IMAGE_PATH,
     response_class=Response,
     responses={**PNG_OR_REDIRECT, **problem_responses(401, 404, 422)},
 )
@@ -127,7 +149,7 @@ def get_sample_image(
 
 
 @router.get(
-    "/v1/samples/{sample_id}/mask",
+    SAMPLE_MASK_PATH,
     response_class=Response,
     responses={**PNG_OR_REDIRECT, **problem_responses(401, 404, 422)},
 )
