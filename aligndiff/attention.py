@@ -345,7 +345,17 @@ class CapturingCrossAttnProcessor:
         rows = slice(start, start + len(capture.token_weights))
         columns = capture.columns.to(query.device)
         names = key[rows].index_select(2, columns).float()
-        scores = torch.matmul(query[rows].float(), names.transpose(-1, -2)) * scale
+        # NOTE: products summed per name token, not a batched matmul: a matmul's rounding
+        # depends on the batch it runs in (BLAS picks kernels and threads by shape), and a
+        # sample's coarse mask must be the same alone as in any batch.
+        conditional = query[rows].float()
+        scores = (
+            torch.stack(
+                [(conditional * names[:, :, t : t + 1]).sum(-1) for t in range(names.shape[2])],
+                dim=-1,
+            )
+            * scale
+        )
         if mask is not None:
             scores = scores + mask[rows].index_select(-1, columns).float()
         probs = torch.exp(scores - lse[rows].unsqueeze(-1))
