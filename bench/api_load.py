@@ -60,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--api-workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=2, help="API/floor runs per worker count")
     parser.add_argument("--blobs", type=int, default=500, help="samples given a real PNG")
+    parser.add_argument("--classes", type=int, default=199, help="more classes, with jobs")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH)
     return parser.parse_args()
 
@@ -210,13 +211,7 @@ def sample_ids(database_url: str, class_id: uuid.UUID, indexes: list[int]) -> li
 
 def blob_script(ids: list[str], path: Path) -> None:
     rng = random.Random(2)
-    paths = ",\n".join(f'  "/v1/samples/{rng.choice(ids)}/image"' for _ in range(400))
-    path.write_text(
-        f"paths = {{\n{paths}\n}}\n"
-        "request = function()\n"
-        '  return wrk.format("GET", paths[math.random(#paths)])\n'
-        "end\n"
-    )
+    paths_script([f"/v1/samples/{rng.choice(ids)}/image" for _ in range(400)], path)
 
 
 def owner_of(database_url: str) -> uuid.UUID:
@@ -228,6 +223,17 @@ def owner_of(database_url: str) -> uuid.UUID:
     return owner
 
 
+def paths_script(paths: list[str], path: Path) -> None:
+    """A wrk script requesting `paths`, each request one of them at random."""
+    lua_paths = ",\n".join(f'  "{p}"' for p in paths)
+    path.write_text(
+        f"paths = {{\n{lua_paths}\n}}\n"
+        "request = function()\n"
+        '  return wrk.format("GET", paths[math.random(#paths)])\n'
+        "end\n"
+    )
+
+
 def wrk_script(class_id: uuid.UUID, samples: int, path: Path) -> None:
     """A wrk script choosing among pages all over the class, some of them filtered."""
     rng = random.Random(1)
@@ -237,13 +243,51 @@ def wrk_script(class_id: uuid.UUID, samples: int, path: Path) -> None:
         if rng.random() < 0.25:
             query += "&accepted=true&min_clip_score=20"
         paths.append(f"/v1/classes/{class_id}/samples?{query}")
-    lua_paths = ",\n".join(f'  "{p}"' for p in paths)
-    path.write_text(
-        f"paths = {{\n{lua_paths}\n}}\n"
-        "request = function()\n"
-        '  return wrk.format("GET", paths[math.random(#paths)])\n'
-        "end\n"
-    )
+    paths_script(paths, path)
+
+
+def seed_classes(url: str, count: int) -> tuple[str, list[uuid.UUID]]:
+    """`count` more classes of the seeded owner, each with its synthesis job in one of the
+    states a deployment has, and an admin key; returns (admin key, the class ids)."""
+    engine = make_engine(url)
+    statuses = ["succeeded"] * 6 + ["failed", "cancelled", "running", "queued"]
+    ids = []
+    with session_scope(make_session_factory(engine)) as session:
+        admin_key = create_key(session, name="bench-admin", admin=True)
+        owner_id = session.execute(select(ApiKey.owner_id).where(~ApiKey.is_admin)).scalar_one()
+        for i in range(count):
+            class_id = uuid.uuid4()
+            job = Job(kind="synthesis", owner_id=owner_id, target_id=class_id,
+                      status=statuses[i % len(statuses)], progress=1.0)  # fmt: skip
+            session.add(job)
+            session.flush()
+            session.add(
+                SegClass(id=class_id, owner_id=owner_id, name=f"class-{i}", seed=i, prompts=[],
+                         num_shots=1, num_samples_requested=100, num_samples_done=100,
+                         job_id=job.id)
+            )  # fmt: skip
+            ids.append(class_id)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.exec_driver_sql("ANALYZE")  # as in `seed`
+    engine.dispose()
+    return admin_key, ids
+
+
+def hot_read_scripts(class_ids: list[uuid.UUID], folder: Path) -> dict[str, Path]:
+    """A wrk script per hot read besides the listing: what the SDK's `wait`, tools and the
+    dashboard poll."""
+    rng = random.Random(3)
+    scripts = {
+        "GET /v1/classes/{id}": [f"/v1/classes/{rng.choice(class_ids)}" for _ in range(200)],
+        "GET /v1/classes": ["/v1/classes?limit=50"],
+        "GET /v1/jobs": ["/v1/jobs?limit=50", "/v1/jobs?status=succeeded&limit=50"],
+        "GET /admin/api/jobs": ["/admin/api/jobs"],
+    }
+    paths = {}
+    for i, (name, requests) in enumerate(scripts.items()):
+        paths[name] = folder / f"hot-{i}.lua"
+        paths_script(requests, paths[name])
+    return paths
 
 
 # wrk's summary prints p50/75/90/99 only; this prints the p95 too (latency in microseconds).
@@ -316,22 +360,28 @@ def main() -> None:
                     print(rows[-1], flush=True)
             ratio = sum(rates["API"]) / sum(rates["floor"])
             ratios.append(f"{workers} worker(s): {ratio:.2f}")
-        blob_path = script.with_suffix(".blob.lua")
-        blob_script(blob_ids, blob_path)
-        blob_rows = []
-        for workers in args.api_workers:
-            with api_server(url, workers, data_dir=data_dir) as api:
-                run_wrk(api, key, blob_path, args.connections, 3)
-                result = run_wrk(api, key, blob_path, args.connections, args.duration)
-            blob_rows.append([workers, *(result[k] for k in RESULT_KEYS)])
-            print(blob_rows[-1], flush=True)
+        # The other hot reads and blob fetches, on the API with the most workers asked for.
+        admin_key, class_ids = seed_classes(url, args.classes)
+        folder = Path(tempfile.mkdtemp(prefix="aligndiff-bench-wrk-"))
+        scripts = hot_read_scripts([class_id, *class_ids], folder)
+        scripts["GET /v1/samples/{id}/image"] = folder / "blobs.lua"
+        blob_script(blob_ids, scripts["GET /v1/samples/{id}/image"])
+        other_rows = []
+        workers = max(args.api_workers)
+        with api_server(url, workers, data_dir=data_dir) as api:
+            for name, other in scripts.items():
+                as_key = admin_key if name.startswith("GET /admin") else key
+                run_wrk(api, as_key, other, args.connections, 3)
+                result = run_wrk(api, as_key, other, args.connections, args.duration)
+                other_rows.append([name, workers, *(result[k] for k in RESULT_KEYS)])
+                print(other_rows[-1], flush=True)
+        shutil.rmtree(folder)
         script.unlink()
-        blob_path.unlink()
     shutil.rmtree(data_dir, ignore_errors=True)
     table = markdown_table(["server", "uvicorn workers", *RESULT_HEADERS], rows)
-    blob_table = markdown_table(["uvicorn workers", *RESULT_HEADERS], blob_rows)
+    other_table = markdown_table(["request", "uvicorn workers", *RESULT_HEADERS], other_rows)
     summary = "API requests/s as a ratio of the floor's (sum over the rounds): " + ", ".join(ratios)
-    print(table, blob_table, summary, sep="\n\n")
+    print(table, other_table, summary, sep="\n\n")
     record_results(
         f"API: GET /v1/classes/{{id}}/samples, {args.samples:,} samples on PostgreSQL",
         command_line(),
@@ -343,8 +393,11 @@ def main() -> None:
             "pages of 50 at random cursors, a quarter filtered by accepted and min_clip_score. "
             "`floor`: `bench/api_floor.py`, the same SQL, database, JSON and wrk script. "
             "Targets: p99 <= 50 ms and >= 1,200 requests/s with 2 workers, zero errors.\n\n"
-            f"Blob fetches, `GET /v1/samples/{{id}}/image` (512² PNGs of ~{_png_size()} on "
-            f"local storage, {args.blobs} samples), same connections and duration:\n\n" + blob_table
+            f"The other hot reads (the seeded owner's {args.classes + 1} classes with their "
+            "jobs, 50 a page; `GET /admin/api/jobs` with an admin key, the dashboard's poll: "
+            "100 jobs with the queue, workers and backlogs) and blob fetches (`GET "
+            f"/v1/samples/{{id}}/image`, 512² PNGs of ~{_png_size()} on local storage, "
+            f"{args.blobs} samples), same connections and duration:\n\n" + other_table
         ),
         path=args.results,
     )

@@ -44,6 +44,12 @@ SortKey = Literal["index", "clip_score", "ood_iou", "consensus_iou"]
 Order = Literal["asc", "desc"]
 
 
+def shallow_dict(row: Any) -> dict[str, Any]:
+    """A dataclass of plain values as a dict. `dataclasses.asdict` deep-copies every value,
+    and took 40 % of the polled jobs page's time."""
+    return {name: getattr(row, name) for name in row.__dataclass_fields__}
+
+
 def format_time(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else ""
 
@@ -86,7 +92,7 @@ class JobRow:
     target_url: str | None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return shallow_dict(self)
 
 
 @dataclass(frozen=True)
@@ -132,10 +138,10 @@ class JobsOverview:
         return {
             "queue": {"queued": self.queued, "running": self.running},
             "models": [
-                {**asdict(model), "waits_for_a_worker": model.waits_for_a_worker}
+                {**shallow_dict(model), "waits_for_a_worker": model.waits_for_a_worker}
                 for model in self.models
             ],
-            "workers": [asdict(worker) for worker in self.workers],
+            "workers": [shallow_dict(worker) for worker in self.workers],
             "jobs": [job.to_json() for job in self.jobs],
             "total": self.total,
         }
