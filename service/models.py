@@ -53,6 +53,13 @@ class UTCDateTime(TypeDecorator[datetime]):
             return value.replace(tzinfo=UTC)
         return value
 
+    def result_processor(self, dialect: Any, coltype: Any) -> Any:
+        # PostgreSQL's `timestamp with time zone` comes back aware: nothing to do per value
+        # (a call per value, per row, on the hot reads).
+        if dialect.name == "postgresql":
+            return None
+        return super().result_processor(dialect, coltype)
+
 
 # Named constraints, so later migrations can drop or alter them on every backend.
 NAMING_CONVENTION = {

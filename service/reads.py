@@ -135,7 +135,8 @@ class ReadDatabase:
         values = {**compiled.params, **params}
         try:
             async with self._pool.connection() as connection:
-                cursor = await connection.execute(compiled.sql, values)
+                # Binary results: numbers, UUIDs and timestamps without parsing text.
+                cursor = await connection.execute(compiled.sql, values, binary=True)
                 fetched = await cursor.fetchall()
                 type_codes = [column.type_code for column in cursor.description or ()]
         except (psycopg.OperationalError, PoolTimeout) as error:

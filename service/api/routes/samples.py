@@ -98,11 +98,12 @@ def sample_urls(request: Request) -> SampleUrls:
 def sample_urls_under(base_url: str) -> SampleUrls:
     """The absolute URLs of a sample's image and mask, under `base_url` (the API's URL as the
     request reached it, no trailing slash)."""
-    image = base_url + SAMPLE_IMAGE_PATH.replace("{sample_id}", "{}")
-    mask = base_url + SAMPLE_MASK_PATH.replace("{sample_id}", "{}")
+    image_start, image_end = (base_url + SAMPLE_IMAGE_PATH).split("{sample_id}")
+    mask_start, mask_end = (base_url + SAMPLE_MASK_PATH).split("{sample_id}")
 
     def urls(sample_id: uuid.UUID) -> tuple[str, str]:
-        return image.format(sample_id), mask.format(sample_id)
+        text = str(sample_id)
+        return image_start + text + image_end, mask_start + text + mask_end
 
     return urls
 
