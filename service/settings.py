@@ -29,8 +29,10 @@ class Settings(CoreSettings):
     database_url: str | None = None
     database_pool_size: int = 32  # per process; cover the API's concurrent requests
     # Per API process: PostgreSQL connections of the async pool that serves the hot reads
-    # (`service.reads`); a read takes one for a query's round trip only.
-    read_pool_size: int = Field(default=8, ge=1)
+    # (`service.reads`); a read takes one for a query's round trip only. More connections
+    # than cores make PostgreSQL's backends fight the API for them (bench/RESULTS.md: 4 gave
+    # a p99 of 26-30 ms where 8 gave 36-47 ms, 2 workers at 32 connections on 2 cores).
+    read_pool_size: int = Field(default=4, ge=1)
     broker_url: str | None = None
     # How long a Redis broker that does not answer is waited for, per connect and per command
     # (and for data sent and not acknowledged, TCP_USER_TIMEOUT): a send to a broker cut off
