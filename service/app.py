@@ -89,7 +89,7 @@ def create_app(
 @asynccontextmanager
 async def _open_reads(app: FastAPI) -> AsyncIterator[None]:
     """A server's event loop reads through the async pool (`service.reads`)."""
-    await app.state.reads.open()
+    opened = await app.state.reads.open()
     # NOTE: what start-up made (modules, routes, models: most of the heap) is never garbage;
     # frozen, the collector stops walking it in every full collection, a pause of tens of
     # milliseconds that landed on whichever requests were in flight (the p99).
@@ -97,4 +97,5 @@ async def _open_reads(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await app.state.reads.close()
+        if opened:
+            await app.state.reads.close()

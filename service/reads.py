@@ -98,11 +98,13 @@ class ReadDatabase:
         except RuntimeError:
             return False
 
-    async def open(self) -> None:
-        """Open the async pool for this event loop (PostgreSQL only; a no-op otherwise)."""
+    async def open(self) -> bool:
+        """Open the async pool for this event loop (PostgreSQL only); False if it was not
+        opened here: not PostgreSQL, or another event loop's pool is open (several test
+        clients serving one app), whose opener closes it."""
         url = make_url(str(self.engine.url))
         if url.get_backend_name() != "postgresql" or self._pool is not None:
-            return
+            return False
         conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
         pool: AsyncConnectionPool = AsyncConnectionPool(
             conninfo,
@@ -117,6 +119,7 @@ class ReadDatabase:
         # while its database is down, as the engine's pool lets it.
         await pool.open(wait=False)
         self._pool, self._loop = pool, asyncio.get_running_loop()
+        return True
 
     async def close(self) -> None:
         pool, self._pool, self._loop = self._pool, None, None

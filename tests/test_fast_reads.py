@@ -191,3 +191,22 @@ def test_a_server_reads_through_the_async_pool(
         if pooled is not None:
             assert pooled.get_stats()["requests_num"] >= len(_paths(world))
     assert api.app.state.reads._pool is None  # closed with the server
+
+
+def test_sample_blobs_come_the_same_both_ways(api: Api, world: dict[str, Any]) -> None:
+    page = api.alice.get(f"/v1/classes/{world['dog']}/samples?limit=1").json()
+    sample_id = page["items"][0]["id"]
+    for which in ("image", "mask"):
+        path = f"/v1/samples/{sample_id}/{which}"
+        fast, routed = _both_ways(api, api.alice, path)
+        assert fast.status_code == routed.status_code == 200
+        assert fast.content == routed.content and fast.content.startswith(b"\x89PNG")
+        for header in ("content-type", "content-disposition", "content-length"):
+            assert fast.headers[header] == routed.headers[header]
+        assert int(fast.headers["content-length"]) == len(fast.content)
+        for client in (api.bob, api.anonymous):
+            fast, routed = _both_ways(api, client, path)
+            assert fast.status_code == routed.status_code == (404 if client is api.bob else 401)
+            assert fast.json() == routed.json()
+    fast, routed = _both_ways(api, api.alice, f"/v1/samples/{sample_id.upper()}/image")
+    assert fast.content == routed.content

@@ -62,3 +62,30 @@ def blob_response(
         media_type=media_type,
         headers={"Content-Disposition": f'{disposition}; filename="{filename}"'},
     )
+
+
+def small_blob_response(
+    storage: Storage,
+    key: str,
+    *,
+    media_type: str,
+    filename: str,
+    presign_seconds: int | None = None,
+) -> Response:
+    """`blob_response` for a blob small enough to hold whole (a sample's PNG, a few MB at
+    most): read at once and answered with its Content-Length, one hop to a worker thread
+    (the caller's) instead of one per chunk."""
+    if presign_seconds is not None:
+        url = storage.presigned_url(key, expires_seconds=presign_seconds)
+        if url is not None:
+            return RedirectResponse(url, status_code=307)
+    try:
+        data = storage.get(key)
+    except BlobNotFound:
+        log.error("blob %s is missing from storage", key)
+        raise not_found("blob") from None
+    return Response(
+        data,
+        media_type=media_type,
+        headers={"Content-Disposition": f'inline; filename="{filename}"'},
+    )

@@ -20,6 +20,7 @@ from aligndiff.settings import AUTO
 from aligndiff.shots import Shot, ShotError, ShotFormatError, load_shot
 from aligndiff.token_budget import TokenBudget, TokenizerUnavailable
 from service.auth import Principal
+from service.background_cpu import at_low_priority
 from service.contexts import jobs, quotas
 from service.contexts.access import owner_param, visible_to, visible_to_any
 from service.contexts.idempotency import Answer, claim_for, commit_with_answer, find_answer
@@ -86,11 +87,13 @@ def create_class(
     # NOTE: decoding and storing the shots takes a while; the connection goes back to the
     # pool meanwhile rather than sit idle in a transaction.
     session.rollback()
-    shots = _load_shots(images, masks, settings=settings)
+    shots = at_low_priority(_load_shots, images, masks, settings=settings)
 
     class_id = uuid.uuid4()
     try:
-        shot_rows = _store_shots(storage, class_id, shots, images=images, masks=masks)
+        shot_rows = at_low_priority(
+            _store_shots, storage, class_id, shots, images=images, masks=masks
+        )
         # Again, under the owner's lock, in the transaction that adds the job.
         quotas.enforce(session, settings, demand)
         job = jobs.create_job(session, kind=SYNTHESIS, owner_id=owner_id, target_id=class_id)

@@ -252,12 +252,14 @@ def model_backlogs(
 
 
 def _job_row(job: dict[str, Any], now: datetime) -> JobRow:
-    status, progress, started_at = job["status"], job["progress"], job["started_at"]
-    end = job["finished_at"] or (now if status == "running" else None)
+    status, kind, progress = job["status"], job["kind"], job["progress"]
+    started_at, finished_at = job["started_at"], job["finished_at"]
+    end = finished_at or (now if status == "running" else None)
     duration = (end - started_at).total_seconds() if started_at and end else None
+    target_id = str(job["target_id"])
     return JobRow(
         id=str(job["id"]),
-        kind=job["kind"],
+        kind=kind,
         owner=job["owner"],
         status=status,
         stage=job["stage"] or "",
@@ -266,7 +268,7 @@ def _job_row(job: dict[str, Any], now: datetime) -> JobRow:
         attempts=job["attempts"],
         queued_at=format_time(job["created_at"]),
         started_at=format_time(started_at),
-        finished_at=format_time(job["finished_at"]),
+        finished_at=format_time(finished_at),
         duration=format_duration(duration),
         worker=job["worker"] or "",
         error=job["error"] or "",
@@ -274,18 +276,13 @@ def _job_row(job: dict[str, Any], now: datetime) -> JobRow:
         # A running job asked to stop is on its way to `cancelled`: no second cancel.
         can_cancel=status in ACTIVE and not job["cancel_requested"],
         can_retry=status in ("failed", "cancelled"),
-        target_id=str(job["target_id"]),
-        target_url=_target_url(job["kind"], job["target_id"]),
+        target_id=target_id,
+        target_url=_TARGET_PAGES[kind].format(target_id) if kind in _TARGET_PAGES else None,
     )
 
 
-def _target_url(kind: str, target_id: uuid.UUID) -> str | None:
-    """The dashboard page of what the job works on: a class's gallery, a training's page."""
-    if kind == "synthesis":
-        return f"/admin/classes/{target_id}"
-    if kind == "training":
-        return f"/admin/trainings/{target_id}"
-    return None
+# The dashboard page of what a job works on: a class's gallery, a training's page.
+_TARGET_PAGES = {"synthesis": "/admin/classes/{}", "training": "/admin/trainings/{}"}
 
 
 async def workers_online(

@@ -12,7 +12,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from service.auth import Principal
-from service.contexts.access import owner_param, visible_to, visible_to_any
+from service.contexts.access import owner_param, visible_to_any
 from service.contexts.classes import visible_class_exists
 from service.models import Sample, SegClass
 from service.pagination import decode_cursor, encode_cursor, invalid_cursor, split_page
@@ -124,30 +124,32 @@ def _fields(row: tuple[Any, ...], urls: SampleUrls) -> dict[str, Any]:
     return fields
 
 
-def sample_blob(
+@functools.cache
+def _blob_keys(*, admin: bool) -> Query:
+    return (
+        select(Sample.image_key, Sample.mask_key, Sample.index)
+        .join(SegClass, SegClass.id == Sample.class_id)
+        .where(
+            Sample.id == bindparam("sample_id"),
+            Sample.finalized_at.is_not(None),
+            visible_to_any(admin, SegClass.owner_id),
+        )
+    )
+
+
+async def sample_blob(
     *,
-    session: Session,
+    reads: ReadDatabase,
     principal: Principal,
     sample_id: uuid.UUID,
     which: Literal["image", "mask"],
 ) -> tuple[str, int]:
     """The blob key of a finalized sample's image or final mask, and the sample's index."""
-    row = (
-        session.execute(
-            select(Sample.image_key, Sample.mask_key, Sample.index)
-            .join(SegClass, SegClass.id == Sample.class_id)
-            .where(
-                Sample.id == sample_id,
-                Sample.finalized_at.is_not(None),
-                visible_to(principal, SegClass.owner_id),
-            )
-        )
-        .tuples()
-        .one_or_none()
-    )
-    if row is None:
+    statement = _blob_keys(admin=principal.is_admin)
+    rows = await reads.rows(statement, {"sample_id": sample_id, **owner_param(principal)})
+    if not rows:
         raise not_found("sample")
-    image_key, mask_key, index = row
+    image_key, mask_key, index = rows[0]
     key = image_key if which == "image" else mask_key
     if key is None:
         raise not_found(f"sample {which}")

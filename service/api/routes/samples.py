@@ -3,11 +3,12 @@ person's verdict, a mask they drew)."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Annotated, Any, Literal
 
+from anyio import to_thread
 from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
-from sqlalchemy.orm import Session
 
 from service.api.deps import (
     CurrentPrincipal,
@@ -19,7 +20,7 @@ from service.api.deps import (
     require_multipart,
 )
 from service.api.fast_reads import ReadRequest, fast_read, json_response
-from service.api.responses import PNG, blob_response, problem_responses
+from service.api.responses import PNG, problem_responses, small_blob_response
 from service.auth import Principal
 from service.contexts import review, samples
 from service.contexts.samples import SampleUrls
@@ -27,8 +28,6 @@ from service.contexts.uploads import Upload
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.problems import refuse_unknown_fields
 from service.schemas import Page, SamplePublic, SampleReview
-from service.settings import Settings
-from service.storage import Storage
 
 router = APIRouter(tags=["samples"])
 
@@ -108,25 +107,23 @@ def sample_urls_under(base_url: str) -> SampleUrls:
     return urls
 
 
-def _sample_png(
-    which: Literal["image", "mask"],
-    *,
-    session: Session,
-    storage: Storage,
-    settings: Settings,
-    principal: Principal,
-    sample_id: uuid.UUID,
+async def sample_png(
+    which: Literal["image", "mask"], *, state: Any, principal: Principal, sample_id: uuid.UUID
 ) -> Response:
-    key, index = samples.sample_blob(
-        session=session, principal=principal, sample_id=sample_id, which=which
+    """A sample's image or mask: its key read without a worker thread, the blob in one."""
+    key, index = await samples.sample_blob(
+        reads=state.reads, principal=principal, sample_id=sample_id, which=which
     )
     suffix = "" if which == "image" else "-mask"
-    return blob_response(
-        storage,
-        key,
-        media_type=PNG,
-        filename=f"sample-{index:05d}{suffix}.png",
-        presign_seconds=settings.presign_seconds,
+    return await to_thread.run_sync(
+        functools.partial(
+            small_blob_response,
+            state.storage,
+            key,
+            media_type=PNG,
+            filename=f"sample-{index:05d}{suffix}.png",
+            presign_seconds=state.settings.presign_seconds,
+        )
     )
 
 
@@ -135,18 +132,20 @@ def _sample_png(
     response_class=Response,
     responses={**PNG_OR_REDIRECT, **problem_responses(401, 404, 422)},
 )
-def get_sample_image(
-    session: SessionDep,
-    storage: StorageDep,
-    settings: SettingsDep,
-    principal: CurrentPrincipal,
-    sample_id: uuid.UUID,
+async def get_sample_image(
+    request: Request, principal: CurrentPrincipal, sample_id: uuid.UUID
 ) -> Response:
     """A sample's image (PNG)."""
-    return _sample_png(
-        "image", session=session, storage=storage, settings=settings, principal=principal,
-        sample_id=sample_id,
-    )  # fmt: skip
+    return await sample_png(
+        "image", state=request.app.state, principal=principal, sample_id=sample_id
+    )
+
+
+@fast_read(SAMPLE_IMAGE_PATH)
+async def get_sample_image_fast(read: ReadRequest) -> Response:
+    return await sample_png(
+        "image", state=read.state, principal=read.principal, sample_id=read.path_uuid("sample_id")
+    )
 
 
 @router.get(
@@ -154,18 +153,20 @@ def get_sample_image(
     response_class=Response,
     responses={**PNG_OR_REDIRECT, **problem_responses(401, 404, 422)},
 )
-def get_sample_mask(
-    session: SessionDep,
-    storage: StorageDep,
-    settings: SettingsDep,
-    principal: CurrentPrincipal,
-    sample_id: uuid.UUID,
+async def get_sample_mask(
+    request: Request, principal: CurrentPrincipal, sample_id: uuid.UUID
 ) -> Response:
     """A sample's final mask (PNG)."""
-    return _sample_png(
-        "mask", session=session, storage=storage, settings=settings, principal=principal,
-        sample_id=sample_id,
-    )  # fmt: skip
+    return await sample_png(
+        "mask", state=request.app.state, principal=principal, sample_id=sample_id
+    )
+
+
+@fast_read(SAMPLE_MASK_PATH)
+async def get_sample_mask_fast(read: ReadRequest) -> Response:
+    return await sample_png(
+        "mask", state=read.state, principal=read.principal, sample_id=read.path_uuid("sample_id")
+    )
 
 
 @router.patch(
