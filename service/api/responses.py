@@ -9,7 +9,7 @@ from fastapi import Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from service.contexts.idempotency import Answer
-from service.problems import TITLES, not_found
+from service.problems import TITLES, Problem, not_found
 from service.schemas import ProblemDetail
 from service.storage import BlobNotFound, Storage
 
@@ -47,16 +47,12 @@ def blob_response(
 ) -> Response:
     """Stream a blob from storage; with `presign_seconds`, redirect (307) to a presigned URL
     instead when the store offers one (S3), so the bytes bypass the API."""
-    if presign_seconds is not None:
-        url = storage.presigned_url(key, expires_seconds=presign_seconds)
-        if url is not None:
-            return RedirectResponse(url, status_code=307)
+    if (redirect := _presigned_redirect(storage, key, presign_seconds)) is not None:
+        return redirect
     try:
         chunks = storage.iter_chunks(key)
     except BlobNotFound:
-        # The row names a blob that is gone: the store and the database disagree.
-        log.error("blob %s is missing from storage", key)
-        raise not_found("blob") from None
+        raise _missing(key) from None
     return StreamingResponse(
         chunks,
         media_type=media_type,
@@ -75,17 +71,29 @@ def small_blob_response(
     """`blob_response` for a blob small enough to hold whole (a sample's PNG, a few MB at
     most): read at once and answered with its Content-Length, one hop to a worker thread
     (the caller's) instead of one per chunk."""
-    if presign_seconds is not None:
-        url = storage.presigned_url(key, expires_seconds=presign_seconds)
-        if url is not None:
-            return RedirectResponse(url, status_code=307)
+    if (redirect := _presigned_redirect(storage, key, presign_seconds)) is not None:
+        return redirect
     try:
         data = storage.get(key)
     except BlobNotFound:
-        log.error("blob %s is missing from storage", key)
-        raise not_found("blob") from None
+        raise _missing(key) from None
     return Response(
         data,
         media_type=media_type,
         headers={"Content-Disposition": f'inline; filename="{filename}"'},
     )
+
+
+def _presigned_redirect(
+    storage: Storage, key: str, presign_seconds: int | None
+) -> RedirectResponse | None:
+    if presign_seconds is None:
+        return None
+    url = storage.presigned_url(key, expires_seconds=presign_seconds)
+    return RedirectResponse(url, status_code=307) if url is not None else None
+
+
+def _missing(key: str) -> Problem:
+    # The row names a blob that is gone: the store and the database disagree.
+    log.error("blob %s is missing from storage", key)
+    return not_found("blob")
