@@ -4,9 +4,10 @@ A few GET routes take most of the traffic (the SDK's `wait` polls a class, tools
 samples and jobs, the dashboard polls its jobs every 2 s). Each is declared with FastAPI as
 usual (its OpenAPI, its validation) and also registered here with `@fast_read(path)`: an async
 handler that reads its parameters with `ReadRequest`, its rows with the app's `ReadDatabase`
-(`service.reads`) and answers JSON serialized once by orjson. `FastReads`, pure ASGI middleware
-inside authentication, rate limits and metrics, answers those requests without FastAPI's
-routing, dependency solving, response validation or a worker thread.
+(`service.reads`) and answers JSON serialized once by orjson (`responses.json_response`).
+`FastReads`, pure ASGI middleware inside authentication, rate limits and metrics, answers
+those requests without FastAPI's routing, dependency solving, response validation or a worker
+thread.
 
 A parameter in any form but the plain one (`limit=50`, `accepted=true`, a canonical UUID) makes
 the handler raise `Deferred`, and FastAPI answers the request: its validation decides every
@@ -18,12 +19,11 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-import orjson
 from sqlalchemy.exc import OperationalError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -35,15 +35,6 @@ from service.problems import Problem, database_unavailable, problem_response
 
 class Deferred(Exception):
     """A parameter is not in the plain form the fast path reads: FastAPI answers instead."""
-
-
-def json_response(content: Any, *, headers: Mapping[str, str] | None = None) -> Response:
-    """`content` as JSON the way the API's models serialize it (UTC times end in `Z`)."""
-    return Response(
-        orjson.dumps(content, option=orjson.OPT_UTC_Z),
-        media_type="application/json",
-        headers=headers,
-    )
 
 
 _DECIMAL = re.compile(r"\d{1,15}(\.\d{1,15})?")

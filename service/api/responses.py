@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
+import orjson
 from fastapi import Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
@@ -21,6 +23,15 @@ PNG = "image/png"
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for error answers (problem+json, see `openapi.py`)."""
     return {status: {"model": ProblemDetail, "description": TITLES[status]} for status in statuses}
+
+
+def json_response(content: Any, *, headers: Mapping[str, str] | None = None) -> Response:
+    """`content` as JSON the way the API's models serialize it (UTC times end in `Z`)."""
+    return Response(
+        orjson.dumps(content, option=orjson.OPT_UTC_Z),
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 def answer_response(answer: Answer) -> Response:

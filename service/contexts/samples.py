@@ -36,6 +36,7 @@ _LISTED = (
 
 # The fields of a listed sample, in `SamplePublic`'s order; the URLs are the API's.
 _LISTED_NAMES = tuple(column.key for column in _LISTED)
+_INDEX = _LISTED_NAMES.index("index")
 
 
 @functools.cache
@@ -102,9 +103,6 @@ async def list_samples(
         found, limit=limit, cursor_after=lambda row: encode_cursor([row[_INDEX]])
     )
     return {"items": [_fields(row, urls) for row in rows], "next_cursor": next_cursor}
-
-
-_INDEX = _LISTED_NAMES.index("index")
 
 
 def sample_public(session: Session, sample_id: uuid.UUID, *, urls: SampleUrls) -> SamplePublic:

@@ -15,8 +15,7 @@ from fastapi import Form, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from service.api.deps import QueueDep, SessionDep, SettingsDep
-from service.api.fast_reads import json_response
-from service.api.responses import answer_response, problem_responses
+from service.api.responses import answer_response, json_response, problem_responses
 from service.api.routes import admin_classes, admin_keys
 from service.api.routes.admin_access import (
     ApiAdmin,

@@ -19,8 +19,8 @@ from service.api.deps import (
     StorageDep,
     require_multipart,
 )
-from service.api.fast_reads import ReadRequest, fast_read, json_response
-from service.api.responses import answer_response, blob_response, problem_responses
+from service.api.fast_reads import ReadRequest, fast_read
+from service.api.responses import answer_response, blob_response, json_response, problem_responses
 from service.contexts import classes, job_control, reports
 from service.contexts.uploads import Upload
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT

@@ -16,8 +16,8 @@ from service.api.deps import (
     SessionDep,
     SettingsDep,
 )
-from service.api.fast_reads import ReadRequest, fast_read, json_response
-from service.api.responses import answer_response, problem_responses
+from service.api.fast_reads import ReadRequest, fast_read
+from service.api.responses import answer_response, json_response, problem_responses
 from service.contexts import job_control
 from service.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.schemas import JobPublic, JobStatus, Page

@@ -19,8 +19,8 @@ from service.api.deps import (
     StorageDep,
     require_multipart,
 )
-from service.api.fast_reads import ReadRequest, fast_read, json_response
-from service.api.responses import PNG, problem_responses, small_blob_response
+from service.api.fast_reads import ReadRequest, fast_read
+from service.api.responses import PNG, json_response, problem_responses, small_blob_response
 from service.auth import Principal
 from service.contexts import review, samples
 from service.contexts.samples import SampleUrls
