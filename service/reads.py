@@ -137,15 +137,33 @@ class ReadDatabase:
         compiled = self._compiled_for(statement)
         values = {**compiled.params, **params}
         try:
-            async with self._pool.connection() as connection:
-                # Binary results: numbers, UUIDs and timestamps without parsing text.
-                cursor = await connection.execute(compiled.sql, values, binary=True)
-                fetched = await cursor.fetchall()
-                type_codes = [column.type_code for column in cursor.description or ()]
-        except (psycopg.OperationalError, PoolTimeout) as error:
+            try:
+                fetched, type_codes = await self._fetch(compiled, values)
+            except _StaleConnection:
+                # The server went away since the connection was opened (a restart): the
+                # pool's other idle connections are as dead. Renew them and read again (a
+                # read is safe to repeat) rather than answer 503 once per stale connection.
+                await self._pool.check()
+                fetched, type_codes = await self._fetch(compiled, values)
+        except (_StaleConnection, psycopg.OperationalError, PoolTimeout) as error:
             # As the engine's errors are: the app answers 503 with Retry-After.
             raise OperationalError(compiled.sql.decode(), values, error) from error
         return compiled.process(fetched, type_codes)
+
+    async def _fetch(
+        self, compiled: _Compiled, values: dict[str, Any]
+    ) -> tuple[list[Row], list[Any]]:
+        assert self._pool is not None
+        async with self._pool.connection() as connection:
+            try:
+                # Binary results: numbers, UUIDs and timestamps without parsing text.
+                cursor = await connection.execute(compiled.sql, values, binary=True)
+                fetched = await cursor.fetchall()
+            except psycopg.OperationalError as error:
+                if connection.broken:
+                    raise _StaleConnection(str(error)) from error
+                raise
+            return fetched, [column.type_code for column in cursor.description or ()]
 
     def _threaded_rows(self, statement: Query, params: Mapping[str, Any]) -> list[Row]:
         with self.engine.connect() as connection:
@@ -157,6 +175,10 @@ class ReadDatabase:
         if compiled is None:
             compiled = self._compiled[id(statement)] = _Compiled(statement, self.engine.dialect)
         return compiled
+
+
+class _StaleConnection(Exception):
+    """A pooled connection found closed by the server."""
 
 
 async def _utc_session(connection: psycopg.AsyncConnection[Any]) -> None:

@@ -4,20 +4,24 @@ restarted; the machine's shared server is never touched."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import func, literal_column, select
 
 from service.app import create_app
 from service.auth import create_key
 from service.db import make_engine
 from service.models import Base
 from service.queue import RecordingQueue
+from service.reads import ReadDatabase
 from service.settings import Settings
 from tests.fault_support import PrivatePostgres, ServedApi, wait_until
 
@@ -154,3 +158,35 @@ def test_a_restart_between_requests_costs_at_most_a_503_per_stale_connection(
     assert set(answers) <= {200, 503}, answers
     assert readers.errors == []
     assert answers[503] <= READERS, answers
+
+
+def test_a_read_after_a_restart_renews_the_read_pool_instead_of_failing() -> None:
+    # given: the hot reads' async pool holding four open connections
+    statement = select(literal_column("1"), func.pg_sleep(0.2))
+    with PrivatePostgres.running() as postgres:
+        reads = ReadDatabase(make_engine(postgres.url), pool_size=4)
+
+        async def scenario() -> tuple[list[Any], dict[str, int], list[list[Any]]]:
+            assert await reads.open()
+            try:
+                await asyncio.gather(*(reads.rows(statement, {}) for _ in range(4)))
+                assert reads._pool is not None
+                before = reads._pool.get_stats()
+
+                # when: PostgreSQL restarts (each of them is now stale), then reads come
+                postgres.stop()
+                postgres.start()
+                first = await reads.rows(select(literal_column("1")), {})
+                more = await asyncio.gather(*(reads.rows(statement, {}) for _ in range(4)))
+                return first, before, more
+            finally:
+                await reads.close()
+
+        first, before, more = asyncio.run(scenario())
+        reads.engine.dispose()
+
+    # then: the first read after the restart found a stale connection, renewed the pool's
+    # connections and answered; so did every read after it
+    assert before["pool_size"] == 4, before
+    assert first == [(1,)]
+    assert [[row[0] for row in rows] for rows in more] == [[1]] * 4
