@@ -172,22 +172,27 @@ def synth(
     """
     import dataclasses
 
+    from aligndiff.names import find_name
     from aligndiff.shots import ShotError, load_shots
-    from aligndiff.synth import SynthConfig, load_models, synthesize, write_synthesis
 
     settings = Settings()
     if model is not None:
         settings = settings.model_copy(update={"diffusion_model": model})
+    # What can be refused without the model libraries is, before they load (seconds).
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise fail(f"--out {out} exists and is not an empty folder; choose a new one")
     try:
         shots = load_shots(shots_dir)
-    except ShotError as error:
+        chosen_bg_lambda = parse_bg_lambda(bg_lambda) if bg_lambda is not None else None
+        for text in prompt or ():
+            find_name(text, class_name)
+    except (ShotError, ValueError) as error:
         raise fail(str(error)) from None
+
+    from aligndiff.synth import SynthConfig, load_models, synthesize, write_synthesis
 
     config = SynthConfig.from_settings(settings)
     try:
-        chosen_bg_lambda = parse_bg_lambda(bg_lambda) if bg_lambda is not None else None
         inversion = config.inversion
         if inversion_steps is not None:
             inversion = dataclasses.replace(inversion, steps=inversion_steps)
