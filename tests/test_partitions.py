@@ -295,8 +295,10 @@ def assert_monotone(history: list[tuple[str, str | None, float, int, str | None]
     assert progress == sorted(progress), history
 
 
-@pytest.mark.parametrize("moment", ["inversion", "sampling"])
-@pytest.mark.parametrize("kind", ["partition", "pause"])
+# Each way of going away and each moment once (the pairs cost ~15 s each): a partition cuts
+# the worker's connections mid-inversion; a pause leaves them open, so the worker resumes
+# mid-sampling with its writes to fence.
+@pytest.mark.parametrize(("kind", "moment"), [("partition", "inversion"), ("pause", "sampling")])
 def test_a_worker_away_mid_job_is_fenced_and_its_job_ends_once_on_the_other(
     stack: Stack,
     workers: list[HostedWorker],
@@ -434,7 +436,9 @@ def start_skewed(
     raise AssertionError(f"libfaketime crashed worker-s at each of {FAKETIME_STARTS} starts")
 
 
-@pytest.mark.parametrize("offset", ["+2m", "-2m", "+2h", "-2h"])
+# Ahead by more than the blob grace, and far behind. `tests/test_clock.py` runs the sweep's
+# judgements at all four of ±2 minutes and ±2 hours; this is the same code across hosts.
+@pytest.mark.parametrize("offset", ["+2m", "-2h"])
 def test_a_worker_whose_clock_runs_off_takes_over_only_dead_workers_jobs_and_no_young_blob(
     stack: Stack,
     workers: list[HostedWorker],
