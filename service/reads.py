@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -53,8 +53,11 @@ class _Compiled:
         }
         self.processors: tuple[Callable[[Any], Any] | None, ...] | None = None
 
-    def process(self, rows: list[Row], type_codes: list[Any]) -> list[Row]:
+    def process(self, rows: list[Row], cursor: psycopg.AsyncCursor[Any]) -> list[Row]:
+        """The rows `cursor` fetched, as SQLAlchemy's result processors give them."""
         if self.processors is None:
+            # (The column types are the same each time: read once.)
+            type_codes = [column.type_code for column in cursor.description or ()]
             self.processors = tuple(
                 column.type.dialect_impl(self.dialect).result_processor(self.dialect, type_code)
                 for column, type_code in zip(
@@ -128,46 +131,67 @@ class ReadDatabase:
 
     async def rows(self, statement: Query, params: Mapping[str, Any]) -> list[Row]:
         """Every row of `statement`, its bind parameters named in `params`."""
-        if self.pooled:
-            return await self._pooled_rows(statement, params)
-        return await to_thread.run_sync(self._threaded_rows, statement, params)
+        (found,) = await self.many([(statement, params)])
+        return found
 
-    async def _pooled_rows(self, statement: Query, params: Mapping[str, Any]) -> list[Row]:
+    async def many(self, reads: Sequence[tuple[Query, Mapping[str, Any]]]) -> list[list[Row]]:
+        """The rows of each of several statements (with their parameters), read together: on
+        the pool, on one connection in one round trip (psycopg's pipeline mode)."""
+        if self.pooled:
+            return await self._pooled_rows(reads)
+        return await to_thread.run_sync(self._threaded_rows, reads)
+
+    async def _pooled_rows(
+        self, reads: Sequence[tuple[Query, Mapping[str, Any]]]
+    ) -> list[list[Row]]:
         assert self._pool is not None
-        compiled = self._compiled_for(statement)
-        values = {**compiled.params, **params}
+        batch = [
+            (compiled, {**compiled.params, **params})
+            for compiled, params in ((self._compiled_for(s), p) for s, p in reads)
+        ]
         try:
             try:
-                fetched, type_codes = await self._fetch(compiled, values)
+                return await self._fetch(batch)
             except _StaleConnection:
                 # The server went away since the connection was opened (a restart): the
                 # pool's other idle connections are as dead. Renew them and read again (a
                 # read is safe to repeat) rather than answer 503 once per stale connection.
                 await self._pool.check()
-                fetched, type_codes = await self._fetch(compiled, values)
+                return await self._fetch(batch)
         except (_StaleConnection, psycopg.OperationalError, PoolTimeout) as error:
             # As the engine's errors are: the app answers 503 with Retry-After.
+            compiled, values = batch[0]
             raise OperationalError(compiled.sql.decode(), values, error) from error
-        return compiled.process(fetched, type_codes)
 
-    async def _fetch(
-        self, compiled: _Compiled, values: dict[str, Any]
-    ) -> tuple[list[Row], list[Any]]:
+    async def _fetch(self, batch: list[tuple[_Compiled, dict[str, Any]]]) -> list[list[Row]]:
         assert self._pool is not None
         async with self._pool.connection() as connection:
             try:
                 # Binary results: numbers, UUIDs and timestamps without parsing text.
-                cursor = await connection.execute(compiled.sql, values, binary=True)
-                fetched = await cursor.fetchall()
+                if len(batch) == 1:
+                    ((compiled, values),) = batch
+                    cursors = [await connection.execute(compiled.sql, values, binary=True)]
+                else:
+                    async with connection.pipeline():
+                        cursors = [
+                            await connection.execute(compiled.sql, values, binary=True)
+                            for compiled, values in batch
+                        ]
+                return [
+                    compiled.process(await cursor.fetchall(), cursor)
+                    for (compiled, _), cursor in zip(batch, cursors, strict=True)
+                ]
             except psycopg.OperationalError as error:
                 if connection.broken:
                     raise _StaleConnection(str(error)) from error
                 raise
-            return fetched, [column.type_code for column in cursor.description or ()]
 
-    def _threaded_rows(self, statement: Query, params: Mapping[str, Any]) -> list[Row]:
+    def _threaded_rows(self, reads: Sequence[tuple[Query, Mapping[str, Any]]]) -> list[list[Row]]:
         with self.engine.connect() as connection:
-            return [tuple(row) for row in connection.execute(statement, dict(params))]
+            return [
+                [tuple(row) for row in connection.execute(statement, dict(params))]
+                for statement, params in reads
+            ]
 
     def _compiled_for(self, statement: Query) -> _Compiled:
         # NOTE: keyed by identity; the entry holds the statement, so the id is never reused.
