@@ -281,13 +281,31 @@ def hot_read_scripts(class_ids: list[uuid.UUID], folder: Path) -> dict[str, Path
         "GET /v1/classes/{id}": [f"/v1/classes/{rng.choice(class_ids)}" for _ in range(200)],
         "GET /v1/classes": ["/v1/classes?limit=50"],
         "GET /v1/jobs": ["/v1/jobs?limit=50", "/v1/jobs?status=succeeded&limit=50"],
-        "GET /admin/api/jobs": ["/admin/api/jobs"],
+        "GET /admin/api/jobs, session cookie, no If-None-Match": ["/admin/api/jobs"],
     }
     paths = {}
     for i, (name, requests) in enumerate(scripts.items()):
         paths[name] = folder / f"hot-{i}.lua"
         paths_script(requests, paths[name])
     return paths
+
+
+def revalidating_script(path: str, etag: str, script: Path) -> None:
+    """A wrk script polling `path` as the dashboard's page does: with the ETag it holds."""
+    # NOTE: headers given to wrk.format replace wrk's own (-H): the key is copied in.
+    script.write_text(
+        "request = function()\n"
+        "  local headers = {}\n"
+        "  for name, value in pairs(wrk.headers) do headers[name] = value end\n"
+        f"  headers[\"If-None-Match\"] = '{etag}'\n"
+        f'  return wrk.format("GET", "{path}", headers)\n'
+        "end\n"
+    )
+
+
+# The dashboard's poll, revalidated as the page's fetch sends it (a row of its own).
+DASHBOARD_POLL = "/admin/api/jobs"
+REVALIDATED_POLL = "GET /admin/api/jobs, session cookie, If-None-Match (the page's poll)"
 
 
 # wrk's summary prints p50/75/90/99 only; this prints the p95 too (latency in microseconds).
@@ -298,14 +316,36 @@ end
 """
 
 
-def run_wrk(url: str, key: str, script: Path, connections: int, duration: int) -> dict[str, str]:
-    """Drive `url` with wrk running `script`: latency percentiles, counts and errors."""
+def bearer(key: str) -> str:
+    return f"Authorization: Bearer {key}"
+
+
+def dashboard_cookie(url: str, admin_key: str) -> str:
+    """The cookie of a dashboard session signed in with `admin_key` (`name=value`), as the
+    sign-in form makes one (its CSRF token and cookie first)."""
+    with httpx.Client(base_url=url) as browser:
+        form = browser.get("/admin/sign-in", headers={"Accept": "text/html"})
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+        assert token is not None, form.text
+        signed_in = browser.post(
+            "/admin/sign-in",
+            data={"key": admin_key, "csrf_token": token.group(1), "next": "/admin"},
+        )
+        assert signed_in.status_code == 303, signed_in.text
+        return f"aligndiff_session={browser.cookies['aligndiff_session']}"
+
+
+def run_wrk(
+    url: str, credentials: str, script: Path, connections: int, duration: int
+) -> dict[str, str]:
+    """Drive `url` with wrk running `script`, each request with the header `credentials`:
+    latency percentiles, counts and errors."""
     with_p95 = script.with_suffix(".p95.lua")
     with_p95.write_text(script.read_text() + P95_REPORT)
     try:
         done = subprocess.run(
             ["wrk", "-t", "2", "-c", str(connections), "-d", f"{duration}s", "--latency",
-             "--timeout", "10s", "-H", f"Authorization: Bearer {key}", "-s", str(with_p95), url],
+             "--timeout", "10s", "-H", credentials, "-s", str(with_p95), url],
             capture_output=True, text=True, check=True, timeout=duration + 60,
         )  # fmt: skip
     finally:
@@ -353,8 +393,8 @@ def main() -> None:
                 for server in order:
                     app = FLOOR_APP if server == "floor" else "service.app:create_app"
                     with api_server(url, workers, app=app, data_dir=data_dir, env=floor_env) as api:
-                        run_wrk(api, key, script, args.connections, 3)  # warm-up
-                        result = run_wrk(api, key, script, args.connections, args.duration)
+                        run_wrk(api, bearer(key), script, args.connections, 3)  # warm-up
+                        result = run_wrk(api, bearer(key), script, args.connections, args.duration)
                     rates[server].append(float(result["requests/s"]))
                     rows.append([server, workers, *(result[k] for k in RESULT_KEYS)])
                     print(rows[-1], flush=True)
@@ -369,10 +409,15 @@ def main() -> None:
         other_rows = []
         workers = max(args.api_workers)
         with api_server(url, workers, data_dir=data_dir) as api:
+            # The dashboard's page polls with its session cookie, and the ETag it holds.
+            cookie = dashboard_cookie(api, admin_key)
+            etag = httpx.get(api + DASHBOARD_POLL, headers={"Cookie": cookie}).headers["etag"]
+            scripts[REVALIDATED_POLL] = folder / "poll.lua"
+            revalidating_script(DASHBOARD_POLL, etag, scripts[REVALIDATED_POLL])
             for name, other in scripts.items():
-                as_key = admin_key if name.startswith("GET /admin") else key
-                run_wrk(api, as_key, other, args.connections, 3)
-                result = run_wrk(api, as_key, other, args.connections, args.duration)
+                credentials = f"Cookie: {cookie}" if name.startswith("GET /admin") else bearer(key)
+                run_wrk(api, credentials, other, args.connections, 3)
+                result = run_wrk(api, credentials, other, args.connections, args.duration)
                 other_rows.append([name, workers, *(result[k] for k in RESULT_KEYS)])
                 print(other_rows[-1], flush=True)
         shutil.rmtree(folder)
@@ -394,8 +439,10 @@ def main() -> None:
             "`floor`: `bench/api_floor.py`, the same SQL, database, JSON and wrk script. "
             "Targets: p99 <= 50 ms and >= 1,200 requests/s with 2 workers, zero errors.\n\n"
             f"The other hot reads (the seeded owner's {args.classes + 1} classes with their "
-            "jobs, 50 a page; `GET /admin/api/jobs` with an admin key, the dashboard's poll: "
-            "100 jobs with the queue, workers and backlogs) and blob fetches (`GET "
+            "jobs, 50 a page; `GET /admin/api/jobs`, the dashboard's poll, with a dashboard "
+            "session's cookie as the page sends it: 100 jobs with the queue, workers and "
+            "backlogs, asked without and with the ETag the page holds, 304 while nothing "
+            "changed) and blob fetches (`GET "
             f"/v1/samples/{{id}}/image`, 512² PNGs of ~{_png_size()} on local storage, "
             f"{args.blobs} samples), same connections and duration:\n\n" + other_table
         ),

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -76,8 +76,16 @@ def _lookup(key: str) -> str:
 
 
 def record_use(session: Session, key: ApiKey, now: datetime | None = None) -> None:
-    """Note that `key` was just used, unless its `last_used_at` is recent enough: at most one
-    write per key per `LAST_USED_GRANULARITY_SECONDS` (a busy key costs no write per request).
+    """Note that `key` was just used (`record_use_of`)."""
+    record_use_of(session.get_bind().engine, key.id, key.last_used_at, now)
+
+
+def record_use_of(
+    engine: Engine, key_id: uuid.UUID, last_used_at: datetime | None, now: datetime | None = None
+) -> None:
+    """Note that the key `key_id`, last used at `last_used_at`, was just used, unless that is
+    recent enough: at most one write per key per `LAST_USED_GRANULARITY_SECONDS` (a busy key
+    costs no write per request).
 
     NOTE: the UPDATE runs on a connection of its own, in a transaction of its own, outside the
     caller's: a request that reads only (or fails, and rolls back) still records the use,
@@ -85,19 +93,25 @@ def record_use(session: Session, key: ApiKey, now: datetime | None = None) -> No
     logged, never raised: bookkeeping must not refuse a valid key.
     """
     now = now or utcnow()
-    since = now - timedelta(seconds=LAST_USED_GRANULARITY_SECONDS)
-    if key.last_used_at is not None and key.last_used_at >= since:
+    if not use_is_due(last_used_at, now):
         return
+    since = now - timedelta(seconds=LAST_USED_GRANULARITY_SECONDS)
     statement = (
         update(ApiKey)
-        .where(ApiKey.id == key.id, or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < since))
+        .where(ApiKey.id == key_id, or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < since))
         .values(last_used_at=now)
     )
     try:
-        with session.get_bind().engine.begin() as connection:
+        with engine.begin() as connection:
             connection.execute(statement)
     except SQLAlchemyError as error:
-        log.warning("could not record the use of API key %s: %s", key.id, error)
+        log.warning("could not record the use of API key %s: %s", key_id, error)
+
+
+def use_is_due(last_used_at: datetime | None, now: datetime | None = None) -> bool:
+    """Whether a key last used at `last_used_at` has its use recorded again (`record_use_of`)."""
+    since = (now or utcnow()) - timedelta(seconds=LAST_USED_GRANULARITY_SECONDS)
+    return last_used_at is None or last_used_at < since
 
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}

@@ -114,6 +114,8 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_owner_created", "owner_id", "created_at"),
         Index("ix_jobs_status", "status"),
+        # Everyone's newest jobs first (the dashboard).
+        Index("ix_jobs_created", "created_at", "id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)

@@ -25,15 +25,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+from anyio import to_thread
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from sqlalchemy import update
+from sqlalchemy import Engine, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from service.auth import Principal, record_use
+from service.auth import Principal, record_use_of, use_is_due
 from service.models import ApiKey, utcnow
 from service.problems import Problem, problem_response
+from service.reads import ReadDatabase
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -139,16 +141,29 @@ def codec_for(settings: Settings) -> SessionCodec:
     return SessionCodec(session_secret(settings), max_age_seconds=settings.session_max_age_seconds)
 
 
-def session_principal(session: Session, web_session: WebSession) -> Principal | None:
+# The key behind a session, read on every request (hot: the jobs page polls every 2 s).
+_SESSION_KEY = select(
+    ApiKey.owner_id, ApiKey.is_admin, ApiKey.revoked_at, ApiKey.sessions_not_before,
+    ApiKey.last_used_at,
+).where(ApiKey.id == bindparam("key_id"))  # fmt: skip
+
+
+async def session_principal(
+    reads: ReadDatabase, engine: Engine, web_session: WebSession
+) -> Principal | None:
     """The admin behind a session, or None once its key is revoked or no longer admin, or the
-    session was signed out."""
-    key = session.get(ApiKey, web_session.key_id)
-    if key is None or key.revoked_at is not None or not key.is_admin:
+    session was signed out. The key's use is recorded (on `engine`) when due."""
+    found = await reads.rows(_SESSION_KEY, {"key_id": web_session.key_id})
+    if not found:
         return None
-    if key.sessions_not_before is not None and web_session.issued_at < key.sessions_not_before:
+    ((owner_id, is_admin, revoked_at, not_before, last_used_at),) = found
+    if revoked_at is not None or not is_admin:
         return None
-    record_use(session, key)
-    return Principal(owner_id=key.owner_id, key_id=key.id, is_admin=True)
+    if not_before is not None and web_session.issued_at < not_before:
+        return None
+    if use_is_due(last_used_at):
+        await to_thread.run_sync(record_use_of, engine, web_session.key_id, last_used_at)
+    return Principal(owner_id=owner_id, key_id=web_session.key_id, is_admin=True)
 
 
 def end_sessions(session: Session, key_id: uuid.UUID) -> None:

@@ -7,6 +7,7 @@ Test modules load the fixtures with `pytest_plugins = ["tests.api_support"]`.
 
 from __future__ import annotations
 
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -382,3 +383,23 @@ def get_job_row(api: Api, job_id: uuid.UUID) -> Job:
         job = session.get(Job, job_id)
         assert job is not None
         return job
+
+
+# --- the dashboard -------------------------------------------------------------------------
+
+HTML = {"Accept": "text/html,application/xhtml+xml"}
+
+
+def sign_in(api: Api, key: str) -> TestClient:
+    """A browser-like client (no Authorization header) that signed in with `key`."""
+    browser = TestClient(api.app)
+    form = browser.get("/admin/sign-in", headers=HTML)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+    assert token is not None, form.text
+    answer = browser.post(
+        "/admin/sign-in",
+        data={"key": key, "csrf_token": token.group(1), "next": "/admin"},
+        follow_redirects=False,
+    )
+    assert answer.status_code == 303, answer.text
+    return browser

@@ -7,6 +7,7 @@ create a key, see it listed, revoke it and see the API refuse it. Screenshots go
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -119,6 +120,16 @@ def test_an_admin_signs_in_watches_a_job_advance_and_cancels_it(page: Any, serve
     created = create_class(server, name="busy dog", num_samples=600)
     job_id = created["job_id"]
 
+    # (the page's polls: the ETag each asked with, and the one its answer has)
+    polls: list[tuple[str | None, str | None]] = []
+
+    def record_poll(answer: Any) -> None:
+        if "/admin/api/jobs" in answer.url:
+            held = answer.request.all_headers().get("if-none-match")
+            polls.append((held, answer.all_headers().get("etag")))
+
+    page.on("response", record_poll)
+
     # when the admin signs in through the form
     sign_in(page, server, server.admin_key)
     page.wait_for_url(f"{server.url}/admin")
@@ -140,6 +151,15 @@ def test_an_admin_signs_in_watches_a_job_advance_and_cancels_it(page: Any, serve
     assert _progress(page, job_id) > first
     assert page.evaluate("window.__loadedOnce") is True  # the same page, refreshed in place
     assert row.locator('[data-field="status"]').inner_text() == "running"
+    # ... and its duration counts up by the second, worded as the server words durations
+    counted = row.locator('[data-field="duration"]').inner_text()
+    assert re.fullmatch(r"\d+s|\d+m \d\ds", counted), counted
+    page.wait_for_function(
+        f"""d => document.querySelector('tr[data-job-id="{job_id}"] [data-field="duration"]')
+                 .textContent !== d""",
+        arg=counted,
+        timeout=10_000,
+    )
     assert int(page.inner_text("#workers-count")) >= 1  # the embedded worker's heartbeat
     screenshot(page, "02-jobs-running")
 
@@ -171,6 +191,17 @@ def test_an_admin_signs_in_watches_a_job_advance_and_cancels_it(page: Any, serve
     assert page.evaluate("window.__loadedOnce") is True
     assert row.locator('form[data-action="retry"]').is_visible()
     assert not row.locator('form[data-action="cancel"]').is_visible()
+    # ... with its duration, from start to end, no longer counting
+    assert row.get_attribute("data-running-since") is None
+    ended = row.locator('[data-field="duration"]').inner_text()
+    assert re.fullmatch(r"\d+s|\d+m \d\ds", ended), ended
+    page.wait_for_timeout(1_500)
+    assert row.locator('[data-field="duration"]').inner_text() == ended
+    # ... and with nothing changing, the page's polls ask with the ETag of the data it holds
+    # (answered 304 Not Modified: tests/test_dashboard.py)
+    page.wait_for_timeout(4_500)
+    held, answered = polls[-1]
+    assert held is not None and held == answered, polls[-3:]
     screenshot(page, "03-jobs-cancelled")
 
 

@@ -9,18 +9,30 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from io import BytesIO
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy import select
 
+from service.api.responses import LastAnswers
+from service.api.routes import admin as admin_routes
 from service.auth import create_key
 from service.models import ApiKey, WorkerHeartbeat, utcnow
 from service.storage import class_prefix
 from service.web_sessions import SECRET_FILE, SESSION_COOKIE
-from tests.api_support import Api, ApiFactory, add_class, add_sample, get_job_row, set_job
+from tests.api_support import (
+    HTML,
+    Api,
+    ApiFactory,
+    add_class,
+    add_sample,
+    get_job_row,
+    set_job,
+    sign_in,
+)
 from tests.report_support import (
     ACCEPTANCE,
     MIXED_SAMPLES,
@@ -37,23 +49,7 @@ from worker.heartbeat import Heartbeat
 
 pytest_plugins = ["tests.api_support"]
 
-HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
-
-
-def sign_in(api: Api, key: str) -> TestClient:
-    """A browser-like client (no Authorization header) that signed in with `key`."""
-    browser = TestClient(api.app)
-    form = browser.get("/admin/sign-in", headers=HTML)
-    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
-    assert token is not None, form.text
-    answer = browser.post(
-        "/admin/sign-in",
-        data={"key": key, "csrf_token": token.group(1), "next": "/admin"},
-        follow_redirects=False,
-    )
-    assert answer.status_code == 303, answer.text
-    return browser
 
 
 def csrf_token_of(page: str) -> str:
@@ -271,15 +267,15 @@ def test_a_configured_session_secret_writes_no_file(make_api: ApiFactory) -> Non
 def test_the_jobs_data_shows_every_owner_timings_and_an_admin_only_traceback(api: Api) -> None:
     _, alice_job = add_class(api, owner_id=api.alice_id, status="running", age=timedelta(minutes=2))
     _, bob_job = add_class(api, owner_id=api.bob_id, status="running", name="cat")
+    started = utcnow() - timedelta(seconds=75)
     set_job(
-        api,
-        alice_job,
-        started_at=utcnow() - timedelta(seconds=75),
-        stage="sampling",
-        progress=0.4,
-        attempts=1,
+        api, alice_job, started_at=started, stage="sampling", progress=0.4, attempts=1,
         worker="host:42",
-    )
+    )  # fmt: skip
+    _, done_job = add_class(
+        api, owner_id=api.alice_id, status="succeeded", name="owl", started_at=started,
+        finished_at=started + timedelta(seconds=61),
+    )  # fmt: skip
     try:
         raise RuntimeError("inversion diverged\nat step 12")
     except RuntimeError as error:
@@ -294,7 +290,12 @@ def test_the_jobs_data_shows_every_owner_timings_and_an_admin_only_traceback(api
     assert overview["queue"] == {"queued": 0, "running": 1}
     assert jobs[str(alice_job)]["owner"] == "alice"
     assert jobs[str(alice_job)]["progress_text"] == "40%"
-    assert jobs[str(alice_job)]["duration"].startswith("1m 1")
+    # (a running job's duration is counted by the page from its start)
+    running_since = datetime.fromisoformat(jobs[str(alice_job)]["running_since"])
+    assert abs(running_since - started) < timedelta(milliseconds=1)
+    assert jobs[str(alice_job)]["duration"] == ""
+    assert jobs[str(done_job)]["duration"] == "1m 01s"
+    assert jobs[str(done_job)]["running_since"] == ""
     assert jobs[str(alice_job)]["can_cancel"] and not jobs[str(alice_job)]["can_retry"]
     failed = jobs[str(bob_job)]
     assert failed["status"] == "failed" and failed["can_retry"]
@@ -306,6 +307,86 @@ def test_the_jobs_data_shows_every_owner_timings_and_an_admin_only_traceback(api
     assert [job["id"] for job in failed_only["jobs"]] == [str(bob_job)]
     page = api.admin.get("/admin?kind=synthesis").text
     assert "Traceback (most recent call last)" in page and "host:42" in page
+
+
+def test_the_jobs_poll_is_answered_304_until_a_job_or_the_workers_online_change(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given: a running job, a worker online, and the page's first poll
+    _, job_id = add_class(api, owner_id=api.alice_id, status="running", started_at=utcnow())
+    beat(api, "host:1")
+    first = api.admin.get("/admin/api/jobs")
+    etag = first.headers["etag"]
+    assert first.headers["cache-control"] == "private, no-cache"
+
+    # when: polled again with the ETag it holds, after a heartbeat (as browsers send it, weak
+    # or among others), and by a process that encodes the answer afresh
+    beat(api, "host:1")
+    again = api.admin.get("/admin/api/jobs", headers={"If-None-Match": etag})
+    listed = api.admin.get("/admin/api/jobs", headers={"If-None-Match": f'"x", W/{etag}'})
+    monkeypatch.setattr(admin_routes, "_POLLS", LastAnswers(size=8))
+    fresh = api.admin.get("/admin/api/jobs", headers={"If-None-Match": etag})
+
+    # then: nothing changed that the page shows: 304, no body, the same ETag
+    for answer in (again, listed, fresh):
+        assert answer.status_code == 304, answer.text
+        assert answer.content == b""
+        assert answer.headers["etag"] == etag
+
+    # when: the job advances, then a second worker comes online
+    set_job(api, job_id, progress=0.5)
+    advanced = api.admin.get("/admin/api/jobs", headers={"If-None-Match": etag})
+    beat(api, "host:2")
+    joined = api.admin.get("/admin/api/jobs", headers={"If-None-Match": advanced.headers["etag"]})
+
+    # then: each time the new data with a new ETag
+    assert advanced.status_code == 200 and advanced.headers["etag"] != etag
+    assert advanced.json()["jobs"][0]["progress"] == 0.5
+    assert advanced.json()["jobs"][0]["duration"] == ""  # counted by the page: no change
+    assert joined.status_code == 200
+    assert joined.headers["etag"] not in (etag, advanced.headers["etag"])
+    assert [worker["name"] for worker in joined.json()["workers"]] == ["host:1", "host:2"]
+    # and: another filter's answer is its own
+    failed = api.admin.get("/admin/api/jobs?status=failed", headers={"If-None-Match": etag})
+    assert failed.status_code == 200 and failed.json()["jobs"] == []
+
+
+def beat(api: Api, name: str) -> None:
+    """A worker's heartbeat, as `worker.heartbeat` records it."""
+    with api.session() as session:
+        row = session.get(WorkerHeartbeat, name)
+        if row is None:
+            host, pid = name.split(":")
+            row = WorkerHeartbeat(name=name, hostname=host, pid=int(pid))
+            session.add(row)
+        row.last_seen_at = utcnow()
+        session.commit()
+
+
+def test_a_dashboard_session_records_its_key_s_use_once_a_minute_not_per_poll(
+    api: Api,
+) -> None:
+    # given: a browser signed in with the admin key, which was last used long ago
+    browser = sign_in(api, api.keys["admin"])
+    long_ago = utcnow() - timedelta(hours=1)
+    with api.session() as session:
+        key = session.execute(select(ApiKey).where(ApiKey.is_admin)).scalar_one()
+        key.last_used_at = long_ago
+        session.commit()
+        key_id = key.id
+
+    def last_used() -> datetime | None:
+        with api.session() as session:
+            return session.get(ApiKey, key_id).last_used_at  # type: ignore[union-attr]
+
+    # when: the page polls, then polls again
+    assert browser.get("/admin/api/jobs").status_code == 200
+    recorded = last_used()
+    assert browser.get("/admin/api/jobs").status_code == 200
+
+    # then: the first poll recorded the use, the second wrote nothing
+    assert recorded is not None and recorded > long_ago + timedelta(minutes=59)
+    assert last_used() == recorded
 
 
 def test_retrying_from_the_dashboard_queues_the_job_again(api: Api) -> None:

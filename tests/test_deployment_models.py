@@ -24,10 +24,9 @@ from service.db import session_scope
 from service.models import Job, SegClass, WorkerHeartbeat
 from service.queue import RecordingQueue
 from service.settings import Settings
-from tests.api_support import Api, ApiFactory, add_class, class_form, pair
+from tests.api_support import HTML, Api, ApiFactory, add_class, class_form, pair, sign_in
 from tests.client_support import API_KEY, BASE_URL
 from tests.conftest import SHOTS_DIR
-from tests.test_dashboard import HTML, sign_in
 from tests.worker_support import (
     Service,
     WorkerProcess,

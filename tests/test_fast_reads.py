@@ -13,10 +13,11 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 from sqlalchemy import update
 
+from service.api.routes.admin_access import api_access
 from service.models import SegClass
 from service.pagination import encode_cursor
 from service.schemas import ClassPublic, JobPublic, Page, SamplePublic
-from tests.api_support import Api, add_class, add_sample
+from tests.api_support import Api, add_class, add_sample, sign_in
 
 pytest_plugins = ["tests.api_support"]
 
@@ -69,12 +70,14 @@ def _paths(world: dict[str, Any]) -> list[tuple[str, type[BaseModel]]]:
     ]
 
 
-def _both_ways(api: Api, client: TestClient, path: str) -> tuple[Any, Any]:
+def _both_ways(
+    api: Api, client: TestClient, path: str, *, headers: dict[str, str] | None = None
+) -> tuple[Any, Any]:
     """The answer to `path` from the fast path, then from FastAPI's route alone."""
-    fast = client.get(path)
+    fast = client.get(path, headers=headers)
     api.app.state.fast_reads = False
     try:
-        routed = client.get(path)
+        routed = client.get(path, headers=headers)
     finally:
         api.app.state.fast_reads = True
     return fast, routed
@@ -210,3 +213,60 @@ def test_sample_blobs_come_the_same_both_ways(api: Api, world: dict[str, Any]) -
             assert fast.json() == routed.json()
     fast, routed = _both_ways(api, api.alice, f"/v1/samples/{sample_id.upper()}/image")
     assert fast.content == routed.content
+
+
+DASHBOARD_POLLS = [
+    "/admin/api/jobs",
+    "/admin/api/jobs?status=running&kind=synthesis",
+    "/admin/api/jobs?status=&kind=&limit=1",
+    "/admin/api/jobs?limit=1000",
+    "/admin/api/jobs?limit=01",  # not in the plain form: FastAPI reads it
+    "/admin/api/jobs?status=lost",  # 422
+    "/admin/api/jobs?limit=0",
+    "/admin/api/jobs?limit=1001",
+]
+
+
+def test_the_dashboard_s_poll_answers_as_its_route_does(
+    api: Api, world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given: the page's session, and the ETag of what it shows
+    browser = sign_in(api, api.keys["admin"])
+    etag = browser.get("/admin/api/jobs").headers["etag"]
+    polls = [
+        *((path, {}) for path in DASHBOARD_POLLS),
+        ("/admin/api/jobs", {"If-None-Match": etag}),
+        ("/admin/api/jobs?limit=1", {"If-None-Match": etag}),
+    ]
+
+    # then: each poll is answered alike by the fast path and by FastAPI's route
+    for path, headers in polls:
+        fast, routed = _both_ways(api, browser, path, headers=headers)
+        assert (fast.status_code, fast.content) == (routed.status_code, routed.content), path
+        for header in ("content-type", "etag", "cache-control"):
+            assert fast.headers.get(header) == routed.headers.get(header), (path, header)
+    assert browser.get("/admin/api/jobs", headers={"If-None-Match": etag}).status_code == 304
+    assert browser.get("/admin/api/jobs?status=lost").status_code == 422
+
+    # and: a Bearer key, no session, a user's key and a revoked key's session are FastAPI's
+    # to answer, as before
+    answers = {
+        "admin key": api.admin.get("/admin/api/jobs"),
+        "user key": api.alice.get("/admin/api/jobs"),
+        "no session": api.anonymous.get("/admin/api/jobs"),
+    }
+    assert {name: answer.status_code for name, answer in answers.items()} == {
+        "admin key": 200, "user key": 403, "no session": 401,
+    }  # fmt: skip
+
+    # and: the session's polls never reached FastAPI's route (it would fail now)
+    def unreachable() -> None:
+        raise AssertionError("FastAPI's route answered the page's poll")
+
+    api.app.dependency_overrides[api_access] = unreachable
+    monkeypatch.setattr(api.app.state, "fast_reads", True)
+    try:
+        assert browser.get("/admin/api/jobs").status_code == 200
+        assert browser.get("/admin/api/jobs", headers={"If-None-Match": etag}).status_code == 304
+    finally:
+        api.app.dependency_overrides.clear()

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from sqlalchemy.exc import OperationalError
-from starlette.requests import Request
+from starlette.requests import Request, cookie_parser
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -65,6 +65,17 @@ class ReadRequest:
         if not isinstance(principal, Principal):
             raise Deferred  # not authenticated by the middleware: FastAPI's dependency does it
         return principal
+
+    def header(self, name: bytes) -> str | None:
+        """The request's header `name` (lower case), the first if repeated."""
+        for key, value in self.scope["headers"]:
+            if key == name:
+                return value.decode("latin-1")  # type: ignore[no-any-return]
+        return None
+
+    def cookie(self, name: str) -> str | None:
+        header = self.header(b"cookie")
+        return cookie_parser(header).get(name) if header else None
 
     @property
     def base_url(self) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -32,6 +35,67 @@ def json_response(content: Any, *, headers: Mapping[str, str] | None = None) -> 
         media_type="application/json",
         headers=headers,
     )
+
+
+@dataclass(frozen=True)
+class EncodedJson:
+    """An answer's JSON, encoded once, with a strong ETag of its bytes (the same in every
+    process that encodes the same content)."""
+
+    body: bytes
+    etag: str
+
+    @classmethod
+    def of(cls, content: Any) -> EncodedJson:
+        body = orjson.dumps(content, option=orjson.OPT_UTC_Z)
+        return cls(body, f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"')
+
+
+class LastAnswers:
+    """The last answer encoded for each of a few keys (a poll's filters, say), reused while
+    what it was made from is equal to what it is made from now.
+
+    Compared, not hashed: an equal source costs one comparison, where a cache keyed by it
+    would hash it and then compare it too."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._answers: OrderedDict[Hashable, tuple[object, EncodedJson]] = OrderedDict()
+
+    def get(self, key: Hashable, source: object, encode: Callable[[], Any]) -> EncodedJson:
+        """The answer made from `source` for `key`: the last one if its source equals
+        `source`, else `encode()`'s content, encoded (and kept)."""
+        last = self._answers.get(key)
+        if last is not None and last[0] == source:
+            return last[1]
+        encoded = EncodedJson.of(encode())
+        self._answers[key] = (source, encoded)
+        self._answers.move_to_end(key)
+        while len(self._answers) > self.size:
+            self._answers.popitem(last=False)
+        return encoded
+
+
+def not_modified(if_none_match: str | None, etag: str) -> bool:
+    """Whether a request's `If-None-Match` header names `etag` (or is `*`): the client holds
+    it."""
+    if if_none_match is None:
+        return False
+    header = if_none_match
+    # NOTE: weak comparison, as RFC 9110 asks of If-None-Match: W/"x" matches "x".
+    named = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return "*" in named or etag in named
+
+
+def revalidated_json_response(
+    if_none_match: str | None, encoded: EncodedJson, *, headers: Mapping[str, str] | None = None
+) -> Response:
+    """`encoded` with its ETag, or 304 Not Modified and no body when the request's
+    `If-None-Match` says the client holds it."""
+    sent = {**(headers or {}), "ETag": encoded.etag}
+    if not_modified(if_none_match, encoded.etag):
+        return Response(status_code=304, headers=sent)
+    return Response(encoded.body, media_type="application/json", headers=sent)
 
 
 def answer_response(answer: Answer) -> Response:

@@ -3,7 +3,9 @@ the workers online, the classes, a class's shots and samples with their scores, 
 its report, a training's metrics, and every API key.
 
 Plain data for the templates and the jobs page's polling endpoint; times and durations are
-formatted here once, so the first render and every refresh read the same.
+formatted here once, so the first render and every refresh read the same. The jobs page's data
+depends on the stored rows alone (a running job's duration is counted by the page from its
+start), so an unchanged snapshot of them is answered as before (`JobsSnapshot`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import and_, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from service.contexts.classes import class_public
@@ -82,7 +84,10 @@ class JobRow:
     queued_at: str
     started_at: str
     finished_at: str
+    # A finished job's; a running job's is counted by the page from `running_since` (ISO 8601),
+    # so that the data changes when the job does, not every second.
     duration: str
+    running_since: str
     worker: str
     error: str
     traceback: str
@@ -101,7 +106,6 @@ class WorkerRow:
     hostname: str
     pid: int
     started_at: str
-    last_seen: str
     current_job_id: str | None
     model: str
 
@@ -148,84 +152,111 @@ class JobsOverview:
 
 
 # The columns of a job row on the jobs page, and the statements of the page's reads (hot:
-# the page polls every 2 s), compiled once each (`service.reads`).
+# the page polls every 2 s), compiled once each (`service.reads`): three per poll.
 _JOB_COLUMNS = (
     Job.id, Job.kind, Job.status, Job.stage, Job.progress, Job.attempts, Job.created_at,
     Job.started_at, Job.finished_at, Job.worker, Job.error, Job.traceback, Job.cancel_requested,
     Job.target_id, Owner.name.label("owner"),
 )  # fmt: skip
 _JOB_NAMES = tuple(column.key for column in _JOB_COLUMNS)
+# (Not its last heartbeat's time: the page does not show it, and the data would change with
+# every beat.)
 _WORKER_COLUMNS = (
     WorkerHeartbeat.name, WorkerHeartbeat.hostname, WorkerHeartbeat.pid,
-    WorkerHeartbeat.started_at, WorkerHeartbeat.last_seen_at, WorkerHeartbeat.current_job_id,
-    WorkerHeartbeat.model,
+    WorkerHeartbeat.started_at, WorkerHeartbeat.current_job_id, WorkerHeartbeat.model,
 )  # fmt: skip
-_ACTIVE_COUNTS = (
-    select(Job.status, func.count()).where(one_of(Job.status, ACTIVE)).group_by(Job.status)
-)
 _WORKERS_SEEN_SINCE = (
     select(*_WORKER_COLUMNS)
     .where(WorkerHeartbeat.last_seen_at >= bindparam("since"))
     .order_by(WorkerHeartbeat.name)
 )
-_ACTIVE_SYNTHESES = (
-    select(SegClass.model, Job.status, func.count())
-    .join(SegClass, SegClass.id == Job.target_id)
-    .where(Job.kind == "synthesis", one_of(Job.status, ACTIVE))
-    .group_by(SegClass.model, Job.status)
+# The active jobs counted by kind, state and, for a synthesis, its class's model: the queue's
+# depth and each model's backlog in one statement. (A synthesis whose class is gone counts in
+# the queue, not in any model's backlog.)
+_HAS_CLASS = SegClass.id.is_not(None)
+_ACTIVE_JOBS = (
+    select(Job.kind, SegClass.model, _HAS_CLASS, Job.status, func.count())
+    .outerjoin(SegClass, and_(Job.kind == "synthesis", SegClass.id == Job.target_id))
+    .where(one_of(Job.status, ACTIVE))
+    .group_by(Job.kind, SegClass.model, _HAS_CLASS, Job.status)
 )
 
 
 @functools.cache
-def _jobs_shown(*, status: bool, kind: bool) -> tuple[Query, Query]:
-    """The count of the jobs the filters keep and the newest `limit` of them (bind
+def _jobs_shown(*, status: bool, kind: bool) -> Query:
+    """The newest `limit` of the jobs the filters keep, each with the count of them all (bind
     parameters: status, kind, limit)."""
     filters = []
     if status:
         filters.append(Job.status == bindparam("status"))
     if kind:
         filters.append(Job.kind == bindparam("kind"))
-    total = select(func.count()).select_from(Job).where(*filters)
-    rows = (
-        select(*_JOB_COLUMNS)
+    # NOTE: a scalar subquery, run once per statement (a window count would hold every row).
+    total = select(func.count()).select_from(Job).where(*filters).scalar_subquery()
+    return (
+        select(*_JOB_COLUMNS, total.label("total"))
         .join(Owner, Owner.id == Job.owner_id)
         .where(*filters)
         .order_by(Job.created_at.desc(), Job.id.desc())
         .limit(bindparam("limit"))
     )
-    return total, rows
 
 
-async def jobs_overview(
+class JobsSnapshot(NamedTuple):
+    """The stored rows the jobs page shows, as read (hashable, compared as values): all its
+    data is computed from them (`overview_of`)."""
+
+    # Each shown job's columns (`_JOB_COLUMNS`), then the count of the jobs the filters keep.
+    jobs: tuple[tuple[Any, ...], ...]
+    workers: tuple[tuple[Any, ...], ...]
+    # (kind, model, whether the class exists, status, count)
+    active: tuple[tuple[Any, ...], ...]
+
+
+async def jobs_snapshot(
     *,
     reads: ReadDatabase,
     status: str | None,
     kind: str | None,
     limit: int,
     heartbeat_seconds: float,
-    served_models: Sequence[str] = (DEFAULT_MODEL,),
     now: datetime | None = None,
-) -> JobsOverview:
-    """Everyone's jobs (newest first, at most `limit`) with the queue, the workers, and the
-    synthesis backlog of each model (`served_models`, the default first, and any other a
-    class with active work names)."""
-    now = now or utcnow()
-    counts: dict[str, int] = dict(await reads.rows(_ACTIVE_COUNTS, {}))
-    total_of, rows_of = _jobs_shown(status=status is not None, kind=kind is not None)
-    params = {"status": status, "kind": kind, "limit": limit}
-    ((total,),) = await reads.rows(total_of, params)
-    rows = await reads.rows(rows_of, params)
-    workers = await workers_online(
-        reads=reads, heartbeat_seconds=heartbeat_seconds, now=now, default_model=served_models[0]
+) -> JobsSnapshot:
+    """Everyone's jobs (newest first, at most `limit`, with their count), the active jobs by
+    state and by model, and the workers online (a heartbeat at most `ONLINE_INTERVALS` old)."""
+    since = (now or utcnow()) - timedelta(seconds=ONLINE_INTERVALS * heartbeat_seconds)
+    shown = _jobs_shown(status=status is not None, kind=kind is not None)
+    jobs, workers, active = await reads.many(
+        [
+            (shown, {"status": status, "kind": kind, "limit": limit}),
+            (_WORKERS_SEEN_SINCE, {"since": since}),
+            (_ACTIVE_JOBS, {}),
+        ]
     )
-    backlog = await reads.rows(_ACTIVE_SYNTHESES, {})
+    return JobsSnapshot(jobs=tuple(jobs), workers=tuple(workers), active=tuple(active))
+
+
+def overview_of(
+    snapshot: JobsSnapshot, *, served_models: Sequence[str] = (DEFAULT_MODEL,)
+) -> JobsOverview:
+    """The jobs page's data from its rows, with the synthesis backlog of each model
+    (`served_models`, the default first, and any other a class with active work names)."""
+    counts: dict[str, int] = defaultdict(int)
+    for *_, job_status, count in snapshot.active:
+        counts[job_status] += count
+    syntheses = [
+        (model, job_status, count)
+        for kind, model, has_class, job_status, count in snapshot.active
+        if kind == "synthesis" and has_class
+    ]
+    workers = [_worker_row(row, default_model=served_models[0]) for row in snapshot.workers]
     return JobsOverview(
-        queued=counts.get("queued", 0),
-        running=counts.get("running", 0),
+        queued=counts["queued"],
+        running=counts["running"],
         workers=workers,
-        jobs=[_job_row(dict(zip(_JOB_NAMES, row, strict=True)), now) for row in rows],
-        total=total,
-        models=model_backlogs(backlog, served_models=served_models, workers=workers),
+        jobs=[_job_row(dict(zip(_JOB_NAMES, row[:-1], strict=True))) for row in snapshot.jobs],
+        total=snapshot.jobs[0][-1] if snapshot.jobs else 0,
+        models=model_backlogs(syntheses, served_models=served_models, workers=workers),
     )
 
 
@@ -251,11 +282,11 @@ def model_backlogs(
     ]
 
 
-def _job_row(job: dict[str, Any], now: datetime) -> JobRow:
+def _job_row(job: dict[str, Any]) -> JobRow:
     status, kind, progress = job["status"], job["kind"], job["progress"]
     started_at, finished_at = job["started_at"], job["finished_at"]
-    end = finished_at or (now if status == "running" else None)
-    duration = (end - started_at).total_seconds() if started_at and end else None
+    duration = (finished_at - started_at).total_seconds() if started_at and finished_at else None
+    running = status == "running" and started_at is not None and finished_at is None
     target_id = str(job["target_id"])
     return JobRow(
         id=str(job["id"]),
@@ -270,6 +301,7 @@ def _job_row(job: dict[str, Any], now: datetime) -> JobRow:
         started_at=format_time(started_at),
         finished_at=format_time(finished_at),
         duration=format_duration(duration),
+        running_since=started_at.isoformat() if running else "",
         worker=job["worker"] or "",
         error=job["error"] or "",
         traceback=job["traceback"] or "",
@@ -285,29 +317,17 @@ def _job_row(job: dict[str, Any], now: datetime) -> JobRow:
 _TARGET_PAGES = {"synthesis": "/admin/classes/{}", "training": "/admin/trainings/{}"}
 
 
-async def workers_online(
-    *,
-    reads: ReadDatabase,
-    heartbeat_seconds: float,
-    now: datetime | None = None,
-    default_model: str = DEFAULT_MODEL,
-) -> list[WorkerRow]:
-    """The worker processes whose heartbeat is recent, by name, with the model each serves
-    (`default_model` for a worker from before models were named)."""
-    since = (now or utcnow()) - timedelta(seconds=ONLINE_INTERVALS * heartbeat_seconds)
-    beats = await reads.rows(_WORKERS_SEEN_SINCE, {"since": since})
-    return [
-        WorkerRow(
-            name=name,
-            hostname=hostname,
-            pid=pid,
-            started_at=format_time(started_at),
-            last_seen=format_time(last_seen_at),
-            current_job_id=str(current_job_id) if current_job_id else None,
-            model=model or default_model,
-        )
-        for name, hostname, pid, started_at, last_seen_at, current_job_id, model in beats
-    ]
+def _worker_row(row: tuple[Any, ...], *, default_model: str) -> WorkerRow:
+    # A worker from before models were named serves the default.
+    name, hostname, pid, started_at, current_job_id, model = row
+    return WorkerRow(
+        name=name,
+        hostname=hostname,
+        pid=pid,
+        started_at=format_time(started_at),
+        current_job_id=str(current_job_id) if current_job_id else None,
+        model=model or default_model,
+    )
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,13 @@ from fastapi import Form, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from service.api.deps import QueueDep, SessionDep, SettingsDep
-from service.api.responses import answer_response, json_response, problem_responses
+from service.api.fast_reads import Deferred, ReadRequest, fast_read
+from service.api.responses import (
+    LastAnswers,
+    answer_response,
+    problem_responses,
+    revalidated_json_response,
+)
 from service.api.routes import admin_classes, admin_keys
 from service.api.routes.admin_access import (
     ApiAdmin,
@@ -26,6 +32,7 @@ from service.api.routes.admin_access import (
     admin_router,
     render,
     require_csrf,
+    session_access,
     session_codec,
     wants_json,
 )
@@ -34,6 +41,7 @@ from service.contexts import dashboard, job_control
 from service.dashboard import STATIC_DIR, STATIC_TYPES
 from service.problems import Problem, not_found
 from service.web_sessions import (
+    SESSION_COOKIE,
     SIGN_IN_COOKIE,
     clear_cookies,
     end_sessions,
@@ -148,17 +156,37 @@ KindFilter = Annotated[
 JobsLimit = Annotated[int, Query(ge=1, le=MAX_JOBS_SHOWN, description="Jobs shown.")]
 
 
-async def _overview(
-    request: Request, status: str | None, kind: str | None, limit: int
-) -> dashboard.JobsOverview:
-    settings = request.app.state.settings
-    return await dashboard.jobs_overview(
-        reads=request.app.state.reads,
+async def _snapshot(
+    state: Any, status: str | None, kind: str | None, limit: int
+) -> dashboard.JobsSnapshot:
+    return await dashboard.jobs_snapshot(
+        reads=state.reads,
         status=status or None,
         kind=kind or None,
         limit=limit,
-        heartbeat_seconds=settings.worker_heartbeat_seconds,
-        served_models=list(settings.served_models),
+        heartbeat_seconds=state.settings.worker_heartbeat_seconds,
+    )
+
+
+# The jobs page's poll, encoded once per snapshot of its rows (per filters): the page polls
+# every 2 s and its rows change far less often.
+_POLLS = LastAnswers(size=8)
+
+
+async def _jobs_poll(
+    state: Any, status: str | None, kind: str | None, limit: int, if_none_match: str | None
+) -> Response:
+    status, kind = status or None, kind or None  # "": all
+    snapshot = await _snapshot(state, status, kind, limit)
+    served_models = tuple(state.settings.served_models)
+    encoded = _POLLS.get(
+        (status, kind, limit, served_models),
+        snapshot,
+        lambda: dashboard.overview_of(snapshot, served_models=served_models).to_json(),
+    )
+    # Kept by the browser for revalidation only, never reused unasked, never shared.
+    return revalidated_json_response(
+        if_none_match, encoded, headers={"Cache-Control": "private, no-cache"}
     )
 
 
@@ -178,7 +206,10 @@ async def admin_dashboard(
     limit: JobsLimit = 100,
 ) -> HTMLResponse:
     """The admin dashboard (HTML): every job, the queue's depth and the workers online."""
-    overview = await _overview(request, status, kind, limit)
+    overview = dashboard.overview_of(
+        await _snapshot(request.app.state, status, kind, limit),
+        served_models=tuple(request.app.state.settings.served_models),
+    )
     return render(
         request,
         "jobs.html",
@@ -202,9 +233,33 @@ async def admin_jobs_json(
     kind: KindFilter = None,
     limit: JobsLimit = 100,
 ) -> Response:
-    """What the jobs page polls: the queue, the workers online and the jobs."""
-    overview = await _overview(request, status, kind, limit)
-    return json_response(overview.to_json(), headers={"Cache-Control": "no-store"})
+    """What the jobs page polls: the queue, the workers online and the jobs. The same data
+    has the same ETag (in every process), and a poll naming it is answered 304."""
+    return await _jobs_poll(
+        request.app.state, status, kind, limit, request.headers.get("if-none-match")
+    )
+
+
+# The filters' values, "" meaning all (`StatusFilter`, `KindFilter`).
+_STATUS_CHOICES = frozenset(("", *dashboard.JOB_STATUSES))
+_KIND_CHOICES = frozenset(("", *dashboard.JOB_KINDS))
+
+
+@fast_read("/admin/api/jobs")
+async def admin_jobs_json_fast(read: ReadRequest) -> Response:
+    # The page's own poll: a signed-in session's cookie. A Bearer key (refused unless an
+    # admin's) and a request without a valid session are FastAPI's to answer.
+    if read.header(b"authorization") is not None:
+        raise Deferred
+    if await session_access(read.state, read.cookie(SESSION_COOKIE)) is None:
+        raise Deferred
+    return await _jobs_poll(
+        read.state,
+        read.query_choice("status", _STATUS_CHOICES),
+        read.query_choice("kind", _KIND_CHOICES),
+        read.query_int("limit", default=100, ge=1, le=MAX_JOBS_SHOWN),
+        read.header(b"if-none-match"),
+    )
 
 
 def _after_action(request: Request, next_path: str | None, answer_body: Response) -> Response:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Header, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 
 from service.api.deps import get_principal
@@ -64,10 +63,15 @@ class AdminAccess:
 
 
 def session_codec(request: Request) -> SessionCodec:
-    codec = getattr(request.app.state, "session_codec", None)
+    return session_codec_of(request.app.state)
+
+
+def session_codec_of(state: Any) -> SessionCodec:
+    """The app's cookie signer (its `state`), made on first use."""
+    codec = getattr(state, "session_codec", None)
     if codec is None:
-        codec = codec_for(request.app.state.settings)
-        request.app.state.session_codec = codec
+        codec = codec_for(state.settings)
+        state.session_codec = codec
     return codec  # type: ignore[no-any-return]
 
 
@@ -76,19 +80,23 @@ async def _access(request: Request, *, page: bool) -> AdminAccess:
     if authorization is not None:
         # `refuse_user_keys` has checked it is an admin key.
         return AdminAccess(await get_principal(request, authorization), csrf_token=None)
-    web_session = session_codec(request).read(request.cookies.get(SESSION_COOKIE))
-    if web_session is not None:
+    access = await session_access(request.app.state, request.cookies.get(SESSION_COOKIE))
+    if access is None:
+        raise SignInRequired(page=page)
+    return access
 
-        def verify() -> Principal | None:
-            with request.app.state.session_factory() as session:
-                return session_principal(session, web_session)
 
-        # NOTE: the key is looked up on every request (no cache), so revoking it ends its
-        # sessions at once.
-        principal = await run_in_threadpool(verify)
-        if principal is not None:
-            return AdminAccess(principal, csrf_token=web_session.csrf_token)
-    raise SignInRequired(page=page)
+async def session_access(state: Any, cookie: str | None) -> AdminAccess | None:
+    """The admin signed in with the session cookie `cookie` (the app's `state`), if any."""
+    web_session = session_codec_of(state).read(cookie)
+    if web_session is None:
+        return None
+    # NOTE: the key is looked up on every request (no cache), so revoking it ends its
+    # sessions at once.
+    principal = await session_principal(state.reads, state.engine, web_session)
+    if principal is None:
+        return None
+    return AdminAccess(principal, csrf_token=web_session.csrf_token)
 
 
 async def page_access(request: Request) -> AdminAccess:

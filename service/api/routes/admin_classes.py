@@ -11,6 +11,7 @@ from fastapi import Form, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
 from service.api.deps import SessionDep, SettingsDep, StorageDep
+from service.api.responses import not_modified
 from service.api.routes.admin_access import (
     ApiAdmin,
     CsrfField,
@@ -166,6 +167,6 @@ def _check_size(size: int) -> None:
 
 def _thumbnail_response(request: Request, found: thumbnails.Thumbnail) -> Response:
     headers = {"Cache-Control": THUMBNAIL_CACHE, "ETag": found.etag}
-    if found.etag in request.headers.get("if-none-match", ""):
+    if not_modified(request.headers.get("if-none-match"), found.etag):
         return Response(status_code=304, headers=headers)
     return Response(found.data, media_type=thumbnails.JPEG, headers=headers)
