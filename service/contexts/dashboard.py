@@ -203,8 +203,8 @@ def _jobs_shown(*, status: bool, kind: bool) -> Query:
 
 
 class JobsSnapshot(NamedTuple):
-    """The stored rows the jobs page shows, as read (hashable, compared as values): all its
-    data is computed from them (`overview_of`)."""
+    """The stored rows the jobs page shows, as read (compared as values: equal snapshots give
+    equal pages): all its data is computed from them (`overview_of`)."""
 
     # Each shown job's columns (`_JOB_COLUMNS`), then the count of the jobs the filters keep.
     jobs: tuple[tuple[Any, ...], ...]
