@@ -171,7 +171,9 @@ def worker(
             "--queues",
             metavar="QUEUES",
             help="Comma-separated: aligndiff (jobs: training, and the synthesis of its "
-            "model's classes), aligndiff.predict (predictions). Default: both.",
+            "model's classes), aligndiff.predict (predictions), aligndiff.synthesis.MODEL (the "
+            "synthesis of its model's classes alone, MODEL being --model's). Default: the first "
+            "two.",
         ),
     ] = "",
     model: Annotated[
@@ -185,15 +187,15 @@ def worker(
     ] = None,
 ) -> None:
     """Run a Celery worker (GPU work), one per GPU, serving one of the deployment's models."""
-    from worker.main import run_worker
+    from worker.main import consumed_queues, run_worker
 
-    run_worker(
-        Settings() if model is None else Settings(worker_model=model),
-        concurrency=concurrency,
-        pool=pool,
-        loglevel=loglevel,
-        queues=[queue for queue in queues.split(",") if queue],
-    )
+    settings = Settings() if model is None else Settings(worker_model=model)
+    chosen = [queue for queue in queues.split(",") if queue]
+    try:
+        consumed_queues(settings, pool=pool, concurrency=concurrency, queues=chosen)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    run_worker(settings, concurrency=concurrency, pool=pool, loglevel=loglevel, queues=chosen)
 
 
 @app.command()
@@ -265,7 +267,9 @@ def serve(
     embedded_worker: Annotated[
         bool,
         typer.Option(
-            "--embedded-worker/--no-embedded-worker", help="Also run workers in child processes."
+            "--embedded-worker/--no-embedded-worker",
+            help="Also run workers in child processes: one for each model of ALIGNDIFF_MODELS "
+            "(the first also trains).",
         ),
     ] = True,
     predict_worker: Annotated[
@@ -284,8 +288,7 @@ def serve(
     on first start, an admin API key.
     """
     from service.app import create_app
-    from service.serve import CannotListen, Serve, WorkerExited, listening_socket
-    from worker.celery_app import JOBS_QUEUE, PREDICT_QUEUE
+    from service.serve import CannotListen, Serve, WorkerExited, embedded_roles, listening_socket
 
     settings = Settings()
     try:
@@ -296,9 +299,6 @@ def serve(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _upgrade(settings)
     admin_key = _first_admin_key(settings)
-    # NOTE: disjoint queues: the embedded broker (SQLite) cannot hand one queue's messages
-    # to two consumers safely.
-    queues = [[JOBS_QUEUE], [PREDICT_QUEUE]] if predict_worker else [[]]
     try:
         Serve(
             app=create_app(settings),
@@ -307,7 +307,9 @@ def serve(
             port=port,
             data_dir=settings.data_dir.resolve(),
             admin_key=admin_key,
-            worker_queues=queues if embedded_worker else [],
+            workers=embedded_roles(settings, predictions_apart=predict_worker)
+            if embedded_worker
+            else [],
         ).run()
     except WorkerExited as error:
         raise _fail(str(error)) from None

@@ -20,6 +20,9 @@ from typing import IO, Any
 
 import uvicorn
 
+from service.queue import synthesis_queue
+from service.settings import Settings
+from worker.celery_app import JOBS_QUEUE, PREDICT_QUEUE
 from worker.main import worker_hostname
 
 # How long serve waits for its workers to say they are ready before it announces itself
@@ -68,21 +71,54 @@ def url_of(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """One embedded worker: the model it serves and the queues it consumes (none named: all
+    of them, `aligndiff worker`'s default)."""
+
+    model: str
+    queues: tuple[str, ...] = ()
+
+
+def embedded_roles(settings: Settings, *, predictions_apart: bool) -> list[WorkerRole]:
+    """serve's workers: the default model's (its classes' synthesis and every training), one
+    for predictions alone when `predictions_apart`, and one for each other model of
+    `ALIGNDIFF_MODELS`, taking that model's classes alone, so that every class serve accepts
+    is drawn. No two consume one queue: the embedded broker (SQLite) cannot hand one queue's
+    messages to two consumers safely. A worker loads its model on its first task, so a model
+    no class uses costs an idle process."""
+    default, *others = settings.served_models
+    roles = (
+        [WorkerRole(default, (JOBS_QUEUE,)), WorkerRole(default, (PREDICT_QUEUE,))]
+        if predictions_apart
+        else [WorkerRole(default)]
+    )
+    return roles + [WorkerRole(name, (synthesis_queue(name),)) for name in others]
+
+
 def announcement(
-    *, host: str, port: int, data_dir: Path, admin_key: str | None, workers: int
+    *,
+    host: str,
+    port: int,
+    data_dir: Path,
+    admin_key: str | None,
+    workers: Sequence[WorkerRole],
 ) -> list[str]:
     """What serve prints once it is listening: where the API, its docs and the dashboard
     are, and (first start) the admin key, alone on the last line."""
     url = url_of(host, port)
     everywhere = " (listening on every interface)" if host in WILDCARD_HOSTS else ""
+    models = list(dict.fromkeys(role.model for role in workers))
     lines = [
         "",
         f"AlignDiff is serving on {url}{everywhere}",
         f"  API docs:   {url}/docs",
         f"  dashboard:  {url}/admin",
         f"  data:       {data_dir}",
-        f"  workers:    {workers} embedded" if workers else "  workers:    none embedded",
+        f"  workers:    {len(workers)} embedded" if workers else "  workers:    none embedded",
     ]
+    if len(models) > 1:
+        lines.append(f"  models:     {', '.join(models)} (the first is the default)")
     if admin_key is None:
         lines.append(
             "Sign in with an admin key (a new one: aligndiff keys create --name NAME --admin)."
@@ -119,10 +155,10 @@ class EmbeddedWorker:
     """`aligndiff worker` in a child process whose output serve passes on to its own, line
     by line, watching for the line that says the worker is ready."""
 
-    def __init__(self, queues: Sequence[str], *, env: dict[str, str], output: _Output) -> None:
+    def __init__(self, role: WorkerRole, *, env: dict[str, str], output: _Output) -> None:
         command = [sys.executable, "-m", "service.cli", "worker", "--pool", "solo"]
         self.process = subprocess.Popen(
-            [*command, f"--queues={','.join(queues)}"],
+            [*command, f"--model={role.model}", f"--queues={','.join(role.queues)}"],
             env={**env, "PYTHONUNBUFFERED": "1"},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -188,8 +224,8 @@ class _AnnouncingServer(uvicorn.Server):
 
 @dataclass
 class Serve:
-    """What `aligndiff serve` runs: `app` on `sock`, after workers for `worker_queues`
-    (one worker per entry; none when empty) are ready."""
+    """What `aligndiff serve` runs: `app` on `sock`, after a worker for each of `workers`
+    (none when empty) is ready."""
 
     app: Any
     sock: socket.socket
@@ -197,7 +233,7 @@ class Serve:
     port: int
     data_dir: Path
     admin_key: str | None
-    worker_queues: Sequence[Sequence[str]]
+    workers: Sequence[WorkerRole]
 
     def run(self) -> None:
         """Start the workers, wait until they are ready, serve until stopped, then stop them
@@ -207,7 +243,7 @@ class Serve:
         # shutdown, so the `finally` below does not run then.
         output = _Output()
         env = {**os.environ, "ALIGNDIFF_DATA_DIR": str(self.data_dir)}
-        workers = [EmbeddedWorker(queues, env=env, output=output) for queues in self.worker_queues]
+        workers = [EmbeddedWorker(role, env=env, output=output) for role in self.workers]
         try:
             if not wait_until_ready(workers, WORKERS_READY_TIMEOUT):
                 output.lines(["serve: the workers are still starting; serving meanwhile"])
@@ -216,7 +252,7 @@ class Serve:
                 port=self.port,
                 data_dir=self.data_dir,
                 admin_key=self.admin_key,
-                workers=len(workers),
+                workers=self.workers,
             )
             config = uvicorn.Config(self.app, log_level="info")
             _AnnouncingServer(config, lambda: output.lines(lines)).run(sockets=[self.sock])

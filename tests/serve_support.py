@@ -38,10 +38,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(workdir: Path, model_cache: Path) -> Iterator[Server]:
-    """`aligndiff serve` in `workdir` with no ALIGNDIFF_* setting but the shared model cache."""
+def running_server(
+    workdir: Path, model_cache: Path, settings: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """`aligndiff serve` in `workdir` with no ALIGNDIFF_* setting but the shared model cache
+    and `settings` (variable → value)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGNDIFF_")}
     env["ALIGNDIFF_MODEL_CACHE_DIR"] = str(model_cache)
+    env |= settings or {}
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],

@@ -120,6 +120,40 @@ def test_a_worker_taken_as_dead_sooner_than_3_heartbeats_is_refused(tmp_path: Pa
     assert "ALIGNDIFF_WORKER_LOST_AFTER_SECONDS must be at least 3 heartbeats" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("module", "args", "message"),
+    [
+        (
+            "service.cli",
+            ["worker", "--queues=aligndiff,training"],
+            "error: unknown queue 'training': choose among aligndiff, aligndiff.predict, "
+            "aligndiff.synthesis.default (the last is the synthesis of model 'default', the "
+            "one --model names)",
+        ),
+        (
+            "worker.main",
+            ["--queues=aligndiff.synthesis.sdxl"],
+            "error: unknown queue 'aligndiff.synthesis.sdxl': choose among aligndiff, "
+            "aligndiff.predict, aligndiff.synthesis.default (the last is the synthesis of model "
+            "'default', the one --model names)",
+        ),
+        (
+            "service.cli",
+            ["worker", "--pool=threads"],
+            "error: pool must be one of solo, prefork, got 'threads'",
+        ),
+    ],
+)
+def test_a_worker_refuses_unknown_queues_and_pools_in_one_line_before_it_starts(
+    tmp_path: Path, module: str, args: list[str], message: str
+) -> None:
+    done = aligndiff(*args, cwd=tmp_path, module=module)
+
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [message]
+    assert not (tmp_path / "aligndiff-data").exists()
+
+
 def command_paths(command: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     """Every command's words after `aligndiff`, groups included (`()` is `aligndiff` itself)."""
     paths = [path]

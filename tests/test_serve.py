@@ -108,6 +108,44 @@ def wait_for_end(
     return body
 
 
+def test_serve_runs_a_worker_for_each_model_so_every_models_class_is_drawn(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    # given: serve on a deployment of two models
+    models = {"ALIGNDIFF_MODELS": '{"sd15": "tiny", "sdxl": "tiny-sdxl"}'}
+    with running_server(tmp_path, model_cache, models) as server:
+        assert "  models:     sd15, sdxl (the first is the default)" in [
+            line.rstrip("\n") for line in server.output
+        ]
+        headers = {"Authorization": f"Bearer {server.admin_key}"}
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
+            # when: a class asks for the second model
+            files = [
+                ("images", ("dog.jpg", (SHOTS_DIR / "dog" / "1.jpg").read_bytes(), "image/jpeg")),
+                ("masks", ("dog.png", (SHOTS_DIR / "dog" / "1.png").read_bytes(), "image/png")),
+            ]
+            data = {"name": "dog", "num_samples": "2", "model": "sdxl"}
+            created = client.post("/v1/classes", files=files, data=data)
+            assert created.status_code == 202, created.text
+
+            # then: it succeeds, drawn by the worker that serves that model
+            body = wait_for_end(client, f"/v1/classes/{created.json()['id']}")
+            assert body["status"] == "succeeded" and body["model"] == "sdxl", body
+            overview = client.get("/admin/api/jobs").json()
+            job = next(job for job in overview["jobs"] if job["id"] == body["job_id"])
+            models_of = {worker["name"]: worker["model"] for worker in overview["workers"]}
+            assert models_of[job["worker"]] == "sdxl", overview["workers"]
+        arguments = sorted(
+            " ".join(a for a in Path(f"/proc/{pid}/cmdline").read_text().split("\0") if "--" in a)
+            for pid in worker_children(server.process.pid)
+        )
+    assert arguments == [
+        "--pool --model=sd15 --queues=aligndiff",
+        "--pool --model=sd15 --queues=aligndiff.predict",
+        "--pool --model=sdxl --queues=aligndiff.synthesis.sdxl",
+    ]
+
+
 def test_serve_says_where_it_is_last_once_it_listens(server: Server) -> None:
     # given: serve answered (the fixture waited for /healthz), and a moment passed for any
     # late output

@@ -18,7 +18,8 @@ from worker.recovery import install_sweeper
 
 POOLS = ("solo", "prefork")
 # What `--queues` may name: the jobs (training, and the synthesis of this worker's model's
-# classes) and the predictions.
+# classes) and the predictions; and the worker's model's synthesis queue alone (no training),
+# which is how `aligndiff serve` runs a worker for each of the deployment's other models.
 QUEUES = (JOBS_QUEUE, PREDICT_QUEUE)
 
 
@@ -54,6 +55,33 @@ def quiet_worker_logs() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def consumed_queues(
+    settings: Settings, *, pool: str, concurrency: int, queues: Sequence[str]
+) -> list[str]:
+    """The `--queues` a worker consumes (empty: every queue), or ValueError saying what
+    `pool`, `concurrency` or `queues` may be, before anything starts.
+
+    `["aligndiff.predict"]` makes a worker that serves predictions only, so that they never
+    wait for a job's task. The jobs' queue comes with the synthesis queue of the model it
+    serves (`settings.served_model`, the model it loads), so that it draws only that model's
+    classes; that synthesis queue alone takes no training.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    own_synthesis = synthesis_queue(settings.served_model)
+    allowed = (*QUEUES, own_synthesis)
+    unknown = [queue for queue in queues if queue not in allowed]
+    if unknown:
+        raise ValueError(
+            f"unknown queue {unknown[0]!r}: choose among {', '.join(allowed)} "
+            f"(the last is the synthesis of model {settings.served_model!r}, the one --model "
+            "names)"
+        )
+    return [*dict.fromkeys([*queues, *([own_synthesis] if JOBS_QUEUE in queues else [])])]
+
+
 def run_worker(
     settings: Settings,
     *,
@@ -70,22 +98,9 @@ def run_worker(
     once, on its first task. The worker sweeps when it starts and then periodically
     (`worker.recovery`). Every process that runs tasks writes a heartbeat (`worker.heartbeat`).
 
-    It consumes every queue in `QUEUES`, or only `queues`: `["aligndiff.predict"]` makes a
-    worker that serves predictions only, so that they never wait for a job's task. The jobs'
-    queue comes with the synthesis queue of the model it serves (`settings.served_model`,
-    the model it loads), so that it draws only that model's classes.
+    It consumes every queue in `QUEUES`, or only `queues` (`consumed_queues`).
     """
-    if pool not in POOLS:
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-    unknown = sorted(set(queues) - set(QUEUES))
-    if unknown:
-        raise ValueError(f"unknown queues {unknown}: choose among {list(QUEUES)}")
-    consumed = [
-        *queues,
-        *([synthesis_queue(settings.served_model)] if JOBS_QUEUE in queues else []),
-    ]
+    consumed = consumed_queues(settings, pool=pool, concurrency=concurrency, queues=queues)
     app = make_celery(settings)
     install_heartbeat(app)
     install_sweeper(app)
@@ -117,19 +132,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loglevel", default="INFO")
     parser.add_argument("--model", default=None, help="the model it serves; default the first")
     parser.add_argument(
-        "--queues", default="", help=f"comma-separated, among {', '.join(QUEUES)}; default all"
+        "--queues",
+        default="",
+        help=f"comma-separated, among {', '.join(QUEUES)} and aligndiff.synthesis.MODEL (the "
+        "synthesis of the --model's classes alone); default all",
     )
     args = parser.parse_args(argv)
     try:
         settings = Settings() if args.model is None else Settings(worker_model=args.model)
     except ValidationError as error:
         parser.exit(2, f"error: {describe_invalid_settings(error)}\n")
+    queues = [queue for queue in args.queues.split(",") if queue]
+    try:
+        consumed_queues(settings, pool=args.pool, concurrency=args.concurrency, queues=queues)
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
     run_worker(
         settings,
         concurrency=args.concurrency,
         pool=args.pool,
         loglevel=args.loglevel,
-        queues=[queue for queue in args.queues.split(",") if queue],
+        queues=queues,
     )
 
 
