@@ -205,6 +205,25 @@ def test_hf_loads_with_datasets_as_image_columns(
     assert json.loads((folder / "id2label.json").read_text()) == {"0": "background", "1": "dog"}
 
 
+def test_hf_with_an_empty_validation_split_still_loads_with_datasets(
+    api: Api, dataset_class: DatasetClass, tmp_path: Path
+) -> None:
+    import datasets as hf
+
+    # given: a fraction so small that none of the 4 samples falls in validation
+    data = download(api, dataset_class, "hf", val="fraction:0.000001")
+
+    # when: the extracted folder is loaded as a dataset, every split
+    folder = extract(data, tmp_path / "dataset")
+    loaded = hf.load_dataset(str(folder), cache_dir=str(tmp_path / "cache"))
+
+    # then: one train split of everything, and no empty validation file to trip on
+    assert list(loaded) == ["train"] and loaded["train"].num_rows == 6
+    assert sorted(path.name for path in (folder / "data").iterdir()) == [
+        "train-00000-of-00001.parquet"
+    ]
+
+
 def test_hf_parquet_carries_the_datasets_features(api: Api, dataset_class: DatasetClass) -> None:
     import datasets as hf
     import pyarrow.parquet as pq

@@ -7,7 +7,8 @@
 
 The files are named as the Hugging Face Hub names splits, so `load_dataset(<extracted folder>)`
 or `load_dataset("parquet", data_dir=<folder>/data)` sees a `train` split and, with a `val`
-option, a `validation` one. The Parquet schema carries the `datasets` features (under the
+option, a `validation` one. A split with no rows has no file: `datasets` fails to load a
+folder holding an empty Parquet file. The Parquet schema carries the `datasets` features (under the
 `huggingface` key), which decode `image` and `annotation` as images: the image as stored (RGB
 PNG) and the mask as a palette PNG of label indices (0 background, i the i-th class). The other
 columns are the records of `metadata.json` (`source` is "shot" or "synthetic"; the generation
@@ -98,9 +99,9 @@ HUB_SPLITS: dict[Split, str] = {"train": "train", "val": "validation"}
 def write_hf(source: ExportSource, options: ExportOptions) -> Iterator[bytes]:
     """The archive's bytes, streamed."""
     per_file = options.parquet_rows_per_file
-    splits = SPLITS if source.val.has_val else ("train",)
     counts = source.split_counts() if source.val.has_val else {"train": source.count}
-    totals = {split: max(1, math.ceil(counts[split] / per_file)) for split in splits}
+    splits = [split for split in SPLITS if counts.get(split)]
+    totals = {split: math.ceil(counts[split] / per_file) for split in splits}
 
     def files(ordinal: int, item: ExportItem) -> Files:
         split = item.split
