@@ -15,8 +15,8 @@ import sys
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.db import make_engine
-from service.models import WorkerHeartbeat, utcnow
+from service.db import db_now, make_engine
+from service.models import WorkerHeartbeat
 from service.settings import Settings
 
 # A worker counts as alive for this many heartbeat intervals (the dashboard's "online" too).
@@ -28,18 +28,20 @@ def check(settings: Settings, hostname: str) -> str | None:
     engine = make_engine(settings.resolved_database_url, pool_size=1)
     try:
         with engine.connect() as connection:
-            last_seen = connection.execute(
-                select(func.max(WorkerHeartbeat.last_seen_at)).where(
+            # NOTE: the age by the database's clock, the one heartbeats are written in: this
+            # container's clock may run off.
+            last_seen, now = connection.execute(
+                select(func.max(WorkerHeartbeat.last_seen_at), db_now()).where(
                     WorkerHeartbeat.hostname == hostname
                 )
-            ).scalar_one()
+            ).one()
     except SQLAlchemyError as error:
         return f"cannot read the heartbeats: {error}"
     finally:
         engine.dispose()
     if last_seen is None:
         return f"no worker on {hostname} has written a heartbeat"
-    age = (utcnow() - last_seen).total_seconds()
+    age = (now - last_seen).total_seconds()
     limit = ONLINE_INTERVALS * settings.worker_heartbeat_seconds
     if age > limit:
         return f"the last heartbeat on {hostname} is {age:.0f} s old (limit {limit:.0f} s)"

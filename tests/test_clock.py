@@ -9,6 +9,7 @@ Debian's faketime)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from service.settings import Settings
 from service.storage import LocalStorage, shot_key
 from tests.api_support import Api, add_class
 from tests.fault_support import require_tool
+from tests.worker_support import load_worker_healthcheck
 from worker.celery_app import make_celery
 from worker.heartbeat import Heartbeat
 
@@ -178,6 +180,33 @@ def test_a_worker_whose_clock_runs_off_beats_and_leases_in_the_database_s_time(
     assert abs(job.lease_expires_at - (now + timedelta(seconds=LEASE))) < off
     assert job.started_at is not None and abs(job.started_at - now) < off
     context.engine.dispose()
+
+
+@pytest.mark.parametrize("skew", SKEWS.values(), ids=SKEWS.keys())
+def test_the_dashboard_and_the_health_check_judge_heartbeats_by_the_database_s_clock(
+    api: Api, monkeypatch: pytest.MonkeyPatch, skew: timedelta
+) -> None:
+    # given: a worker that beat just now and one silent for 10 minutes, in the database's time,
+    # on this machine's name
+    hostname = socket.gethostname()
+    with session_scope(api.app.state.session_factory) as session:
+        for name, silent in (("live:1", 0), ("dead:1", 600)):
+            session.execute(
+                insert(WorkerHeartbeat).values(
+                    name=name, hostname=hostname if name == "live:1" else "gone", pid=1,
+                    started_at=db_now(-3600), last_seen_at=db_now(-silent),
+                )
+            )  # fmt: skip
+
+    # when: the API's host, and the container that runs the health check, have clocks that
+    # run off
+    skew_process_clock(monkeypatch, skew)
+    overview = api.admin.get("/admin/api/jobs").json()
+    healthcheck = load_worker_healthcheck()
+
+    # then: the dashboard shows the live worker online, and only it; the check passes
+    assert [worker["name"] for worker in overview["workers"]] == ["live:1"]
+    assert healthcheck.check(api.settings, hostname) is None
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from fnmatch import fnmatch
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 from urllib.parse import urlparse
 
@@ -42,6 +41,7 @@ from service.migrate import upgrade
 from service.models import WorkerHeartbeat, utcnow
 from service.settings import Settings
 from tests.serve_support import free_port
+from tests.worker_support import load_worker_healthcheck
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -793,20 +793,8 @@ def test_claims_stay_within_the_gpus_named_and_cpu_workers_claim_none(
     assert cpu == "gpu=none"
 
 
-def _load_healthcheck() -> ModuleType:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "worker_healthcheck", ROOT / "docker" / "worker_healthcheck.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_worker_health_check_follows_this_containers_heartbeat(tmp_path: Path) -> None:
-    healthcheck = _load_healthcheck()
+    healthcheck = load_worker_healthcheck()
     url = f"sqlite:///{tmp_path / 'aligndiff.db'}"
     upgrade(url)
     settings = Settings(database_url=url, worker_heartbeat_seconds=5)

@@ -3,6 +3,7 @@ runs tasks in this process, and real worker processes that tests can stop or kil
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 from sqlalchemy import select
@@ -383,3 +385,16 @@ class WorkerProcess:
     def _signal_group(self, sig: signal.Signals) -> None:
         with suppress(ProcessLookupError):
             os.killpg(self.process.pid, sig)
+
+
+def load_worker_healthcheck() -> ModuleType:
+    """docker/worker_healthcheck.py (a script the worker image runs, not a package module),
+    loaded afresh: it takes what it imports from the service as the modules are now."""
+    spec = importlib.util.spec_from_file_location(
+        "worker_healthcheck",
+        Path(__file__).resolve().parents[1] / "docker" / "worker_healthcheck.py",
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -16,7 +16,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal, NamedTuple
 
 from sqlalchemy import and_, bindparam, func, select
@@ -28,7 +28,8 @@ from service.contexts.keys import every_key
 from service.contexts.review import Reviewed
 from service.contexts.thumbnails import mask_version
 from service.contexts.trainings import training_public
-from service.models import Job, Owner, Sample, SegClass, Shot, Training, WorkerHeartbeat, utcnow
+from service.db import db_now
+from service.models import Job, Owner, Sample, SegClass, Shot, Training, WorkerHeartbeat
 from service.problems import not_found
 from service.reads import Query, ReadDatabase, one_of
 from service.schemas import ClassReport, ReportTraining, TrainingMetrics, TuningTrial
@@ -165,11 +166,20 @@ _WORKER_COLUMNS = (
     WorkerHeartbeat.name, WorkerHeartbeat.hostname, WorkerHeartbeat.pid,
     WorkerHeartbeat.started_at, WorkerHeartbeat.current_job_id, WorkerHeartbeat.model,
 )  # fmt: skip
-_WORKERS_SEEN_SINCE = (
-    select(*_WORKER_COLUMNS)
-    .where(WorkerHeartbeat.last_seen_at >= bindparam("since"))
-    .order_by(WorkerHeartbeat.name)
-)
+
+
+@functools.cache
+def _workers_seen_within(seconds: float) -> Query:
+    """The workers whose last heartbeat is at most `seconds` old by the database's clock, the
+    one heartbeats are written in: an API host whose clock runs off still sees live workers
+    online and dead ones gone. (One statement per window: `ReadDatabase` compiles each once.)"""
+    return (
+        select(*_WORKER_COLUMNS)
+        .where(WorkerHeartbeat.last_seen_at >= db_now(-seconds))
+        .order_by(WorkerHeartbeat.name)
+    )
+
+
 # The active jobs counted by kind, state and, for a synthesis, its class's model: the queue's
 # depth and each model's backlog in one statement. (A synthesis whose class is gone counts in
 # the queue, not in any model's backlog.)
@@ -220,16 +230,14 @@ async def jobs_snapshot(
     kind: str | None,
     limit: int,
     heartbeat_seconds: float,
-    now: datetime | None = None,
 ) -> JobsSnapshot:
     """Everyone's jobs (newest first, at most `limit`, with their count), the active jobs by
     state and by model, and the workers online (a heartbeat at most `ONLINE_INTERVALS` old)."""
-    since = (now or utcnow()) - timedelta(seconds=ONLINE_INTERVALS * heartbeat_seconds)
     shown = _jobs_shown(status=status is not None, kind=kind is not None)
     jobs, workers, active = await reads.many(
         [
             (shown, {"status": status, "kind": kind, "limit": limit}),
-            (_WORKERS_SEEN_SINCE, {"since": since}),
+            (_workers_seen_within(ONLINE_INTERVALS * heartbeat_seconds), {}),
             (_ACTIVE_JOBS, {}),
         ]
     )
