@@ -33,7 +33,8 @@ from sqlalchemy import Engine, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from service.auth import Principal, record_use_of, use_is_due
-from service.models import ApiKey, utcnow
+from service.db import db_now
+from service.models import ApiKey
 from service.problems import Problem, problem_response
 from service.reads import ReadDatabase
 from service.settings import Settings
@@ -97,10 +98,12 @@ class SessionCodec:
         self._sessions = URLSafeTimedSerializer(secret, salt="aligndiff.dashboard.session")
         self._sign_in = URLSafeTimedSerializer(secret, salt="aligndiff.dashboard.sign-in")
 
-    def issue(self, key_id: uuid.UUID) -> tuple[str, WebSession]:
-        """A new session (a fresh CSRF token) and its cookie value."""
+    def issue(self, key_id: uuid.UUID, *, issued_at: datetime) -> tuple[str, WebSession]:
+        """A new session (a fresh CSRF token) and its cookie value. `issued_at` is the
+        database's now (`database_now`): the sign-out it is compared with is stamped in the
+        database's time too, so API hosts whose clocks disagree agree on the order."""
         session = WebSession(
-            key_id=key_id, csrf_token=secrets.token_urlsafe(32), issued_at=utcnow()
+            key_id=key_id, csrf_token=secrets.token_urlsafe(32), issued_at=issued_at
         )
         # NOTE: the issue time in microseconds, not the signer's whole seconds: a sign-in in the
         # same second as a sign-out must outlive it.
@@ -168,8 +171,9 @@ async def session_principal(
 
 def end_sessions(session: Session, key_id: uuid.UUID) -> None:
     """Sign out every dashboard session of the key issued until now (each browser that signed
-    in with it, and any copy of their cookies)."""
-    session.execute(update(ApiKey).where(ApiKey.id == key_id).values(sessions_not_before=utcnow()))
+    in with it, and any copy of their cookies), by the database's clock, as sessions are
+    issued."""
+    session.execute(update(ApiKey).where(ApiKey.id == key_id).values(sessions_not_before=db_now()))
 
 
 def set_session_cookie(response: Response, value: str, settings: Settings) -> None:

@@ -390,6 +390,13 @@ def get_job_row(api: Api, job_id: uuid.UUID) -> Job:
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 
 
+def csrf_token_of(page: str) -> str:
+    """The session's CSRF token, as a dashboard page holds it for its scripts."""
+    found = re.search(r'<meta name="csrf-token" content="([^"]+)">', page)
+    assert found is not None
+    return found.group(1)
+
+
 def sign_in(api: Api, key: str) -> TestClient:
     """A browser-like client (no Authorization header) that signed in with `key`."""
     browser = TestClient(api.app)

@@ -22,7 +22,15 @@ from service.contexts import sweeper
 from service.db import session_scope
 from service.models import Sample, SegClass, utcnow
 from service.storage import class_prefix, sample_key
-from tests.api_support import Api, add_class, add_sample, box_mask, encode
+from tests.api_support import (
+    Api,
+    add_class,
+    add_sample,
+    box_mask,
+    csrf_token_of,
+    encode,
+    sign_in,
+)
 from tests.dataset_support import DatasetClass
 from tests.review_support import SIZE, finished_class, sample_ids, two_squares
 
@@ -489,17 +497,8 @@ def test_the_gallery_shows_a_replaced_mask_never_its_cached_thumbnail(api: Api) 
 
 def signed_in(api: Api) -> tuple[TestClient, str]:
     """A browser-like client signed in with the admin key, and its session's CSRF token."""
-    browser = TestClient(api.app)
-    form = browser.get("/admin/sign-in", headers=HTML).text
-    token = form.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
-    answer = browser.post(
-        "/admin/sign-in",
-        data={"key": api.keys["admin"], "csrf_token": token, "next": "/admin"},
-        follow_redirects=False,
-    )
-    assert answer.status_code == 303, answer.text
-    page = browser.get("/admin").text
-    return browser, page.split('<meta name="csrf-token" content="', 1)[1].split('"', 1)[0]
+    browser = sign_in(api, api.keys["admin"])
+    return browser, csrf_token_of(browser.get("/admin").text)
 
 
 def test_the_gallery_reviews_a_sample_with_the_session_and_its_token(api: Api) -> None:

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import insert, select
 
 from service.contexts import jobs, sweeper
@@ -27,7 +28,8 @@ from service.models import Job, WorkerHeartbeat
 from service.queue import RecordingQueue
 from service.settings import Settings
 from service.storage import LocalStorage, shot_key
-from tests.api_support import Api, add_class
+from service.web_sessions import SESSION_COOKIE
+from tests.api_support import Api, add_class, csrf_token_of, sign_in
 from tests.fault_support import require_tool
 from tests.worker_support import load_worker_healthcheck
 from worker.celery_app import make_celery
@@ -207,6 +209,30 @@ def test_the_dashboard_and_the_health_check_judge_heartbeats_by_the_database_s_c
     # then: the dashboard shows the live worker online, and only it; the check passes
     assert [worker["name"] for worker in overview["workers"]] == ["live:1"]
     assert healthcheck.check(api.settings, hostname) is None
+
+
+@pytest.mark.parametrize("skew", SKEWS.values(), ids=SKEWS.keys())
+def test_a_sign_out_on_one_api_host_ends_the_sessions_another_host_issued(
+    api: Api, monkeypatch: pytest.MonkeyPatch, skew: timedelta
+) -> None:
+    # given: a dashboard session issued by an API host whose clock runs off, and a copy of
+    # its cookie
+    with monkeypatch.context() as host:
+        skew_process_clock(host, skew)
+        browser = sign_in(api, api.keys["admin"])
+    copied = TestClient(api.app, cookies={SESSION_COOKIE: browser.cookies[SESSION_COOKIE]})
+    assert copied.get("/admin/api/jobs").status_code == 200
+
+    # when: it signs out through a host whose clock is right
+    token = csrf_token_of(browser.get("/admin").text)
+    assert browser.post("/admin/sign-out", data={"csrf_token": token}).status_code == 200
+
+    # then: the copy is refused; and a sign-in again through the skewed host works at once
+    assert copied.get("/admin/api/jobs").status_code == 401
+    with monkeypatch.context() as host:
+        skew_process_clock(host, skew)
+        again = sign_in(api, api.keys["admin"])
+    assert again.get("/admin/api/jobs").status_code == 200
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)

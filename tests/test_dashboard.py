@@ -29,6 +29,7 @@ from tests.api_support import (
     ApiFactory,
     add_class,
     add_sample,
+    csrf_token_of,
     get_job_row,
     set_job,
     sign_in,
@@ -50,12 +51,6 @@ from worker.heartbeat import Heartbeat
 pytest_plugins = ["tests.api_support"]
 
 JSON = {"Accept": "application/json"}
-
-
-def csrf_token_of(page: str) -> str:
-    found = re.search(r'<meta name="csrf-token" content="([^"]+)">', page)
-    assert found is not None
-    return found.group(1)
 
 
 def test_without_credentials_a_browser_goes_to_sign_in_and_an_api_client_gets_401(

@@ -39,6 +39,7 @@ from service.api.routes.admin_access import (
 from service.auth import authenticate
 from service.contexts import dashboard, job_control
 from service.dashboard import STATIC_DIR, STATIC_TYPES
+from service.db import database_now
 from service.problems import Problem, not_found
 from service.web_sessions import (
     SESSION_COOKIE,
@@ -117,7 +118,7 @@ def sign_in(
             error="That key is not an admin key: the dashboard is for admins.",
             status_code=403,
         )
-    value, _ = codec.issue(principal.key_id)
+    value, _ = codec.issue(principal.key_id, issued_at=database_now(session))
     response = RedirectResponse(next_path, status_code=303)
     clear_cookies(response, settings, names=(SIGN_IN_COOKIE,))
     set_session_cookie(response, value, settings)
