@@ -144,6 +144,38 @@ def test_coco_categories_and_yolo_classes_match_the_labels(
         assert {line.cls for line in image.lines} == {0 if name.startswith("dog-1_") else 1}
 
 
+def test_classes_that_share_a_name_get_labels_of_distinct_names_in_every_format(
+    api: Api, two: TwoClasses, tmp_path: Path
+) -> None:
+    # given: a second class named "dog", and a third whose own name is what the second's
+    # label would be made of
+    other_dog = create_objects_class(api, name="dog")
+    dog_2 = create_objects_class(api, name="dog-2")
+    params = two.params("voc", two.dog, other_dog, dog_2)
+    expected = ["dog-1", "dog-2-2", "dog-2"]
+
+    # when: every format is downloaded
+    folders = {
+        export_format: extract(
+            fetch(api, {**params, "format": export_format}), tmp_path / export_format
+        )
+        for export_format in ("voc", "coco", "yolo", "hf")
+    }
+
+    # then: the labels are 1, 2, 3 under three names, the same in every format's own file,
+    # while metadata.json keeps each class's own name
+    voc_lines = (folders["voc"] / "labelmap.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in voc_lines[2:]] == expected
+    coco = COCO(str(folders["coco"] / "annotations" / "instances.json"))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == expected
+    assert read_yolo(folders["yolo"] / "data.yaml").names == dict(enumerate(expected))
+    id2label = json.loads((folders["hf"] / "id2label.json").read_text())
+    assert id2label == {"0": "background", "1": "dog-1", "2": "dog-2-2", "3": "dog-2"}
+    metadata = metadata_of(folders["hf"], "hf")
+    assert [c["name"] for c in metadata["classes"]] == ["dog", "dog", "dog-2"]
+    assert metadata["labels"] == id2label
+
+
 @pytest.mark.parametrize("export_format", FORMATS)
 def test_every_format_holds_both_classes_under_unique_names(
     api: Api, two: TwoClasses, export_format: str, tmp_path: Path

@@ -59,7 +59,9 @@ log = logging.getLogger(__name__)
 # 4: COCO writes one annotation per instance (connected object); records carry their label,
 #    split, instances, id and accepted_by; metadata.json lists `classes` and the `val` option;
 #    archives may hold several classes and a validation split; the yolo format.
-EXPORT_REVISION = 4
+# 5: classes that share a name get labels of their own names (`<name>-<label>`); hf writes no
+#    file for an empty split.
+EXPORT_REVISION = 5
 # Longest file name stem made of the classes' names; past it: "<first>-and-<n>-more".
 MAX_FILENAME_STEM = 80
 # Samples read per query: the rows held in memory at once.

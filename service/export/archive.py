@@ -12,7 +12,8 @@ import struct
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from io import BytesIO
@@ -127,6 +128,26 @@ class ExportItem:
         }
 
 
+def label_names(names: Sequence[str]) -> list[str]:
+    """The labels' names for classes named `names` (label i+1 is `names[i]`): the class's own
+    name, or, where several classes share one (or one is "background"), `<name>-<label>`, as
+    their files are prefixed. No two labels get one name: tools key labels by name (a VOC
+    label map, `id2label` turned into `label2id`)."""
+    counts = Counter(names)
+    own = {name for name in names if counts[name] == 1 and name != "background"}
+    taken = {"background", *own}
+    chosen = []
+    for label, name in enumerate(names, start=FOREGROUND):
+        if name not in own:
+            # NOTE: `<name>-<label>` may be another class's own name ("dog-2"): extend it.
+            name = f"{name}-{label}"
+            while name in taken:
+                name = f"{name}-{label}"
+            taken.add(name)
+        chosen.append(name)
+    return chosen
+
+
 @dataclass(frozen=True)
 class ExportSource:
     """What a format writer reads: the classes (in label order: the first is label 1), a way
@@ -152,10 +173,15 @@ class ExportSource:
         return self.num_shots + self.num_samples
 
     @property
+    def label_names(self) -> list[str]:
+        """Each class's label name, in label order (`label_names`)."""
+        return label_names([c.name for c in self.classes])
+
+    @property
     def labels(self) -> dict[str, str]:
         """Label index → name, as every format numbers them (0 is the background)."""
-        names = {str(label): c.name for label, c in enumerate(self.classes, start=FOREGROUND)}
-        return {str(BACKGROUND): "background", **names}
+        names = dict(enumerate(self.label_names, start=FOREGROUND))
+        return {str(BACKGROUND): "background", **{str(k): v for k, v in names.items()}}
 
     @property
     def created_at(self) -> datetime:

@@ -66,10 +66,11 @@ def instances_pieces(source: ExportSource, split: Split | None = None) -> Iterat
     """An annotation file, a record at a time: the images of `split` (None: all) from the
     records alone, then their annotations (each mask read, split into its instances and
     encoded in turn)."""
-    names = [c.name for c in source.classes]
+    names = source.label_names
     head = {
         "info": {
-            "description": f"AlignDiff dataset of {', '.join(map(repr, names))}: real shots "
+            "description": "AlignDiff dataset of "
+            f"{', '.join(repr(c.name) for c in source.classes)}: real shots "
             "and synthetic samples",
             "version": __version__,
             "year": source.created_at.year,

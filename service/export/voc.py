@@ -17,7 +17,6 @@ from collections.abc import Iterator, Sequence
 from service.export.archive import (
     FOREGROUND,
     VOC_PALETTE,
-    ExportClass,
     ExportItem,
     ExportOptions,
     ExportSource,
@@ -36,7 +35,7 @@ def write_voc(source: ExportSource, options: ExportOptions) -> Iterator[bytes]:
 
     def write(archive: ZipStream) -> Iterator[None]:
         yield from write_metadata(archive, source, format_name="voc", files=_files)
-        archive.write("labelmap.txt", labelmap(source.classes).encode(), compress=True)
+        archive.write("labelmap.txt", labelmap(source.label_names).encode(), compress=True)
         for item in source.items():
             files = _files(0, item)
             archive.write(files["image"], jpeg(source.read(item.image_key)), compress=False)
@@ -52,13 +51,13 @@ def write_voc(source: ExportSource, options: ExportOptions) -> Iterator[bytes]:
     return zip_archive(source.created_at, write)
 
 
-def labelmap(classes: Sequence[ExportClass]) -> str:
+def labelmap(names: Sequence[str]) -> str:
     """The VOC label map (as CVAT and others read it): `label:color_rgb:parts:actions`, a line
-    per label index with its colour in the masks' palette."""
+    per label index (label i+1 is `names[i]`) with its colour in the masks' palette."""
     lines = ["# label:color_rgb:parts:actions", "background:0,0,0::"]
-    for label, seg_class in enumerate(classes, start=FOREGROUND):
+    for label, raw in enumerate(names, start=FOREGROUND):
         # ':' separates the fields, so a name cannot hold one.
-        name = " ".join(seg_class.name.replace(":", "_").split())
+        name = " ".join(raw.replace(":", "_").split())
         colour = ",".join(str(v) for v in VOC_PALETTE[3 * label : 3 * label + 3])
         lines.append(f"{name}:{colour}::")
     return "\n".join(lines) + "\n"

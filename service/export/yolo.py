@@ -73,8 +73,8 @@ def write_yolo(source: ExportSource, options: ExportOptions) -> Iterator[bytes]:
 def data_yaml(source: ExportSource, *, has_val: bool) -> str:
     """The dataset's YAML, as Ultralytics' `data=` reads it."""
     names = "".join(
-        f"  {cls}: {json.dumps(c.name, ensure_ascii=False)}\n"
-        for cls, c in enumerate(source.classes)
+        f"  {cls}: {json.dumps(name, ensure_ascii=False)}\n"
+        for cls, name in enumerate(source.label_names)
     )
     return (
         "# AlignDiff dataset in Ultralytics YOLO segmentation format (labels/: a line per\n"
