@@ -140,6 +140,8 @@ def test_the_jobs_page_shows_the_backlog_per_model_and_a_model_no_live_worker_se
     add_class(two_models, owner_id=two_models.alice_id)
     with two_models.session() as session:
         session.add(WorkerHeartbeat(name="gpu0:1", hostname="gpu0", pid=1, model="sd15"))
+        # and: a worker of predictions only, which draws no class of any model
+        session.add(WorkerHeartbeat(name="gpu1:1", hostname="gpu1", pid=1, model=None))
         session.commit()
 
     # when
@@ -149,6 +151,8 @@ def test_the_jobs_page_shows_the_backlog_per_model_and_a_model_no_live_worker_se
     # then: the backlog per model, and the notice for `xl` only
     backlog = {model["name"]: model for model in polled["models"]}
     assert (backlog["sd15"]["queued"], backlog["sd15"]["workers"]) == (1, 1)
+    assert {w["name"]: w["model"] for w in polled["workers"]} == {"gpu0:1": "sd15", "gpu1:1": None}
+    assert '<code>gpu1:1</code> <span class="muted">predictions</span>' in page
     assert (backlog["xl"]["queued"], backlog["xl"]["workers"]) == (2, 0)
     assert backlog["xl"]["waits_for_a_worker"] and not backlog["sd15"]["waits_for_a_worker"]
     assert 'data-model="xl"' in page and "No live worker serves model <code>xl</code>" in page

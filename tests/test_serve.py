@@ -135,6 +135,10 @@ def test_serve_runs_a_worker_for_each_model_so_every_models_class_is_drawn(
             job = next(job for job in overview["jobs"] if job["id"] == body["job_id"])
             models_of = {worker["name"]: worker["model"] for worker in overview["workers"]}
             assert models_of[job["worker"]] == "sdxl", overview["workers"]
+            # and: the dashboard counts one worker per model (the predictions' draws none)
+            assert sorted(map(str, models_of.values())) == ["None", "sd15", "sdxl"]
+            backlog = {model["name"]: model["workers"] for model in overview["models"]}
+            assert backlog == {"sd15": 1, "sdxl": 1}
         arguments = sorted(
             " ".join(a for a in Path(f"/proc/{pid}/cmdline").read_text().split("\0") if "--" in a)
             for pid in worker_children(server.process.pid)

@@ -42,10 +42,19 @@ class Heartbeat:
     names no job the sweep would take over for nothing.
     """
 
-    def __init__(self, ctx: WorkerContext, *, interval: float | None = None) -> None:
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        *,
+        interval: float | None = None,
+        draws_classes: bool = True,
+    ) -> None:
         self.ctx = ctx
         self.interval = interval if interval is not None else ctx.settings.worker_heartbeat_seconds
         self.name = ctx.worker_name
+        # The model whose classes it draws, the one it serves; None when it draws none (a
+        # predictions-only worker): the dashboard counts each model's workers by it.
+        self.model = ctx.settings.served_model if draws_classes else None
         self._started = time.monotonic()
         self._job_id: uuid.UUID | None = None
         self._wake = threading.Event()
@@ -89,7 +98,7 @@ class Heartbeat:
                 .values(
                     last_seen_at=db_now(),
                     current_job_id=self._job_id,
-                    model=self.ctx.settings.served_model,
+                    model=self.model,
                 )
             )
             if updated.rowcount:  # type: ignore[attr-defined]
@@ -105,7 +114,7 @@ class Heartbeat:
                         started_at=db_now(self._started - time.monotonic()),
                         last_seen_at=db_now(),
                         current_job_id=self._job_id,
-                        model=self.ctx.settings.served_model,
+                        model=self.model,
                     )
                 )
         except IntegrityError:
@@ -127,9 +136,10 @@ class Heartbeat:
             self._wake.clear()
 
 
-def install_heartbeat(app: AlignDiffCelery) -> None:
+def install_heartbeat(app: AlignDiffCelery, *, draws_classes: bool = True) -> None:
     """Beat from every process of `app`'s worker that runs tasks (the worker itself with the
-    solo pool, each child with prefork), naming the job of the task it runs."""
+    solo pool, each child with prefork), naming the job of the task it runs, and the model it
+    serves when it `draws_classes` (consumes that model's synthesis queue)."""
     beats: dict[int, Heartbeat] = {}
 
     def current() -> Heartbeat | None:
@@ -139,7 +149,7 @@ def install_heartbeat(app: AlignDiffCelery) -> None:
         # NOTE: sent in the process that will run tasks: the worker for the solo pool, each
         # forked child for prefork (a child inherits the parent's dict, not its thread).
         if current() is None:
-            heartbeat = Heartbeat(app.context)
+            heartbeat = Heartbeat(app.context, draws_classes=draws_classes)
             beats[os.getpid()] = heartbeat
             heartbeat.start()
 

@@ -102,7 +102,9 @@ def run_worker(
     """
     consumed = consumed_queues(settings, pool=pool, concurrency=concurrency, queues=queues)
     app = make_celery(settings)
-    install_heartbeat(app)
+    install_heartbeat(
+        app, draws_classes=not consumed or synthesis_queue(settings.served_model) in consumed
+    )
     install_sweeper(app)
     quiet_worker_logs()
     app.worker_main(

@@ -108,7 +108,8 @@ class WorkerRow:
     pid: int
     started_at: str
     current_job_id: str | None
-    model: str
+    # The model whose classes it draws; None for a worker that draws none (predictions only).
+    model: str | None
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ def overview_of(
         for kind, model, has_class, job_status, count in snapshot.active
         if kind == "synthesis" and has_class
     ]
-    workers = [_worker_row(row, default_model=served_models[0]) for row in snapshot.workers]
+    workers = [_worker_row(row) for row in snapshot.workers]
     return JobsOverview(
         queued=counts["queued"],
         running=counts["running"],
@@ -325,8 +326,7 @@ def _job_row(job: dict[str, Any]) -> JobRow:
 _TARGET_PAGES = {"synthesis": "/admin/classes/{}", "training": "/admin/trainings/{}"}
 
 
-def _worker_row(row: tuple[Any, ...], *, default_model: str) -> WorkerRow:
-    # A worker from before models were named serves the default.
+def _worker_row(row: tuple[Any, ...]) -> WorkerRow:
     name, hostname, pid, started_at, current_job_id, model = row
     return WorkerRow(
         name=name,
@@ -334,7 +334,7 @@ def _worker_row(row: tuple[Any, ...], *, default_model: str) -> WorkerRow:
         pid=pid,
         started_at=format_time(started_at),
         current_job_id=str(current_job_id) if current_job_id else None,
-        model=model or default_model,
+        model=model,
     )
 
 

@@ -91,7 +91,7 @@
       name.textContent = worker.name;
       const model = document.createElement("span");
       model.className = "muted";
-      model.textContent = worker.model;
+      model.textContent = worker.model ?? "predictions";  // null: it draws no class
       item.append(name, " ", model,
                   worker.current_job_id ? ` on ${worker.current_job_id.slice(0, 8)}` : " idle");
       return item;
