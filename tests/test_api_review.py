@@ -6,9 +6,12 @@ thumbnails, the sweeper and the gallery's review buttons (CSRF included)."""
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import threading
+import time
 import uuid
+from datetime import datetime, timedelta
 from io import BytesIO
 from typing import Any
 
@@ -21,7 +24,7 @@ from aligndiff.masks import binarize_mask
 from service.contexts import sweeper
 from service.db import session_scope
 from service.models import Sample, SegClass, utcnow
-from service.storage import class_prefix, sample_key
+from service.storage import LocalStorage, class_prefix, sample_key
 from tests.api_support import (
     Api,
     add_class,
@@ -411,6 +414,42 @@ def test_the_sweeper_keeps_a_replaced_mask_and_the_one_it_replaced(api: Api) -> 
     assert removed == []
     assert set(api.blobs()) == blobs
     assert np.array_equal(served_mask(api, third) == 255, binarize_mask(two_squares()))
+
+
+def test_a_mask_a_reviewer_drew_and_replaced_goes_once_the_replacement_is_old(api: Api) -> None:
+    # given: a sample whose mask a reviewer replaced twice; every blob written long ago
+    class_id = finished_class(api)
+    third = sample_ids(api, class_id)[2]
+    pipeline_mask = row(api, third).mask_key
+    assert put_mask(api.alice, third, encode(two_squares())).status_code == 200
+    first_drawn = row(api, third).mask_key
+    assert put_mask(api.alice, third, encode(box_mask(SIZE))).status_code == 200
+    current = row(api, third).mask_key
+    assert isinstance(api.storage, LocalStorage)
+    two_hours_ago = time.time() - 2 * HOUR
+    for path in api.storage.root.rglob("*"):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    blobs = set(api.blobs())
+
+    def sweep(now: datetime | None) -> list[str]:
+        return sweeper.remove_orphaned_blobs(
+            sessions=lambda: session_scope(api.app.state.session_factory),
+            storage=api.storage,
+            grace_seconds=HOUR,
+            now=now,
+        )
+
+    # when: the sweeper runs just after the replacement, and again once it is old
+    at_once = sweep(None)
+    later = sweep(utcnow() + timedelta(hours=2))
+
+    # then: at once nothing goes (an export may still read the first drawn mask); later the
+    # first drawn mask goes, and the pipeline's own mask and the current one stay
+    assert at_once == []
+    assert later == [first_drawn]
+    assert set(api.blobs()) == blobs - {first_drawn}
+    assert {pipeline_mask, current} <= set(api.blobs())
+    assert np.array_equal(served_mask(api, third) == 255, binarize_mask(box_mask(SIZE)))
 
 
 # --- what follows a review ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -25,6 +26,7 @@ from service.contexts.access import visible_to
 from service.contexts.samples import SampleUrls, sample_public
 from service.contexts.thumbnails import HUMAN, forget_sample_thumbnails, mask_version
 from service.contexts.uploads import Upload
+from service.db import db_now
 from service.models import Sample, SegClass, utcnow
 from service.problems import Problem, not_found
 from service.schemas import SamplePublic, SampleReview
@@ -58,6 +60,25 @@ class _Target:
     mask_source: str | None
 
 
+# A mask a reviewer drew is stored as `classes/<id>/samples/<n>/mask-<random hex>.png`.
+HUMAN_MASK_PREFIX = "mask-"
+
+
+def superseded_human_mask(
+    key: str, *, mask_key: str | None, reviewed_at: datetime | None, before: datetime
+) -> bool:
+    """Whether `key`, a blob of a sample whose row names `mask_key` and was last reviewed at
+    `reviewed_at`, is a mask a reviewer drew that a later one replaced before `before`: no
+    export or training that read the row before the replacement still reads it then."""
+    name = key.rsplit("/", 1)[-1]
+    return (
+        name.startswith(HUMAN_MASK_PREFIX)
+        and key != mask_key
+        and reviewed_at is not None
+        and reviewed_at < before
+    )
+
+
 def review_sample(
     *,
     session: Session,
@@ -77,7 +98,7 @@ def review_sample(
         accepted=accepted,
         accepted_by=REVIEWER,
         rejected_by=None if accepted else REVIEWER,
-        reviewed_at=utcnow(),
+        reviewed_at=db_now(),
     )
     num_accepted = _recount_accepted(session, target.class_id)
     session.commit()
@@ -97,14 +118,16 @@ def replace_mask(
     """Replace a finished sample's mask with `mask`, checked as a shot's mask is (a PNG of the
     sample's size with foreground and background: else 422, or 415 for a file that is not a
     PNG). Its objects are counted again. The old mask blob stays: an export or a training
-    that read the row before may still be reading it."""
+    that read the row before may still be reading it. (The pipeline's own mask is kept for
+    good; a replaced mask a reviewer drew goes with the sweeper's orphans once the sample was
+    last reviewed `orphan_grace_seconds` ago: `superseded_human_mask`.)"""
     target = _finished_sample(session, principal, sample_id)
     # NOTE: decoding and storing take a while; the connection goes back to the pool meanwhile
     # rather than sit idle in a transaction.
     session.rollback()
     decoded = _decode(mask, width=target.width, height=target.height)
     instances = count_instances(decoded, min_area=settings.instance_min_area)
-    key = sample_key(target.class_id, target.index, f"mask-{uuid.uuid4().hex}.png")
+    key = sample_key(target.class_id, target.index, f"{HUMAN_MASK_PREFIX}{uuid.uuid4().hex}.png")
     storage.put(key, png_bytes(mask_to_image(decoded)), content_type=PNG)
     try:
         _lock_class(session, target.class_id)
@@ -114,7 +137,7 @@ def replace_mask(
             mask_key=key,
             mask_source=HUMAN,
             instances=instances,
-            reviewed_at=utcnow(),
+            reviewed_at=db_now(),
         )
         session.commit()
     except BaseException:

@@ -24,8 +24,10 @@ What counts as stale, precisely:
   class <id> does not exist, under `trainings/<id>/` when training <id> does not exist, and under
   `classes/<id>/samples/<n>/` (and the dashboard's thumbnails of sample n,
   `classes/<id>/thumbnails/sample-<n>-<size>.jpg`) when the class has no sample n and its job
-  is not active. Every blob is written before the row that names it, so a younger blob may
-  belong to work in flight and is never touched; nor is any key outside these layouts.
+  is not active; and a mask a reviewer drew (`samples/<n>/mask-<hex>.png`) that another
+  replaced, once sample n was last reviewed more than the grace period ago. Every blob is
+  written before the row that names it, so a younger blob may belong to work in flight and is
+  never touched; nor is any key outside these layouts.
 - **Idempotency records** older than `idempotency_ttl_seconds`: a repeat after that is new work.
 
 Every age is measured by one clock, the database's (`service.db.db_now`): a heartbeat, a lease
@@ -55,6 +57,7 @@ from sqlalchemy.orm import Session
 
 from service.contexts import jobs
 from service.contexts.job_control import START_TASKS, job_queue
+from service.contexts.review import superseded_human_mask
 from service.contexts.thumbnails import thumbnail_sample_index
 from service.db import DatabaseNow, database_now, db_now
 from service.models import (
@@ -511,7 +514,7 @@ def remove_orphaned_blobs(
                 continue
             with sessions() as session:
                 if family == "classes":
-                    orphans = _class_orphans(session, owner, blobs)
+                    orphans = _class_orphans(session, owner, blobs, cutoff=cutoff)
                 else:
                     orphans = _training_orphans(session, owner, blobs)
                 if orphans and not dry_run:
@@ -533,7 +536,9 @@ def _owner_of(key: str) -> uuid.UUID | None:
         return None
 
 
-def _class_orphans(session: Session, class_id: uuid.UUID, blobs: Iterable[BlobInfo]) -> list[str]:
+def _class_orphans(
+    session: Session, class_id: uuid.UUID, blobs: Iterable[BlobInfo], *, cutoff: datetime
+) -> list[str]:
     keys = [blob.key for blob in blobs]
     segclass = session.get(SegClass, class_id)
     if segclass is None:
@@ -550,13 +555,24 @@ def _class_orphans(session: Session, class_id: uuid.UUID, blobs: Iterable[BlobIn
     indices = {index for index in sample_of.values() if index is not None}
     if not indices:
         return superseded
-    stored = set(
-        session.scalars(
-            select(Sample.index).where(Sample.class_id == class_id, Sample.index.in_(indices))
+    # Each stored sample's mask key and last review: n -> (mask_key, reviewed_at).
+    stored = {
+        index: (mask_key, reviewed_at)
+        for index, mask_key, reviewed_at in session.execute(
+            select(Sample.index, Sample.mask_key, Sample.reviewed_at).where(
+                Sample.class_id == class_id, Sample.index.in_(indices)
+            )
         )
-    )
+    }
+
+    def orphaned(key: str, index: int) -> bool:
+        if index not in stored:
+            return True
+        mask_key, reviewed_at = stored[index]
+        return superseded_human_mask(key, mask_key=mask_key, reviewed_at=reviewed_at, before=cutoff)
+
     return superseded + [
-        key for key, index in sample_of.items() if index is not None and index not in stored
+        key for key, index in sample_of.items() if index is not None and orphaned(key, index)
     ]
 
 
