@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from service.pagination import encode_cursor
+from service.schemas import SamplePublic
 from tests.api_support import Api, ApiFactory, PresigningStorage, add_class, add_sample
 
 pytest_plugins = ["tests.api_support"]
@@ -37,6 +38,13 @@ def test_only_finished_samples_are_listed_in_index_order(
     api: Api, finished_class: uuid.UUID
 ) -> None:
     assert indices(api, finished_class) == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_sample_s_fields_come_in_the_schema_s_order(api: Api, finished_class: uuid.UUID) -> None:
+    listed = api.alice.get(f"/v1/classes/{finished_class}/samples", params={"limit": 1})
+    (item,) = listed.json()["items"]
+
+    assert list(item) == list(SamplePublic.model_fields)
 
 
 @pytest.mark.parametrize(

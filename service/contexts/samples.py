@@ -119,6 +119,7 @@ def _fields(row: tuple[Any, ...], urls: SampleUrls) -> dict[str, Any]:
     fields = dict(zip(_LISTED_NAMES, row, strict=True))
     fields["accepted"] = bool(fields["accepted"])
     fields["image_url"], fields["mask_url"] = urls(fields["id"])
+    fields["created_at"] = fields.pop("created_at")  # last, as `SamplePublic` has it
     return fields
 
 
