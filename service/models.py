@@ -311,5 +311,6 @@ class WorkerHeartbeat(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     current_job_id: Mapped[uuid.UUID | None] = mapped_column(default=None)
-    # The model it serves (`Settings.served_model`); null for rows from before models were named.
+    # The model whose classes it draws (`Settings.served_model`); null for a worker of
+    # predictions only, and for rows from before models were named.
     model: Mapped[str | None] = mapped_column(String(64), default=None)
