@@ -437,6 +437,28 @@ def test_an_invalid_label_map_is_refused_without_a_trace(api: Api, mask: bytes, 
     assert_no_training_left(api)
 
 
+def test_masks_in_the_shots_format_are_refused_as_a_validation_set(api: Api) -> None:
+    # given: validation masks as the shots are drawn, 0 and 255 (a label map's "ignored")
+    dog = finished_class(api)
+
+    # when
+    response = validation_post(
+        api, body(dog), [encode(photo()), encode(photo())], [label_map([0, 255])] * 2
+    )
+
+    # then: 422 saying what a label map holds, rather than a training measured on no object
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["errors"]
+    assert error["field"] == "val_masks"
+    assert "no pixel of any class" in error["message"] and "0 and 1" in error["message"]
+    assert_no_training_left(api)
+    # and: one map with the class beside one of background and ignored pixels is accepted
+    accepted = validation_post(
+        api, body(dog), [encode(photo()), encode(photo())], [label_map([0, 255]), label_map([0, 1])]
+    )
+    assert accepted.status_code == 202, accepted.text
+
+
 def test_an_out_of_range_label_answers_422_naming_the_mask(api: Api) -> None:
     dog = finished_class(api)
 

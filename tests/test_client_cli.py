@@ -139,6 +139,52 @@ def test_train_posts_the_training_and_prints_it(capsys: pytest.CaptureFixture[st
     assert json.loads(capsys.readouterr().out)["id"] == queued["id"]
 
 
+def test_train_uploads_a_validation_set_in_the_order_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # given: two validation images and their label maps on disk
+    files = {name: tmp_path / name for name in ("b.jpg", "a.jpg", "b.png", "a.png")}
+    for name, path in files.items():
+        path.write_bytes(name.encode())
+    class_id = str(uuid.uuid4())
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(202, json=training_body(class_ids=[class_id]))
+
+    # when
+    status = main(
+        ["--url", BASE_URL, "--api-key", "k", "train", class_id,
+         "--val-images", str(files["b.jpg"]), str(files["a.jpg"]),
+         "--val-masks", str(files["b.png"]), str(files["a.png"])],
+        transport=httpx.MockTransport(handler),
+    )  # fmt: skip
+
+    # then: one multipart POST, the request as JSON and each file in its field, in order
+    assert status == 0
+    body = seen[0].read().decode("latin-1")
+    assert seen[0].headers["content-type"].startswith("multipart/form-data")
+    assert json.loads(body.split('name="request"\r\n\r\n', 1)[1].split("\r\n", 1)[0]) == {
+        "class_ids": [class_id],
+        "architecture": "deeplabv3",
+        "use_synthetic": True,
+        "copy_paste": True,
+        "compare_baseline": False,
+    }
+    parts = [part for part in body.split("\r\n\r\n")[1:] if not part.startswith("{")]
+    assert [part.split("\r\n", 1)[0] for part in parts] == ["b.jpg", "a.jpg", "b.png", "a.png"]
+    assert body.index('name="val_images"') < body.index('name="val_masks"')
+
+
+def test_train_needs_label_maps_with_validation_images(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["train", str(uuid.uuid4()), "--val-images", "a.jpg", "--api-key", "k"])
+
+    assert exited.value.code == 2
+    assert "--val-images needs --val-masks" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("flags", "quiet"),
     [([], False), (["-q"], True), (["--quiet"], True), (["download-q"], True)],

@@ -61,6 +61,8 @@ def main(argv: Sequence[str] | None = None, *, transport: httpx.BaseTransport | 
         parser.error("no API key: pass --api-key or set ALIGNDIFF_API_KEY")
     if args.run is _create and (args.images is None) != (args.masks is None):
         parser.error("create: --images needs --masks (one per image); --shots-dir takes none")
+    if args.run is _train and (args.val_images is None) != (args.val_masks is None):
+        parser.error("train: --val-images needs --val-masks (one label map per image)")
     try:
         with Client(url, api_key, transport=transport) as client:
             args.run(client, args)
@@ -295,6 +297,8 @@ def _train(client: Client, args: argparse.Namespace) -> None:
         use_synthetic=not args.no_synthetic,
         copy_paste=not args.no_copy_paste,
         compare_baseline=args.compare_baseline,
+        validation_images=args.val_images,
+        validation_masks=args.val_masks,
     )
     if args.wait:
         training = client.wait_training(
@@ -666,6 +670,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-synthetic", action="store_true", help="train on the shots only")
     train.add_argument("--no-copy-paste", action="store_true", help="no copy-paste augmentation")
+    train.add_argument(
+        "--val-images",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="a validation set to measure the training on, rather than the shots: its images",
+    )
+    train.add_argument(
+        "--val-masks",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="their label maps, in the same order: single-channel PNGs, 0 background, k the "
+        "k-th CLASS_ID, 255 ignored (a 0/255 mask of the shots' format must become 0/1)",
+    )
     _wait_options(train, "wait until the training ends; print the final training")
     train.set_defaults(run=_train)
 

@@ -441,7 +441,21 @@ def _load_validation(
         )
     if errors:
         raise Problem(422, "the uploaded validation set is not valid", errors=errors)
+    if pairs and not any(_has_class_pixels(pair.labels) for pair in pairs):
+        # NOTE: masks in the shots' format (0 and 255) pass as label maps of nothing but
+        # ignored pixels, and every IoU measured on them would be meaningless.
+        message = (
+            "the validation set holds no pixel of any class: its label maps hold only 0 "
+            f"(background) and {IGNORE_LABEL} (ignored). Mark the pixels of the k-th class of "
+            f"class_ids with k: a mask in the shots' format (0 and 255) must become 0 and 1"
+        )
+        raise Problem(422, message, errors=[{"field": "val_masks", "message": message}])
     return pairs
+
+
+def _has_class_pixels(labels: Image.Image) -> bool:
+    values = np.asarray(labels)
+    return bool(np.any((values != 0) & (values != IGNORE_LABEL)))
 
 
 def _decode_label_map(
