@@ -449,7 +449,11 @@ def _load_validation(
             f"(background) and {IGNORE_LABEL} (ignored). Mark the pixels of the k-th class of "
             f"class_ids with k: a mask in the shots' format (0 and 255) must become 0 and 1"
         )
-        raise Problem(422, message, errors=[{"field": "val_masks", "message": message}])
+        raise Problem(
+            422,
+            "the uploaded validation set is not valid",
+            errors=[{"field": "val_masks", "message": message}],
+        )
     return pairs
 
 
