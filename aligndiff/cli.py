@@ -179,6 +179,8 @@ def synth(
     if model is not None:
         settings = settings.model_copy(update={"diffusion_model": model})
     # What can be refused without the model libraries is, before they load (seconds).
+    if not class_name.strip():
+        raise fail("--class-name must name the class, e.g. 'samarra mosque'")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise fail(f"--out {out} exists and is not an empty folder; choose a new one")
     try:

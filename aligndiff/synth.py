@@ -31,7 +31,12 @@ from aligndiff.inversion import InversionConfig, InversionResult, invert, save_e
 from aligndiff.masks import mask_to_image
 from aligndiff.models.backbone import load_backbone
 from aligndiff.models.clip import load_clip
-from aligndiff.models.diffusion import DiffusionModel, load_diffusion_model, resolve_dtype
+from aligndiff.models.diffusion import (
+    DiffusionModel,
+    load_diffusion_model,
+    resolve_device,
+    resolve_dtype,
+)
 from aligndiff.models.family import TINY_FAMILIES, model_family
 from aligndiff.names import PROMPT_STYLE, PromptStyle
 from aligndiff.ood import OodConfig
@@ -141,7 +146,8 @@ def load_models(
 ) -> Models:
     """Load the diffusion model, the FSS backbone and CLIP named by `settings`; the
     diffusion model is prepared with the settings' fast path (`Acceleration`)."""
-    torch_device = device or settings.device
+    # Both checked before anything loads: a device or dtype this machine lacks is a message.
+    torch_device = resolve_device(device or settings.device)
     torch_dtype = resolve_dtype(dtype or settings.dtype)
     cache = settings.model_cache_dir
     return Models(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from aligndiff.models.diffusion import (
     TINY_SDXL,
     DiffusionModel,
     load_diffusion_model,
+    resolve_device,
     resolve_dtype,
     save_tiny_diffusion,
 )
@@ -68,8 +70,18 @@ def test_tiny_model_is_stable_diffusion_shaped(tiny_sd: DiffusionModel) -> None:
 
 
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(OSError):
+    # A path says it is no folder, rather than the hub's complaint about a repo id's characters.
+    with pytest.raises(OSError, match=f"^{re.escape(str(tmp_path / 'nowhere'))}: no such folder$"):
         load_diffusion_model(str(tmp_path / "nowhere"), cache_dir=tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a CUDA GPU has cuda")
+def test_a_device_this_machine_lacks_is_refused_saying_why() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device 'cuda' is not available: "):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
 
 
 def test_dtype_names_resolve_and_unknown_ones_are_refused() -> None:

@@ -94,10 +94,13 @@ def test_synth_refuses_bad_input_with_a_message_and_writes_nothing(
 
     bad_bg_lambda = run_cli("synth", str(SHOTS_DIR / "dog"), "--class-name", "dog", "--out",
                             str(out), "--bg-lambda", "2.5", cache=model_cache)  # fmt: skip
+    no_name = run_cli("synth", str(SHOTS_DIR / "dog"), "--class-name", " ", "--out", str(out),
+                      cache=model_cache)  # fmt: skip
 
     assert missing_mask.returncode == 2 and "mask" in missing_mask.stderr
     assert bad_prompt.returncode == 2 and "does not mention the class name" in bad_prompt.stderr
     assert bad_bg_lambda.returncode == 2 and "bg_lambda must be in [0, 2]" in bad_bg_lambda.stderr
+    assert no_name.returncode == 2 and "--class-name must name the class" in no_name.stderr
     assert not out.exists() or not any(out.iterdir())
 
 

@@ -307,6 +307,29 @@ TINY_BUILDS: dict[str, tuple[str, Callable[[Path], None]]] = {
 }
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """`"cpu"`, `"cuda"`, `"cuda:1"`, … → a torch device this process can use; ValueError
+    saying why not for one it cannot (PyTorch would fail later, deep in a model's `.to`)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {name!r}: {error}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "no CUDA GPU is visible"
+                if torch.version.cuda
+                else f"this PyTorch ({torch.__version__}) is built without CUDA"
+            )
+            raise ValueError(f"device {str(name)!r} is not available: {why}")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {str(name)!r} is not available: {count} CUDA GPU(s) visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(name)!r} is not available on this machine")
+    return device
+
+
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     """`"float16"`, `"bf16"`, `torch.float32`, … → a torch dtype; raises on anything else."""
     if isinstance(name, torch.dtype):

@@ -48,13 +48,19 @@ def model_family(spec: str) -> ModelFamily:
         index_path = folder / "model_index.json"
         if not index_path.is_file():
             raise OSError(f"{spec} has no model_index.json: not a diffusers model folder")
+    elif spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
+        # A path, which no hub id looks like ("org/name"): say so rather than the hub's error.
+        raise OSError(f"{spec}: no such folder")
     else:
         from huggingface_hub import hf_hub_download
 
         try:
             index_path = Path(hf_hub_download(spec, "model_index.json"))
         except Exception as error:  # not a hub id, offline, missing: all "cannot read"
-            raise OSError(f"cannot read {spec}'s model_index.json: {error}") from error
+            raise OSError(
+                f"{spec} is neither a model folder here nor a model the hub (or its local "
+                f"cache) has: {error}"
+            ) from error
     index = json.loads(index_path.read_text(encoding="utf-8"))
     return family_of_class(str(index.get("_class_name", "")), source=spec)
 
