@@ -296,6 +296,18 @@ def serve(
         sock = listening_socket(host, port)
     except CannotListen as error:
         raise _fail(str(error)) from None
+    if embedded_worker:
+        # Its workers load the models from this machine: one it cannot read fails now, not at
+        # a class's first task.
+        from service.contexts.models import unreadable_models
+
+        problems = unreadable_models(settings)
+        if problems:
+            sock.close()
+            raise _fail(
+                "; ".join(problems) + ". serve's workers load the models from this machine: set "
+                "ALIGNDIFF_MODELS (or ALIGNDIFF_DIFFUSION_MODEL) to models it has"
+            )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _upgrade(settings)
     admin_key = _first_admin_key(settings)

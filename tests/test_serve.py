@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import SHOTS_DIR
-from tests.serve_support import Server, running_server
+from tests.serve_support import Server, free_port, running_server
 
 JOB_TIMEOUT = 240
 
@@ -198,6 +199,25 @@ def test_serve_on_a_taken_port_fails_at_once_naming_it(tmp_path: Path) -> None:
         f"error: port {port} on 127.0.0.1 is already in use (another server, or another "
         f"aligndiff serve?); choose another port with --port, e.g. --port {port + 1}"
     ]
+    assert not (tmp_path / "aligndiff-data").exists()
+
+
+def test_serve_with_a_model_this_machine_lacks_fails_at_once_naming_it(tmp_path: Path) -> None:
+    # given: a deployment whose second model is a folder that does not exist
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGNDIFF_")}
+    env["ALIGNDIFF_MODELS"] = json.dumps({"sd15": "tiny", "xl": str(tmp_path / "sdxl")})
+
+    # when
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(free_port())],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    # then: one line naming the model, its spec and why; nothing started, nothing written
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"error: model 'xl' ({tmp_path / 'sdxl'}) cannot be read: ")
+    assert "no such folder" in line and "ALIGNDIFF_MODELS" in line
     assert not (tmp_path / "aligndiff-data").exists()
 
 

@@ -22,10 +22,25 @@ def list_models(*, settings: Settings) -> ModelsPublic:
     for name, spec in settings.served_models.items():
         try:
             family, resolution = _describe(spec)
-        except (UnsupportedModelError, OSError, ValueError, KeyError) as error:
+        except _UNDESCRIBED as error:
             raise Problem(503, f"model {name!r} cannot be described: {error}") from error
         items.append(ModelPublic(name=name, family=family, default_resolution=resolution))
     return ModelsPublic(items=items)
+
+
+def unreadable_models(settings: Settings) -> list[str]:
+    """Why each of the deployment's models that cannot be read from here cannot (a missing
+    folder, an unsupported pipeline, a hub id neither reachable nor cached); [] when all can."""
+    problems = []
+    for name, spec in settings.served_models.items():
+        try:
+            _describe(spec)
+        except _UNDESCRIBED as error:
+            problems.append(f"model {name!r} ({spec}) cannot be read: {error}")
+    return problems
+
+
+_UNDESCRIBED = (UnsupportedModelError, OSError, ValueError, KeyError)
 
 
 @lru_cache(maxsize=64)
