@@ -19,7 +19,7 @@ from aligndiff_client import Client
 from service.export import FORMATS
 from service.models import Sample, utcnow
 from tests.api_support import Api, add_class, set_job
-from tests.dataset_support import DatasetClass, download, serving
+from tests.dataset_support import DatasetClass, create_finished_class, download, serving
 
 pytest_plugins = ["tests.api_support", "tests.dataset_support"]
 
@@ -59,6 +59,23 @@ def test_the_dataset_is_available_once_the_job_has_succeeded(api: Api) -> None:
     set_job(api, job_id, status="succeeded")
 
     assert api.alice.get(url, params={"format": "voc"}).status_code == 200
+
+
+def test_val_shots_with_nothing_left_to_train_on_answers_409_saying_what_would(api: Api) -> None:
+    # given: a class whose one finished sample the filters rejected
+    dog = create_finished_class(api, num_samples=1, rejected_every=1)
+    params = {"format": "yolo", "val": "shots"}
+
+    # when: its accepted samples are asked for as train, its shots as validation
+    refused = api.alice.get(dog.url, params=params)
+    several = api.alice.get("/v1/datasets", params={**params, "class_ids": str(dog.id)})
+
+    # then: 409 saying why and what to ask for; the rejected sample can still make the train
+    assert refused.status_code == several.status_code == 409, refused.text
+    detail = refused.json()["detail"]
+    assert "no accepted samples" in detail and "accepted_only=false" in detail
+    assert several.json()["detail"] == detail
+    assert api.alice.get(dog.url, params={**params, "accepted_only": "false"}).status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -314,6 +314,16 @@ def _prepare(
         )
         for label, ((seg_class, job), slug) in enumerate(zip(classes, slugs, strict=True), start=1)
     ]
+    if val.kind == "shots" and not any(member.num_samples for member in members):
+        # NOTE: an archive of validation data only: tools refuse it (Ultralytics finds no
+        # `images/train`), and there is nothing in it to train on.
+        which = "accepted samples (accepted_only=true)" if accepted_only else "finished samples"
+        raise Problem(
+            409,
+            f"with val=shots the train split holds the samples, and there are no {which}: ask "
+            "for val=none or val=fraction:<f>"
+            + (", or accepted_only=false" if accepted_only else ""),
+        )
     options = ExportOptions()
     state = [
         EXPORT_REVISION,
