@@ -168,6 +168,9 @@ def test_serve_says_where_it_is_last_once_it_listens(server: Server) -> None:
     assert block[-2] == "First start: an admin API key was created; it is shown only once:"
     before = "\n".join(output[:start])
     assert before.count("[queues]") == 2 and before.count(" ready.") == 2, before
+    # and: as root, one line a worker says so, not Celery's banner of a warning
+    assert "SecurityWarning" not in before and "superuser privileges" not in before
+    assert before.count("this worker runs as root") == (2 if os.geteuid() == 0 else 0)
     after = output[end + 1 :]
     assert all('"GET /healthz HTTP/1.1" 200' in line for line in after), after
 

@@ -6,8 +6,10 @@ import argparse
 import logging
 import os
 import socket
+import warnings
 from collections.abc import Sequence
 
+from celery.exceptions import SecurityWarning
 from pydantic import ValidationError
 
 from service.queue import synthesis_queue
@@ -45,6 +47,14 @@ def quiet_worker_logs() -> None:
     libraries' progress bars ("Loading weights", "Writing model shards", …), which a worker
     would log as warnings line by line (Celery logs what the process prints)."""
     logging.getLogger("celery.app.trace").addFilter(_WithoutResult())
+    # NOTE: Celery warns of a worker running as root in a banner of several lines, once per
+    # worker (and `aligndiff serve` runs several): one line says as much.
+    warnings.filterwarnings("ignore", category=SecurityWarning)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        logging.getLogger(__name__).warning(
+            "this worker runs as root: in production, run workers as an unprivileged user "
+            "(the worker image does)"
+        )
     # NOTE: the worker imports these anyway, with its task modules.
     import diffusers
     import transformers
