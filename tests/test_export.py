@@ -30,6 +30,7 @@ from service.export import (
     archive,
     write_archive,
 )
+from service.export.voc import labelmap
 from tests.api_support import Api, ApiFactory, encode
 from tests.dataset_support import (
     CLASS_SEED,
@@ -175,6 +176,13 @@ def test_coco_annotations_score_ap_1_against_themselves(
     # then: every object is found, exactly (AP and AR over IoU .50:.95)
     assert evaluation.stats[0] == 1.0
     assert evaluation.stats[8] == 1.0
+
+
+def test_the_voc_label_map_tells_apart_names_that_its_format_would_merge() -> None:
+    # ':' separates a label map line's fields, so "a:b" is written "a_b", as another class is
+    lines = labelmap(["a:b", "a_b", "dog  house"]).splitlines()
+
+    assert [line.split(":")[0] for line in lines[2:]] == ["a_b-1", "a_b-2", "dog house"]
 
 
 def test_hf_loads_with_datasets_as_image_columns(

@@ -23,6 +23,7 @@ from service.export.archive import (
     Files,
     ZipStream,
     jpeg,
+    label_names,
     label_png,
     write_metadata,
     zip_archive,
@@ -55,9 +56,10 @@ def labelmap(names: Sequence[str]) -> str:
     """The VOC label map (as CVAT and others read it): `label:color_rgb:parts:actions`, a line
     per label index (label i+1 is `names[i]`) with its colour in the masks' palette."""
     lines = ["# label:color_rgb:parts:actions", "background:0,0,0::"]
-    for label, raw in enumerate(names, start=FOREGROUND):
-        # ':' separates the fields, so a name cannot hold one.
-        name = " ".join(raw.replace(":", "_").split())
+    # ':' separates the fields, so a name cannot hold one; names that become one ("a:b" and
+    # "a_b") are told apart again.
+    written = label_names([" ".join(name.replace(":", "_").split()) for name in names])
+    for label, name in enumerate(written, start=FOREGROUND):
         colour = ",".join(str(v) for v in VOC_PALETTE[3 * label : 3 * label + 3])
         lines.append(f"{name}:{colour}::")
     return "\n".join(lines) + "\n"
