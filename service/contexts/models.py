@@ -14,6 +14,9 @@ from service.problems import Problem
 from service.schemas import ModelPublic, ModelsPublic
 from service.settings import Settings
 
+# What reading a model's spec raises when it cannot be read.
+_UNDESCRIBED = (UnsupportedModelError, OSError, ValueError, KeyError)
+
 
 def list_models(*, settings: Settings) -> ModelsPublic:
     """The deployment's models, the default first, each with its family and resolution; 503
@@ -29,8 +32,8 @@ def list_models(*, settings: Settings) -> ModelsPublic:
 
 
 def unreadable_models(settings: Settings) -> list[str]:
-    """Why each of the deployment's models that cannot be read from here cannot (a missing
-    folder, an unsupported pipeline, a hub id neither reachable nor cached); [] when all can."""
+    """A line for each of the deployment's models this machine cannot read, saying why (a
+    missing folder, an unsupported pipeline, a hub id neither reachable nor cached)."""
     problems = []
     for name, spec in settings.served_models.items():
         try:
@@ -38,9 +41,6 @@ def unreadable_models(settings: Settings) -> list[str]:
         except _UNDESCRIBED as error:
             problems.append(f"model {name!r} ({spec}) cannot be read: {error}")
     return problems
-
-
-_UNDESCRIBED = (UnsupportedModelError, OSError, ValueError, KeyError)
 
 
 @lru_cache(maxsize=64)
