@@ -180,8 +180,8 @@ class ExportSource:
     @property
     def labels(self) -> dict[str, str]:
         """Label index → name, as every format numbers them (0 is the background)."""
-        names = dict(enumerate(self.label_names, start=FOREGROUND))
-        return {str(BACKGROUND): "background", **{str(k): v for k, v in names.items()}}
+        names = {str(label): name for label, name in enumerate(self.label_names, start=FOREGROUND)}
+        return {str(BACKGROUND): "background", **names}
 
     @property
     def created_at(self) -> datetime:

@@ -8,8 +8,8 @@
 The files are named as the Hugging Face Hub names splits, so `load_dataset(<extracted folder>)`
 or `load_dataset("parquet", data_dir=<folder>/data)` sees a `train` split and, with a `val`
 option, a `validation` one. A split with no rows has no file: `datasets` fails to load a
-folder holding an empty Parquet file. The Parquet schema carries the `datasets` features (under the
-`huggingface` key), which decode `image` and `annotation` as images: the image as stored (RGB
+folder holding an empty Parquet file. The Parquet schema carries the `datasets` features (under
+the `huggingface` key), which decode `image` and `annotation` as images: the image as stored (RGB
 PNG) and the mask as a palette PNG of label indices (0 background, i the i-th class). The other
 columns are the records of `metadata.json` (`source` is "shot" or "synthetic"; the generation
 columns are null for shots).
